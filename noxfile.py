@@ -1,0 +1,35 @@
+"""nox sessions: `nox` runs lint and tests; `nox -s bench` prints the speed ratios."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+# Host packages only the tests need, on top of what `invoke deps` installs for users.
+TEST_PACKAGES = "qemu-system-arm"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """All tests, slow ones (real kernels, real VMs) included; `-- -m 'not slow'` skips those."""
+    session.install("-e", ".[test]")
+    session.run("invoke", "deps", "--packages", TEST_PACKAGES)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff's checks and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Measure the speed goals and print ratios (never asserted in tests)."""
+    session.install("-e", ".")
+    session.run("python", "tests/bench.py", *session.posargs)

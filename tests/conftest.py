@@ -1,0 +1,52 @@
+"""Shared fixtures: the real `invoke` CLI against this checkout, in a clean home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A HOME of the test's own: no ~/.invoke.yaml or caches of the user leak in."""
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    path = tmp_path / "workspace"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def cli(home: Path, workspace: Path):
+    """Run `invoke -r <checkout> ARGS...` as a user would, in `workspace`."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None):
+        environ = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("INVOKE_", "GITHUB_", "XDG_")) and key != "HOME"
+        }
+        environ.update({"HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{environ['PATH']}"})
+        environ.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
+            cwd=cwd or workspace,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    return run

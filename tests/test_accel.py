@@ -1,0 +1,58 @@
+"""KVM or TCG, decided by a real probe guest on this host's real /dev/kvm."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vngtasks import accel, arches
+from vngtasks.errors import NO_STATUS, Failure
+
+PROBED = [a for a in arches.ARCHES if a.probe_code]
+
+
+@pytest.mark.parametrize("arch", PROBED, ids=lambda a: a.name)
+def test_probe_firmware_exits_as_expected_under_tcg(arch: arches.Arch, tmp_path: Path) -> None:
+    if arch == arches.host():
+        assert shutil.which(arch.qemu_binary), f"{arch.qemu_package} is needed for this test"
+    elif not shutil.which(arch.qemu_binary):
+        pytest.skip(f"{arch.qemu_package} not installed")
+    firmware = tmp_path / "probe.bin"
+    firmware.write_bytes(accel.probe_firmware(arch))
+    argv = [arch.qemu_binary, "-accel", "tcg", "-machine", arch.tcg_machine, "-cpu", arch.tcg_cpu]
+    argv += ["-m", "16", "-nodefaults", "-display", "none", "-bios", str(firmware), *arch.probe_qemu_args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == arch.probe_status, done.stderr
+
+
+def test_no_device_means_no_kvm(tmp_path: Path) -> None:
+    missing = tmp_path / "kvm"
+    assert accel.kvm_problem(arches.host(), missing) == f"{missing}: No such file or directory"
+    choice = accel.choose("auto", arches.host(), arches.host(), missing)
+    assert choice.accel == "tcg" and "falling back to TCG" in choice.why
+
+
+def test_tcg_asked_is_tcg_without_probing(tmp_path: Path) -> None:
+    assert accel.choose("tcg", arches.host(), arches.host(), tmp_path / "kvm") == accel.Choice("tcg", "")
+
+
+def test_foreign_arch_never_uses_kvm() -> None:
+    foreign = next(a for a in arches.ARCHES if a != arches.host())
+    assert accel.choose("auto", foreign, arches.host()).accel == "tcg"
+
+
+def test_this_hosts_kvm_verdict_is_acted_on() -> None:
+    """On a host whose /dev/kvm lies (this one), auto falls back and kvm fails clearly."""
+    host = arches.host()
+    problem = accel.kvm_problem(host)
+    if problem is None:
+        assert accel.choose("auto", host, host).accel == "kvm"
+        return
+    choice = accel.choose("auto", host, host)
+    assert choice.accel == "tcg" and problem in choice.why
+    with pytest.raises(Failure) as failed:
+        accel.choose("kvm", host, host)
+    assert failed.value.code == NO_STATUS and str(failed.value).startswith("accel: kvm was requested but ")

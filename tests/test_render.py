@@ -1,0 +1,135 @@
+"""Golden files of every rendered command: VNGTASKS_REGEN_GOLDEN=1 rewrites them; review the diff."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from vngtasks import arches, render, vm
+from vngtasks.arches import Arch
+from vngtasks.settings import DEFAULTS, resolve
+
+GOLDEN = Path(__file__).parent / "golden"
+REGEN = os.environ.get("VNGTASKS_REGEN_GOLDEN") == "1"
+X86_64 = arches.lookup("x86_64")
+RUN_DIR = Path("/cache/vngtasks/runs/golden")
+WORKSPACE = Path("/work/project")
+
+VARIANTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    # name: (settings flags, host environment)
+    "defaults": ({"cpus": "2", "extra_rwdirs": ""}, {}),
+    "options": (
+        {
+            "cpus": "4",
+            "memory": "2G",
+            "network": "user",
+            "verbose": "false",
+            "append": "mitigations=off nokaslr",
+            "qemu_opts": "-cpu host -device virtio-rng-pci",
+            "workspace_rw": "false",
+            "extra_rwdirs": "/tmp",
+        },
+        {
+            "GITHUB_OUTPUT": "/home/runner/work/_temp/_runner_file_commands/set_output_1",
+            "GITHUB_STEP_SUMMARY": "/home/runner/work/_temp/_runner_file_commands/step_summary_1",
+        },
+    ),
+}
+
+
+def check_golden(name: str, lines: list[str]) -> None:
+    path = GOLDEN / name
+    text = "\n".join(lines) + "\n"
+    if REGEN:
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with VNGTASKS_REGEN_GOLDEN=1"
+    assert path.read_text() == text, f"{name} changed: regenerate with VNGTASKS_REGEN_GOLDEN=1 and review"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+@pytest.mark.parametrize("arch", arches.ARCHES, ids=lambda a: a.name)
+def test_boot_argv(arch: Arch, accel: str, variant: str) -> None:
+    flags, environ = VARIANTS[variant]
+    settings = resolve(DEFAULTS, {**flags, "arch": arch.name, "accel": "auto"}, workspace=WORKSPACE)
+    # KVM only ever runs natively; TCG is shown from an x86_64 host (cross for the others).
+    host = vm.Host(arch=arch if accel == "kvm" else X86_64, memory_mib=16384, vng="vng", environ=environ)
+    boot = vm.Boot(settings=settings, kernel=Path("/boot/vmlinuz-6.12.0"), accel=accel, run_dir=RUN_DIR)
+    check_golden(f"boot-{arch.name}-{accel}-{variant}.argv", vm.vng_argv(boot, host))
+
+
+@pytest.mark.parametrize("arch", arches.ARCHES, ids=lambda a: a.name)
+def test_build_argv(arch: Arch) -> None:
+    argv = render.argv(
+        "vng-build.argv.j2",
+        vng="vng",
+        arch=arch,
+        host_arch=X86_64,
+        jobs=16,
+        config_fragments=[Path("/work/project/ci/kernel.config")],
+        name="mainline",
+        sha12="adc218676eef",
+        build_timestamp="@1732492800",
+        cc="clang" if arch.name == "arm64" else "",
+        llvm="-14" if arch.name == "arm64" else "",
+    )
+    check_golden(f"build-{arch.name}.argv", argv)
+
+
+@pytest.mark.parametrize("arch", [a for a in arches.ARCHES if a.probe_code], ids=lambda a: a.name)
+def test_kvm_probe_argv(arch: Arch) -> None:
+    check_golden(f"kvm-probe-{arch.name}.argv", render.argv("kvm-probe.argv.j2", arch=arch, firmware="/tmp/probe.bin"))
+
+
+def test_guest_script() -> None:
+    script = render.text("guest.sh.j2", run_dir=RUN_DIR, workdir=Path("/work/my project"))
+    check_golden("guest.sh", script.splitlines())
+
+
+def test_default_memory_is_capped_under_tcg_only() -> None:
+    settings = resolve(DEFAULTS, {"extra_rwdirs": ""}, workspace=WORKSPACE)
+    assert vm.memory_mib(settings, "kvm", 24000) == 21600
+    assert vm.memory_mib(settings, "tcg", 24000) == settings.arch.tcg_memory_cap_mib
+    assert vm.memory_mib(settings, "tcg", 2000) == 1800
+
+
+def test_cpu_host_is_dropped_without_kvm() -> None:
+    settings = resolve(DEFAULTS, {"qemu_opts": "-cpu host,pmu=off -smp 2"}, workspace=WORKSPACE)
+    assert "host,pmu=off" in vm.qemu_options(settings, "kvm")
+    assert vm.qemu_options(settings, "tcg") == ["-cpu", settings.arch.tcg_cpu, "-smp", "2"]
+
+
+def test_a_line_break_never_becomes_a_second_argument() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        render.argv("qemu.argv.j2", arch=X86_64, accel="tcg", user_opts=["-name", "x\n--exec=reboot"])
+
+
+def test_argv_keeps_shell_characters_literal() -> None:
+    opts = ["-device", "virtio-rng-pci,id=$(reboot);`id`"]
+    assert render.argv("qemu.argv.j2", arch=X86_64, accel="tcg", user_opts=opts)[2:] == opts
+
+
+def test_templates_ship_in_the_wheel(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, root],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("vngtasks-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    shipped = sorted(p.name for p in (tmp_path / "site" / "vngtasks" / "templates").iterdir())
+    assert shipped == sorted(p.name for p in (root / "templates").iterdir())
+    # Installed (no checkout around it), the package still renders.
+    code = (
+        "from vngtasks import arches, render;"
+        "print(render.argv('qemu.argv.j2', arch=arches.ARCHES[0], accel='kvm', user_opts=[]))"
+    )
+    site = {"PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=site, capture_output=True, text=True)
+    assert done.stdout.strip() == "['-cpu', 'host']", done.stderr

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vngtasks import settings
+from vngtasks.settings import DEFAULTS, InputError, resolve
+
+
+def make(workspace: Path, **flags: object) -> settings.Settings:
+    return resolve(DEFAULTS, flags, workspace=workspace)
+
+
+def test_defaults_are_the_seeds(tmp_path: Path) -> None:
+    s = make(tmp_path)
+    assert (s.version, s.append, s.deps_timeout, s.deps_retries, s.run_timeout) == ("v2", "mitigations=off", 90, 3, 0)
+    assert s.verbose and s.kernel_compile_cache and s.vmlinux_h and s.workspace_rw
+    assert not s.install_recommends and not s.apt_cache
+    assert s.extra_rwdirs == (Path("~/.cargo").expanduser(),)
+    assert s.memory_mib is None and s.qemu_opts == () and s.accel == "auto"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"memory": "512M"}, ("memory_mib", 512)),
+        ({"memory": "4g"}, ("memory_mib", 4096)),
+        ({"memory": "2048"}, ("memory_mib", 2048)),
+        ({"cpus": "3"}, ("cpus", 3)),
+        ({"arch": "aarch64"}, ("arch", settings.arches.lookup("arm64"))),
+        ({"verbose": "false"}, ("verbose", False)),
+        ({"verbose": False}, ("verbose", False)),  # a YAML boolean in invoke.yaml
+        ({"qemu_opts": "-device 'virtio-rng-pci,id=rng 0'"}, ("qemu_opts", ("-device", "virtio-rng-pci,id=rng 0"))),
+        ({"packages": " clang-14  lld-14 "}, ("packages", ("clang-14", "lld-14"))),
+        ({"network": "bridge=br0"}, ("network", "bridge=br0")),
+        ({"llvm": "-14"}, ("llvm", "-14")),
+        ({"name": "sched_ext-6.12"}, ("name", "sched_ext-6.12")),
+        ({"build_host": "me@big.example:2222"}, ("build_host", "me@big.example:2222")),
+    ],
+    ids=lambda v: str(v),
+)
+def test_valid_values(tmp_path: Path, flags: dict[str, object], expected: tuple[str, object]) -> None:
+    field, value = expected
+    assert getattr(make(tmp_path, **flags), field) == value
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("name", "../x"),
+        ("name", ".hidden"),
+        ("name", "-x"),
+        ("name", "a b"),
+        ("name", ""),
+        ("memory", "4X"),
+        ("memory", "0"),
+        ("memory", "-1G"),
+        ("cpus", "0"),
+        ("cpus", "two"),
+        ("run_timeout", "-5"),
+        ("run_timeout", "1.5"),
+        ("boot_timeout", "soon"),
+        ("deps_retries", "0"),
+        ("verbose", "maybe"),
+        ("verbose", "True"),
+        ("workspace_rw", "yes"),
+        ("arch", "sparc"),
+        ("accel", "hvf"),
+        ("network", "tap"),
+        ("kconfig", "no-such-file"),
+        ("kernel", "no-such-kernel"),
+        ("llvm", "yes"),
+        ("cc", "gcc; rm -rf /"),
+        ("packages", "--allow-unauthenticated"),
+        ("qemu_opts", "-device 'unterminated"),
+        ("append", "a\nb"),
+        ("tag", "--upload-pack=evil"),
+        ("version", "v2/../../x"),
+        ("build_host", "host; id"),
+        ("extra_rwdirs", "/tmp/a=b"),
+    ],
+)
+def test_bad_value_names_its_input(tmp_path: Path, key: str, value: str) -> None:
+    with pytest.raises(InputError) as caught:
+        make(tmp_path, **{key: value})
+    assert str(caught.value).startswith(key.replace("_", "-") + ": ")
+
+
+def test_kconfig_is_relative_to_the_workspace(tmp_path: Path) -> None:
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "kernel.config").write_text("CONFIG_IKCONFIG=y\n")
+    assert make(tmp_path, kconfig="ci/kernel.config").kconfig == tmp_path / "ci" / "kernel.config"
+
+
+def test_unknown_flag_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"^no-such: "):
+        make(tmp_path, no_such="1")
+
+
+def test_flags_beat_config(tmp_path: Path) -> None:
+    config = {**DEFAULTS, "memory": "1G", "cpus": "1"}
+    s = resolve(config, {"memory": "2G", "cpus": None}, workspace=tmp_path)
+    assert (s.memory_mib, s.cpus) == (2048, 1)
+
+
+def test_cache_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert make(tmp_path).cache_dir == tmp_path / "xdg" / "vngtasks"

@@ -1,0 +1,82 @@
+"""Choosing KVM or TCG: trust /dev/kvm only after a KVM guest has really run.
+
+On some hosts /dev/kvm opens fine but every guest aborts ("failed to set MSR") or
+hangs (broken nested virtualisation). A firmware-sized probe guest from the arch
+table answers in well under a second when KVM works; we give it PROBE_SECONDS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import render
+from .arches import Arch
+from .errors import MISSING_TOOL, NO_STATUS, Failure
+
+PROBE_SECONDS = 5.0
+KVM_DEVICE = Path("/dev/kvm")
+
+
+@dataclass(frozen=True)
+class Choice:
+    accel: str  # "kvm" or "tcg"
+    why: str  # empty when there is nothing to tell the user
+
+
+def qemu_binary(arch: Arch) -> str:
+    found = shutil.which(arch.qemu_binary)
+    if found is None:
+        raise Failure(
+            f"{arch.qemu_binary} not found: install {arch.qemu_package} (`invoke deps` does)",
+            MISSING_TOOL,
+        )
+    return found
+
+
+def choose(requested: str, arch: Arch, host: Arch, device: Path = KVM_DEVICE) -> Choice:
+    """The accelerator to boot with; raises Failure when `kvm` was asked for and is broken."""
+    if requested == "tcg":
+        return Choice("tcg", "")
+    if arch != host:
+        return Choice("tcg", "")
+    problem = kvm_problem(arch, device)
+    if problem is None:
+        return Choice("kvm", "")
+    if requested == "kvm":
+        raise Failure(f"accel: kvm was requested but {problem}", NO_STATUS)
+    return Choice("tcg", f"KVM unusable ({problem}); falling back to TCG software emulation")
+
+
+def kvm_problem(arch: Arch, device: Path = KVM_DEVICE) -> str | None:
+    """Why KVM cannot run a guest of `arch` here, or None when a probe guest ran."""
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as error:
+        return f"{device}: {error.strerror}"
+    if not arch.probe_code:
+        return None
+    with tempfile.TemporaryDirectory(prefix="vngtasks-probe-") as tmp:
+        firmware = Path(tmp) / "probe.bin"
+        firmware.write_bytes(probe_firmware(arch))
+        argv = render.argv("kvm-probe.argv.j2", arch=arch, firmware=firmware)
+        argv[0] = qemu_binary(arch)
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_SECONDS)
+        except subprocess.TimeoutExpired:
+            return f"a probe guest did not finish within {PROBE_SECONDS:g} s"
+    if done.returncode == arch.probe_status:
+        return None
+    detail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+    return f"a probe guest failed: {detail}"
+
+
+def probe_firmware(arch: Arch) -> bytes:
+    code = bytes.fromhex(arch.probe_code)
+    image = bytearray(arch.probe_size)
+    image[arch.probe_offset : arch.probe_offset + len(code)] = code
+    return bytes(image)

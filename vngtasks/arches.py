@@ -1,0 +1,159 @@
+"""The architecture table: every spelling and QEMU fact of an architecture, in one place.
+
+Everything that differs between architectures is a field of `Arch`; code asks the
+row, it never branches on an architecture's name.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str  # our canonical name (also the kernel cache key's arch part)
+    aliases: tuple[str, ...]  # other spellings accepted on input (case-insensitive)
+    kernel_arch: str  # make ARCH=
+    uname_m: str  # `uname -m` inside a guest of this arch
+    dpkg_arch: str  # `dpkg --print-architecture`
+    qemu_binary: str
+    qemu_package: str  # Debian package shipping qemu_binary
+    kvm_machine: str
+    kvm_cpu: str
+    tcg_machine: str
+    tcg_cpu: str
+    console: str  # guest serial console device
+    boot_images: tuple[str, ...]  # relative to a build tree, first is preferred
+    cross_compile: str  # CROSS_COMPILE= prefix when the host is another arch
+    tcg_memory_cap_mib: int  # default memory is capped to this under TCG
+    # A few bytes of machine code that prove a KVM guest really runs: placed at
+    # probe_offset in a probe_size firmware image, it makes QEMU exit with
+    # probe_status. Empty where we have no probe (then `accel=auto` trusts /dev/kvm).
+    probe_code: str = ""
+    probe_offset: int = 0
+    probe_size: int = 0
+    probe_status: int = 0
+    probe_qemu_args: tuple[str, ...] = ()
+
+
+ARCHES: tuple[Arch, ...] = (
+    Arch(
+        name="x86_64",
+        aliases=("amd64", "x64", "x86-64"),
+        kernel_arch="x86",
+        uname_m="x86_64",
+        dpkg_arch="amd64",
+        qemu_binary="qemu-system-x86_64",
+        qemu_package="qemu-system-x86",
+        kvm_machine="q35",
+        kvm_cpu="host",
+        tcg_machine="q35",
+        tcg_cpu="max",
+        console="ttyS0",
+        boot_images=("arch/x86/boot/bzImage",),
+        cross_compile="x86_64-linux-gnu-",
+        tcg_memory_cap_mib=4096,
+        # Real mode at the reset vector: mov al,0x41; out 0xf4,al; hlt; jmp $-1.
+        # isa-debug-exit turns the write into exit status (0x41 << 1) | 1 = 131.
+        probe_code="b041e6f4f4ebfd",
+        probe_offset=0xFFF0,
+        probe_size=0x10000,
+        probe_status=131,
+        probe_qemu_args=("-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"),
+    ),
+    Arch(
+        name="arm64",
+        aliases=("aarch64",),
+        kernel_arch="arm64",
+        uname_m="aarch64",
+        dpkg_arch="arm64",
+        qemu_binary="qemu-system-aarch64",
+        qemu_package="qemu-system-arm",
+        kvm_machine="virt,gic-version=host",
+        kvm_cpu="host",
+        tcg_machine="virt",
+        tcg_cpu="max",
+        console="ttyAMA0",
+        boot_images=("arch/arm64/boot/Image",),
+        cross_compile="aarch64-linux-gnu-",
+        tcg_memory_cap_mib=4096,
+        # At the flash base: movz w0,#8; movk w0,#0x8400,lsl 16; hvc #0 -- the
+        # PSCI SYSTEM_OFF call, after which QEMU exits with status 0.
+        probe_code="000180520080b072020000d4",
+        probe_offset=0,
+        probe_size=0x1000,
+        probe_status=0,
+    ),
+    Arch(
+        name="riscv64",
+        aliases=("riscv",),
+        kernel_arch="riscv",
+        uname_m="riscv64",
+        dpkg_arch="riscv64",
+        qemu_binary="qemu-system-riscv64",
+        qemu_package="qemu-system-misc",
+        kvm_machine="virt",
+        kvm_cpu="host",
+        tcg_machine="virt",
+        tcg_cpu="rv64",
+        console="ttyS0",
+        boot_images=("arch/riscv/boot/Image",),
+        cross_compile="riscv64-linux-gnu-",
+        tcg_memory_cap_mib=4096,
+    ),
+    Arch(
+        name="s390x",
+        aliases=("s390",),
+        kernel_arch="s390",
+        uname_m="s390x",
+        dpkg_arch="s390x",
+        qemu_binary="qemu-system-s390x",
+        qemu_package="qemu-system-misc",
+        kvm_machine="s390-ccw-virtio",
+        kvm_cpu="host",
+        tcg_machine="s390-ccw-virtio",
+        tcg_cpu="max",
+        console="ttysclp0",
+        boot_images=("arch/s390/boot/bzImage",),
+        cross_compile="s390x-linux-gnu-",
+        tcg_memory_cap_mib=4096,
+    ),
+    Arch(
+        name="ppc64le",
+        aliases=("ppc64el", "powerpc64le"),
+        kernel_arch="powerpc",
+        uname_m="ppc64le",
+        dpkg_arch="ppc64el",
+        qemu_binary="qemu-system-ppc64",
+        qemu_package="qemu-system-ppc",
+        kvm_machine="pseries",
+        kvm_cpu="host",
+        tcg_machine="pseries",
+        tcg_cpu="POWER9",
+        console="hvc0",
+        boot_images=("vmlinux",),
+        cross_compile="powerpc64le-linux-gnu-",
+        tcg_memory_cap_mib=4096,
+    ),
+)
+
+_BY_SPELLING: dict[str, Arch] = {
+    spelling.lower(): arch for arch in ARCHES for spelling in (arch.name, arch.uname_m, arch.dpkg_arch, *arch.aliases)
+}
+
+
+def names() -> list[str]:
+    return [arch.name for arch in ARCHES]
+
+
+def lookup(spelling: str) -> Arch:
+    """The row for any accepted spelling (`aarch64`, `ARM64`, `amd64`, ...)."""
+    try:
+        return _BY_SPELLING[spelling.strip().lower()]
+    except KeyError:
+        raise KeyError(spelling) from None
+
+
+def host() -> Arch:
+    return lookup(platform.machine())

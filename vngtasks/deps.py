@@ -1,0 +1,171 @@
+"""Host packages for booting and building kernels, installed through an invoke Context.
+
+Everything goes through `c.run`, so a Fabric `Connection` installs on a remote build
+host with the same code. The fast path asks dpkg only: when every package is
+there, no apt command runs at all.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from invoke import Context
+from invoke.exceptions import CommandTimedOut
+
+from . import log
+from .arches import Arch
+from .errors import Failure
+from .settings import Settings
+
+DEPS_FAILED = 1
+RETRY_DELAY_SECONDS = 5.0
+
+BOOT_PACKAGES = ("busybox-static", "kmod", "cpio")
+BUILD_PACKAGES = (
+    "build-essential", "flex", "bison", "bc", "cpio", "kmod", "rsync", "git", "python3",
+    "libelf-dev", "libssl-dev", "libzstd-dev", "dwarves", "ccache", "zstd",
+)  # fmt: skip
+
+# Packages whose name depends on the distribution: (os-release ID, from VERSION_ID, role) -> names.
+# A role missing for a distribution means it needs nothing for it.
+DISTRO_PACKAGES: dict[tuple[str, int, str], tuple[str, ...]] = {
+    ("debian", 0, "kernel-image"): ("linux-image-{dpkg_arch}",),
+    ("ubuntu", 0, "kernel-image"): ("linux-image-generic",),
+    ("debian", 0, "bpftool"): ("bpftool",),
+    ("ubuntu", 0, "bpftool"): ("linux-tools-common", "linux-tools-generic"),
+    # Older releases ship virtiofsd inside qemu-system-common.
+    ("debian", 13, "virtiofsd"): ("virtiofsd",),
+    ("ubuntu", 24, "virtiofsd"): ("virtiofsd",),
+}
+
+_APT_ERROR = re.compile(r"^E: (.*)$", re.MULTILINE)
+_APT_PACKAGE = re.compile(r"(?:Unable to locate package |Package '?)([A-Za-z0-9.+:=~_-]+)")
+KVM_RULE = Path("/etc/udev/rules.d/99-vngtasks-kvm.rules")
+
+
+@dataclass(frozen=True)
+class Distro:
+    id: str
+    version: int
+
+    @classmethod
+    def of(cls, os_release: str) -> Distro:
+        fields = dict(
+            line.split("=", 1) for line in os_release.splitlines() if "=" in line and not line.startswith("#")
+        )
+        ids = [fields.get("ID", "").strip('"'), *fields.get("ID_LIKE", "").strip('"').split()]
+        known = next((i for i in ids if any(key[0] == i for key in DISTRO_PACKAGES)), ids[0])
+        version = fields.get("VERSION_ID", "0").strip('"').split(".")[0]
+        return cls(known, int(version) if version.isdigit() else 0)
+
+    def names(self, role: str, arch: Arch) -> tuple[str, ...]:
+        rows = [
+            (since, names)
+            for (distro, since, row_role), names in DISTRO_PACKAGES.items()
+            if distro == self.id and row_role == role and since <= self.version
+        ]
+        if not rows:
+            return ()
+        return tuple(name.format(dpkg_arch=arch.dpkg_arch) for name in max(rows)[1])
+
+
+def wanted(settings: Settings, distro: Distro, host: Arch, need_kernel_image: bool) -> list[str]:
+    """Every package the settings call for, in a stable order, each once."""
+    arch = settings.arch
+    names = [arch.qemu_package, *BOOT_PACKAGES, *distro.names("virtiofsd", arch)]
+    names += [*BUILD_PACKAGES, *distro.names("bpftool", arch)]
+    if arch != host:
+        names.append("gcc-" + arch.cross_compile.rstrip("-"))
+    if settings.llvm or settings.cc.startswith("clang"):
+        suffix = settings.llvm if settings.llvm.startswith("-") else ""
+        names += [f"clang{suffix}", f"lld{suffix}", f"llvm{suffix}"]
+    if need_kernel_image:
+        names += distro.names("kernel-image", host)
+    names += settings.packages
+    return list(dict.fromkeys(names))
+
+
+def missing(c: Context, packages: list[str]) -> list[str]:
+    """The packages dpkg does not list as installed."""
+    result = c.run(
+        "dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n' " + shlex.join(packages) + " 2>/dev/null",
+        hide=True,
+        warn=True,
+        in_stream=False,
+    )
+    installed = {line.split()[0].split(":")[0] for line in result.stdout.splitlines() if line.split()[1:2] == ["ii"]}
+    return [name for name in packages if name.split("=")[0].split(":")[0] not in installed]
+
+
+def install(c: Context, settings: Settings, host: Arch) -> list[str]:
+    """Install what is missing; returns what was installed (empty: nothing to do)."""
+    distro = Distro.of(c.run("cat /etc/os-release", hide=True, in_stream=False).stdout)
+    need_image = not c.run("ls /boot/vmlinuz-* >/dev/null 2>&1", warn=True, hide=True, in_stream=False).ok
+    todo = missing(c, wanted(settings, distro, host, need_image))
+    if todo:
+        sudo = "" if c.run("id -u", hide=True, in_stream=False).stdout.strip() == "0" else "sudo "
+        _apt(c, sudo, settings, todo)
+    _kvm_access(c)
+    return todo
+
+
+def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None:
+    options = ["-y", "-q", f"-oDPkg::Lock::Timeout={settings.deps_timeout or 600}"]
+    if not settings.install_recommends:
+        options.append("--no-install-recommends")
+    if settings.apt_cache:
+        archives = settings.cache_dir / "apt" / "archives"
+        options.append(f"-oDir::Cache::Archives={archives}")
+        c.run(f"mkdir -p {shlex.quote(str(archives / 'partial'))}", in_stream=False)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    command = f"{sudo}apt-get update -q && {sudo}apt-get install {shlex.join(options)} {shlex.join(packages)}"
+    log.info(f"deps: installing {' '.join(packages)}")
+    for attempt in range(1, settings.deps_retries + 1):
+        problem = _attempt(c, command, env, settings.deps_timeout)
+        if problem is None:
+            return
+        log.warn(f"deps: attempt {attempt}/{settings.deps_retries} failed: {problem}")
+        if attempt < settings.deps_retries:
+            c.run(f"{sudo}dpkg --configure -a", warn=True, hide=True, in_stream=False, env=env)
+            time.sleep(RETRY_DELAY_SECONDS * attempt)
+    raise Failure(f"deps: apt-get failed {settings.deps_retries} times: {problem}", DEPS_FAILED)
+
+
+def _attempt(c: Context, command: str, env: dict[str, str], timeout: int) -> str | None:
+    """One try of the whole apt command: None when it worked, else why not (output shown)."""
+    try:
+        result = c.run(command, env=env, hide=True, warn=True, timeout=timeout or None, in_stream=False)
+    except CommandTimedOut as timed_out:
+        _show(timed_out.result.stdout + timed_out.result.stderr)
+        return f"timed out after {timeout} s (deps-timeout)"
+    if result.ok:
+        return None
+    _show(result.stdout + result.stderr)
+    errors = _APT_ERROR.findall(result.stderr + result.stdout)
+    named = [m for error in errors for m in _APT_PACKAGE.findall(error)]
+    if named:
+        return f"package {', '.join(dict.fromkeys(named))}: {errors[0]}"
+    return errors[-1] if errors else f"exit status {result.exited}"
+
+
+def _show(output: str) -> None:
+    for line in output.strip().splitlines()[-40:]:
+        log.info(f"apt: {line}")
+
+
+def _kvm_access(c: Context) -> None:
+    """Let non-root users open /dev/kvm (root already can; no device, nothing to do)."""
+    probe = "test -e /dev/kvm && ! test -r /dev/kvm -a -w /dev/kvm"
+    if not c.run(probe, warn=True, hide=True, in_stream=False).ok:
+        return
+    rule = 'KERNEL=="kvm", GROUP="kvm", MODE="0666", OPTIONS+="static_node=kvm"'
+    c.run(
+        f"echo {shlex.quote(rule)} | sudo tee {KVM_RULE} >/dev/null"
+        " && sudo udevadm control --reload-rules && sudo udevadm trigger --name-match=kvm",
+        hide=True,
+        in_stream=False,
+    )

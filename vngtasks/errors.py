@@ -1,0 +1,16 @@
+"""Exit statuses and the one exception type the tasks turn into them."""
+
+from __future__ import annotations
+
+BAD_INPUT = 2  # a setting or flag is wrong; nothing was touched
+TIMEOUT = 124  # run-timeout expired; the VM was killed
+NO_STATUS = 125  # the VM never reported the workload's status (panic, stall, no boot)
+MISSING_TOOL = 127  # a program we need is not installed
+
+
+class Failure(Exception):
+    """A run that cannot go on: `str(self)` is one line for the user, `code` the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code

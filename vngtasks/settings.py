@@ -1,0 +1,326 @@
+"""One typed model of every input, validated before anything is touched.
+
+Raw values arrive as strings (task flags, `INVOKE_VNG_*` env, the action's inputs) or
+as YAML scalars (`invoke.yaml`). `resolve()` merges them, weakest first, and turns
+them into a frozen `Settings`; any bad value raises `InputError` naming the input.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import arches
+from .arches import Arch
+
+TORVALDS_URL = "https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git"
+
+# Every setting, declared once with its default (the seed's where it has one).
+# Values are strings, as the action's inputs are: invoke keeps env overrides of a
+# string default as strings, so validation below sees exactly what the user typed.
+DEFAULTS: dict[str, str] = {
+    "name": "default",
+    "kernel_url": TORVALDS_URL,
+    "tag": "",
+    "version": "v2",
+    "kconfig": "",
+    "cpus": "",  # empty: all host CPUs
+    "memory": "",  # empty: 90% of host RAM, capped under TCG per the arch table
+    "network": "",
+    "verbose": "true",
+    "cc": "",
+    "llvm": "",
+    "kernel_compile_cache": "true",
+    "append": "mitigations=off",
+    "qemu_opts": "",
+    "deps_timeout": "90",
+    "deps_retries": "3",
+    "run_timeout": "0",
+    "packages": "",
+    "install_recommends": "false",
+    "extra_rwdirs": "~/.cargo",
+    "vmlinux_h": "true",
+    "workspace_rw": "true",
+    "apt_cache": "false",
+    "arch": "",  # empty: the host's
+    "accel": "auto",
+    "kernel": "",
+    "cache_dir": "",  # empty: $XDG_CACHE_HOME/vngtasks
+    "boot_timeout": "300",
+    "build_host": "",
+    "run": "",  # the workload; `invoke boot -- CMD` overrides it
+}
+
+# One line of help per setting, shown by `invoke --help TASK` for the flags a task takes.
+HELP: dict[str, str] = {
+    "name": "build name: part of cache keys and of `uname -r`",
+    "kernel_url": "git URL (or local path) of the kernel source",
+    "tag": "kernel git tag, branch or 40-hex commit to build and boot",
+    "version": "cache version: bump it to force a rebuild",
+    "kconfig": "kconfig fragment file, relative to the workspace",
+    "cpus": "guest CPUs (default: all host CPUs)",
+    "memory": "guest memory, e.g. 512M or 4G (default: 90 percent of host RAM, capped under TCG)",
+    "network": "guest network: user, loop, bridge or bridge=NAME (default: none)",
+    "verbose": "true: stream the guest console",
+    "cc": "C compiler for the kernel build, e.g. clang",
+    "llvm": "LLVM toolchain for the kernel build: 1 or a suffix such as -14",
+    "kernel_compile_cache": "true: build through ccache",
+    "append": "extra kernel command line",
+    "qemu_opts": "extra QEMU options (split like a shell would, never run by one)",
+    "deps_timeout": "seconds per dependency install attempt",
+    "deps_retries": "dependency install attempts",
+    "run_timeout": "seconds the workload may run, 0 = no limit (exit 124 on expiry)",
+    "packages": "extra Debian packages to install (space-separated)",
+    "install_recommends": "true: install recommended packages too",
+    "extra_rwdirs": "more host directories the guest may write (space-separated, ~ expanded)",
+    "vmlinux_h": "true: generate vmlinux.h from the built kernel's BTF",
+    "workspace_rw": "true: the current directory is writable from the guest",
+    "apt_cache": "true: keep downloaded .deb files for the action's cache",
+    "arch": "target architecture (default: the host's)",
+    "accel": "auto, kvm or tcg (auto falls back to tcg when KVM does not work)",
+    "kernel": "prebuilt kernel image or build directory (default: the host's distro kernel)",
+    "cache_dir": "kernel cache and run directory (default: $XDG_CACHE_HOME/vngtasks)",
+    "boot_timeout": "seconds the guest may take to start the workload, 0 = no limit",
+    "build_host": "[user@]host[:port] to build on over SSH",
+    "run": "the workload, when not given after `--`",
+}
+
+ACCELS = ("auto", "kvm", "tcg")
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_MEMORY = re.compile(r"([1-9][0-9]*)([MGT]?)", re.IGNORECASE)
+_NETWORK = re.compile(r"user|loop|bridge(=[A-Za-z0-9_.-]+)?")
+_TOOL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+/-]*")
+_LLVM = re.compile(r"1|-[0-9]+")
+_PACKAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+:=~_-]*")
+_BUILD_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]{1,5})?")
+# vng pastes directory names into a string it re-splits itself: keep them plain.
+_VNG_UNSAFE_PATH = re.compile(r"[\s'\"\\=]")
+_MIB = {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+
+
+class InputError(ValueError):
+    """A bad input: the message names it and says what is wrong."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.input = key.replace("_", "-")
+        super().__init__(f"{self.input}: {message}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str
+    kernel_url: str
+    tag: str
+    version: str
+    kconfig: Path | None
+    cpus: int
+    memory_mib: int | None  # None: the default, sized when the accelerator is known
+    network: str
+    verbose: bool
+    cc: str
+    llvm: str
+    kernel_compile_cache: bool
+    append: str
+    qemu_opts: tuple[str, ...]
+    deps_timeout: int
+    deps_retries: int
+    run_timeout: int
+    packages: tuple[str, ...]
+    install_recommends: bool
+    extra_rwdirs: tuple[Path, ...]
+    vmlinux_h: bool
+    workspace_rw: bool
+    apt_cache: bool
+    arch: Arch
+    accel: str
+    kernel: Path | None
+    cache_dir: Path
+    boot_timeout: int
+    build_host: str
+    run: str
+    workspace: Path
+
+
+def resolve(
+    config: Mapping[str, object],
+    flags: Mapping[str, object | None],
+    *,
+    workspace: Path | None = None,
+) -> Settings:
+    """Merge config (already layered by invoke) with task flags and validate all of it."""
+    unknown = sorted(set(flags) - set(DEFAULTS))
+    if unknown:
+        raise InputError(unknown[0], "not a known setting")
+    raw = {key: _text(key, config.get(key, default)) for key, default in DEFAULTS.items()}
+    raw.update({key: _text(key, value) for key, value in flags.items() if value is not None})
+    workspace = (workspace or Path.cwd()).resolve()
+    arch = _arch(raw["arch"])
+    accel = _match("accel", raw["accel"], re.compile("|".join(ACCELS)), "auto, kvm or tcg")
+    if accel == "kvm" and arch != arches.host():
+        raise InputError("accel", f"kvm cannot run {arch.name} guests on a {arches.host().name} host: use tcg")
+    return Settings(
+        name=_name(raw["name"]),
+        kernel_url=_kernel_url(raw["kernel_url"]),
+        tag=_tag(raw["tag"]),
+        version=_version(raw["version"]),
+        kconfig=_existing_file("kconfig", raw["kconfig"], workspace),
+        cpus=_cpus(raw["cpus"]),
+        memory_mib=_memory(raw["memory"]),
+        network=_match("network", raw["network"], _NETWORK, "user, loop, bridge or bridge=NAME", empty_ok=True),
+        verbose=_bool("verbose", raw["verbose"]),
+        cc=_match("cc", raw["cc"], _TOOL, "a compiler name such as clang or gcc-12", empty_ok=True),
+        llvm=_match("llvm", raw["llvm"], _LLVM, "1 or a version suffix such as -14", empty_ok=True),
+        kernel_compile_cache=_bool("kernel_compile_cache", raw["kernel_compile_cache"]),
+        append=_one_line("append", raw["append"]),
+        qemu_opts=_qemu_opts(raw["qemu_opts"]),
+        deps_timeout=_count("deps_timeout", raw["deps_timeout"], minimum=0),
+        deps_retries=_count("deps_retries", raw["deps_retries"], minimum=1),
+        run_timeout=_count("run_timeout", raw["run_timeout"], minimum=0),
+        packages=_packages(raw["packages"]),
+        install_recommends=_bool("install_recommends", raw["install_recommends"]),
+        extra_rwdirs=_rwdirs(raw["extra_rwdirs"]),
+        vmlinux_h=_bool("vmlinux_h", raw["vmlinux_h"]),
+        workspace_rw=_bool("workspace_rw", raw["workspace_rw"]),
+        apt_cache=_bool("apt_cache", raw["apt_cache"]),
+        arch=arch,
+        accel=accel,
+        kernel=_existing_path("kernel", raw["kernel"], workspace),
+        cache_dir=_cache_dir(raw["cache_dir"]),
+        boot_timeout=_count("boot_timeout", raw["boot_timeout"], minimum=0),
+        build_host=_match("build_host", raw["build_host"], _BUILD_HOST, "[user@]host[:port]", empty_ok=True),
+        run=raw["run"],
+        workspace=_vng_path("workspace", workspace),
+    )
+
+
+def _text(key: str, value: object) -> str:
+    if isinstance(value, bool):  # YAML true/false in invoke.yaml
+        return "true" if value else "false"
+    if isinstance(value, int | str):
+        return str(value).strip()
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " ".join(value)
+    raise InputError(key, f"expected a string, got {type(value).__name__}")
+
+
+def _one_line(key: str, value: str) -> str:
+    if any(ord(ch) < 0x20 for ch in value):
+        raise InputError(key, "must be a single line without control characters")
+    return value
+
+
+def _match(key: str, value: str, pattern: re.Pattern[str], expected: str, empty_ok: bool = False) -> str:
+    if (empty_ok and value == "") or pattern.fullmatch(value):
+        return value
+    raise InputError(key, f"{value!r} is not valid: expected {expected}")
+
+
+def _name(value: str) -> str:
+    return _match("name", value, _NAME, "letters, digits, '.', '_' or '-', not starting with '.' or '-'")
+
+
+def _kernel_url(value: str) -> str:
+    _one_line("kernel_url", value)
+    if value == "" or value.startswith("-"):
+        raise InputError("kernel_url", f"{value!r} is not a git URL or path")
+    return value
+
+
+def _tag(value: str) -> str:
+    _one_line("tag", value)
+    if value.startswith("-") or " " in value or ".." in value or value.endswith((".lock", "/")):
+        raise InputError("tag", f"{value!r} is not a valid git ref name")
+    return value
+
+
+def _version(value: str) -> str:
+    return _match("version", value, _NAME, "letters, digits, '.', '_' or '-'")
+
+
+def _bool(key: str, value: str) -> bool:
+    if value in ("true", "false"):
+        return value == "true"
+    raise InputError(key, f"{value!r} is not a boolean: expected true or false")
+
+
+def _count(key: str, value: str, minimum: int) -> int:
+    if not value.isascii() or not value.isdigit() or int(value) < minimum:
+        raise InputError(key, f"{value!r} is not valid: expected a whole number >= {minimum}")
+    return int(value)
+
+
+def _cpus(value: str) -> int:
+    if value == "":
+        return os.cpu_count() or 1
+    return _count("cpus", value, minimum=1)
+
+
+def _memory(value: str) -> int | None:
+    if value == "":
+        return None
+    found = _MEMORY.fullmatch(value)
+    if not found:
+        raise InputError("memory", f"{value!r} is not a size: expected e.g. 512M, 4G (no suffix: MiB)")
+    return int(found[1]) * _MIB[found[2].upper()]
+
+
+def _qemu_opts(value: str) -> tuple[str, ...]:
+    _one_line("qemu_opts", value)
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as error:
+        raise InputError("qemu_opts", f"cannot split {value!r}: {error}") from None
+
+
+def _packages(value: str) -> tuple[str, ...]:
+    names = tuple(value.split())
+    for name in names:
+        _match("packages", name, _PACKAGE, "Debian package names separated by spaces")
+    return names
+
+
+def _vng_path(key: str, path: Path) -> Path:
+    if _VNG_UNSAFE_PATH.search(str(path)):
+        raise InputError(key, f"{str(path)!r}: vng cannot share a path with spaces, quotes, '\\' or '='")
+    return path
+
+
+def _rwdirs(value: str) -> tuple[Path, ...]:
+    return tuple(_vng_path("extra_rwdirs", Path(item).expanduser()) for item in value.split())
+
+
+def _arch(value: str) -> Arch:
+    if value == "":
+        return arches.host()
+    try:
+        return arches.lookup(value)
+    except KeyError:
+        raise InputError("arch", f"{value!r} is not known: expected one of {', '.join(arches.names())}") from None
+
+
+def _existing_path(key: str, value: str, workspace: Path) -> Path | None:
+    if value == "":
+        return None
+    path = (workspace / Path(value).expanduser()).resolve()
+    if not path.exists():
+        raise InputError(key, f"{value!r} does not exist")
+    return _vng_path(key, path)
+
+
+def _existing_file(key: str, value: str, workspace: Path) -> Path | None:
+    path = _existing_path(key, value, workspace)
+    if path is not None and not path.is_file():
+        raise InputError(key, f"{value!r} is not a file")
+    return path
+
+
+def _cache_dir(value: str) -> Path:
+    if value:
+        return Path(value).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "vngtasks"

@@ -1,0 +1,1 @@
+"""Invoke tasks: thin wrappers that read settings and call the plain modules."""

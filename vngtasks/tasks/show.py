@@ -1,0 +1,24 @@
+"""`invoke settings`: print the settings every task would start from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from invoke import Context, task
+
+from . import _common
+
+
+@task
+def settings(c: Context):
+    """Print the effective settings (defaults < invoke.yaml < INVOKE_VNG_* env), one per line."""
+    s = _common.settings(c)
+    for field in dataclasses.fields(s):
+        value = getattr(s, field.name)
+        if field.name == "arch":
+            value = value.name
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, tuple):
+            value = " ".join(str(v) for v in value)
+        print(f"{field.name.replace('_', '-')}={'' if value is None else value}")
