@@ -3,7 +3,7 @@
 from invoke import Collection
 
 from vngtasks.settings import DEFAULTS
-from vngtasks.tasks import boot, deps, show
+from vngtasks.tasks import boot, cache, deps, resolve, show
 
-ns = Collection(boot.boot, deps.deps, show.settings)
+ns = Collection(boot.boot, deps.deps, show.settings, resolve.resolve, cache.cache)
 ns.configure({"vng": DEFAULTS})

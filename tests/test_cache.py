@@ -1,0 +1,214 @@
+"""The kernel cache with real processes: killed writers leave nothing visible, one build per key."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vngtasks import cache
+
+KEY = cache.key("foo", "x86_64", "0123456789ab", "v2")
+
+
+def add(store: cache.KernelCache, name: str, sha: str, size: int = 0, **extra: object) -> cache.Entry:
+    key = cache.key(name, "x86_64", sha[:12], "v2")
+    with store.create(key, {"name": name, "arch": "x86_64", "sha": sha, **extra}) as temp:
+        (temp / "bzImage").write_bytes(b"k" * size)
+    entry = store.lookup(key)
+    assert entry is not None
+    return entry
+
+
+def python(code: str, root: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), str(root), KEY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_created_entry_has_metadata_and_no_leftovers(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    entry = add(store, "foo", "a" * 40, size=1000, kernel_release="6.12.0-vng")
+    assert entry.path == tmp_path / entry.key and (entry.path / "bzImage").stat().st_size == 1000
+    written = json.loads((entry.path / "metadata.json").read_text())
+    assert written["key"] == entry.key and written["size_bytes"] == 1000 and written["sha"] == "a" * 40
+    assert abs(entry.created - time.time()) < 60
+    assert list((tmp_path / cache.TEMP).iterdir()) == []
+    assert store.entries() == [entry]
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    with pytest.raises(RuntimeError, match="compiler broke"), store.create(KEY, {}) as temp:
+        (temp / "half").write_text("x")
+        raise RuntimeError("compiler broke")
+    assert store.lookup(KEY) is None and store.entries() == []
+    assert list((tmp_path / cache.TEMP).iterdir()) == []
+
+
+def test_entry_that_appeared_meanwhile_is_kept(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    with store.create(KEY, {"by": "first"}) as first:
+        (first / "f").write_text("first")
+        with store.create(KEY, {"by": "second"}) as second:
+            (second / "f").write_text("second")
+    entry = store.lookup(KEY)
+    assert entry is not None and entry.metadata["by"] == "second" and (entry.path / "f").read_text() == "second"
+    assert list((tmp_path / cache.TEMP).iterdir()) == []
+
+
+def test_killed_writer_leaves_no_entry_and_prune_cleans_up(tmp_path: Path):
+    child = python(
+        """
+        import sys, time
+        from pathlib import Path
+        from vngtasks.cache import KernelCache
+        with KernelCache(Path(sys.argv[1])).create(sys.argv[2], {"name": "foo", "arch": "x86_64"}) as temp:
+            for n in range(600):
+                (temp / f"part{n}").write_bytes(b"x" * 4096)
+                print("writing", flush=True)
+                time.sleep(0.1)
+        """,
+        tmp_path,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "writing\n", child.stderr
+    time.sleep(0.3)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    store = cache.KernelCache(tmp_path)
+    leftovers = [path for path in (tmp_path / cache.TEMP).iterdir() if path.is_dir()]
+    assert len(leftovers) == 1 and any(leftovers[0].iterdir())  # it really was killed mid-way
+    assert store.lookup(KEY) is None and store.entries() == [] and store.newest("foo", "x86_64") is None
+    assert store.prune() == []
+    assert list((tmp_path / cache.TEMP).iterdir()) == []
+
+
+def test_prune_leaves_a_live_build_alone(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    with store.create(KEY, {}) as temp:
+        store.prune(keep_per_name=0)
+        assert temp.is_dir()
+    assert store.lookup(KEY) is not None
+
+
+def test_two_builds_of_one_key_build_once(tmp_path: Path):
+    code = """
+        import os, sys, time
+        from pathlib import Path
+        from vngtasks.cache import KernelCache
+        store, key = KernelCache(Path(sys.argv[1])), sys.argv[2]
+        with store.lock(key):
+            if store.lookup(key) is None:
+                with open(store.root / "builds", "a") as builds:
+                    builds.write(f"{os.getpid()}\\n")
+                time.sleep(1)
+                with store.create(key, {"built_by": os.getpid()}) as temp:
+                    (temp / "bzImage").write_text("kernel")
+        entry = store.lookup(key)
+        print(entry.metadata["built_by"] if entry else "missing")
+    """
+    tmp_path.mkdir(exist_ok=True)
+    children = [python(code, tmp_path) for _ in range(2)]
+    results = [child.communicate(timeout=60) for child in children]
+    assert [child.returncode for child in children] == [0, 0], results
+    builders = (tmp_path / "builds").read_text().split()
+    assert len(builders) == 1
+    assert [out.strip() for out, _ in results] == builders * 2  # both see the one build's entry
+
+
+def test_newest_is_per_name_and_arch(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    old = add(store, "foo", "1" * 40)
+    new = add(store, "foo", "2" * 40)
+    add(store, "foo-bar", "3" * 40)
+    add(store, "foo-x86_64", "4" * 40)  # its key starts with vng-kernel-foo-x86_64- too
+    assert store.newest("foo", "x86_64") == new != old
+    assert store.newest("foo", "arm64") is None and store.newest("fo", "x86_64") is None
+    assert store.newest("foo-bar", "x86_64").metadata["sha"] == "3" * 40
+
+
+def test_newest_falls_back_to_mtime_without_created(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    for n, sha in enumerate(("5" * 40, "6" * 40)):
+        key = cache.key("foo", "x86_64", sha[:12], "v2")
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "metadata.json").write_text(json.dumps({"name": "foo", "arch": "x86_64", "sha": sha}))
+        os.utime(tmp_path / key, (1_000_000_000 + n, 2_000_000_000 - n))  # the later sha is older
+    assert store.newest("foo", "x86_64").metadata["sha"] == "5" * 40
+
+
+def test_prune_keeps_the_newest_per_name(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    foo = [add(store, "foo", str(n) * 40) for n in range(3)]
+    other = add(store, "foo-bar", "9" * 40)
+    assert store.prune(keep_per_name=1) == foo[:2]
+    assert store.entries() == [foo[2], other]
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith(".")) == sorted(
+        [foo[2].key, other.key]
+    )
+    assert list((tmp_path / cache.TEMP).iterdir()) == []
+
+
+def test_prune_to_a_size_removes_oldest_first(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    entries = [add(store, f"n{n}", str(n) * 40, size=1000) for n in range(4)]
+    assert store.prune(max_bytes=2500) == entries[:2]
+    assert store.entries() == entries[2:]
+    assert store.prune(max_bytes=2500) == []
+
+
+def test_prune_skips_an_entry_in_use(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    entries = [add(store, "foo", str(n) * 40) for n in range(2)]
+    with store.lock(entries[0].key):
+        assert store.prune(keep_per_name=0) == [entries[1]]
+    assert store.entries() == [entries[0]]
+
+
+@pytest.mark.parametrize(("text", "size"), [("0", 0), ("512", 512 << 20), ("20G", 20 << 30), ("1t", 1 << 40)])
+def test_sizes(text: str, size: int):
+    assert cache.parse_size(text) == size
+
+
+@pytest.mark.parametrize(("size", "text"), [(0, "0B"), (1023, "1023B"), (1536, "1.5K"), (20 << 30, "20.0G")])
+def test_human_sizes(size: int, text: str):
+    assert cache.human_size(size) == text
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(5, "5s"), (125, "2m"), (7200, "2h"), (3 * 86400 + 5, "3d")])
+def test_human_ages(seconds: float, text: str):
+    assert cache.human_age(seconds) == text
+
+
+def test_cli_lists_and_prunes(cli, tmp_path: Path):
+    store = cache.KernelCache(tmp_path / "c" / "kernels")
+    first = add(store, "foo", "1" * 40, size=3 << 20, kernel_release="6.12.0-vng")
+    second = add(store, "foo", "2" * 40, size=10)
+    listed = cli("cache", "--cache-dir", str(tmp_path / "c"))
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert [row[2][-1] for row in rows] == ["s", "s"]  # made seconds ago
+    assert [row[:2] + row[3:] for row in rows] == [[first.key, "3.0M", "6.12.0-vng"], [second.key, "10B", "-"]]
+    pruned = cli("cache", "--cache-dir", str(tmp_path / "c"), "--keep", "1")
+    assert pruned.returncode == 0 and pruned.stdout == f"removed {first.key}\t3.0M\n", pruned.stderr
+    assert "removed 1, kept 1" in pruned.stderr
+    assert store.entries() == [second]
+
+
+@pytest.mark.parametrize(("flag", "value", "named"), [("--keep", "-1", "keep"), ("--max-size", "20X", "max-size")])
+def test_cli_bad_prune_flag_exits_2(cli, tmp_path: Path, flag: str, value: str, named: str):
+    store = cache.KernelCache(tmp_path / "c" / "kernels")
+    add(store, "foo", "1" * 40)
+    done = cli("cache", "--cache-dir", str(tmp_path / "c"), flag, value)
+    assert done.returncode == 2 and done.stderr.startswith(f"vngtasks: {named}: "), done.stderr
+    assert len(store.entries()) == 1

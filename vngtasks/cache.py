@@ -1,0 +1,252 @@
+"""The local kernel cache: one directory per built kernel, under `cache-dir/kernels`.
+
+An entry is `<root>/<key>/`, holding the build's files and `metadata.json`. It comes into being
+by one `os.rename` of a finished temp directory and leaves by one rename into `.tmp/`, so a
+reader sees a whole entry or none. Builds of one key serialise on an `flock` of
+`.locks/<key>.lock`: the second waits, then finds the first's entry. A temp directory is
+flocked by its writer while it is written, which is how `prune` tells a dead writer's
+leftovers (removed) from a live build (left alone). Lock files in `.locks/` are never
+removed: deleting a lock file others may have open would let two holders in.
+
+Metadata fields read here: `name`, `arch`, `sha`, `ref`, `kernel_release`; `create` adds
+`key`, `created` (ISO time) and `size_bytes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import log
+from .settings import InputError, Settings
+
+KERNELS = "kernels"
+TEMP = ".tmp"
+LOCKS = ".locks"
+
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_SIZE = re.compile(r"(0|[1-9][0-9]*)([KMGT]?)", re.IGNORECASE)
+_BYTES = {"K": 1024, "": 1024**2, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def key(name: str, arch: str, sha12: str, version: str) -> str:
+    return f"vng-kernel-{name}-{arch}-{sha12}-{version}"
+
+
+def kernels_root(settings: Settings) -> Path:
+    return settings.cache_dir / KERNELS
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    path: Path
+    metadata: dict
+
+    @property
+    def created(self) -> float:
+        """When the entry was made, in epoch seconds: metadata first, the directory's mtime else."""
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return datetime.fromisoformat(self.metadata["created"]).timestamp()
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    @property
+    def size_bytes(self) -> int:
+        size = self.metadata.get("size_bytes")
+        return size if isinstance(size, int) else disk_usage(self.path)
+
+
+class KernelCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def lookup(self, key: str) -> Entry | None:
+        """The complete entry for `key`, or None."""
+        return _entry(self.root / _checked(key))
+
+    def entries(self) -> list[Entry]:
+        """Every complete entry, oldest first."""
+        try:
+            paths = list(self.root.iterdir())
+        except FileNotFoundError:
+            return []
+        found = [entry for path in paths if not path.name.startswith(".") and (entry := _entry(path))]
+        return sorted(found, key=lambda entry: (entry.created, entry.key))
+
+    def newest(self, name: str, arch: str) -> Entry | None:
+        """The newest entry built for this name and arch (never one of a name that merely starts alike)."""
+        prefix = f"vng-kernel-{name}-{arch}-"
+        mine = [
+            entry
+            for entry in self.entries()
+            if entry.key.startswith(prefix)
+            and entry.metadata.get("name") == name
+            and entry.metadata.get("arch") == arch
+        ]
+        return mine[-1] if mine else None
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold the build lock of `key`, waiting for whoever has it."""
+        with _flock(self.root / LOCKS / f"{_checked(key)}.lock", wait=True):
+            yield
+
+    @contextlib.contextmanager
+    def create(self, key: str, metadata: dict) -> Iterator[Path]:
+        """A temp directory to fill; on success it becomes the entry `key` in one rename."""
+        temp = self.root / TEMP / f"{_checked(key)}-{uuid.uuid4().hex[:12]}"
+        marker = _marker(temp)
+        with _flock(marker, wait=True):  # held while writing: prune leaves this temp alone
+            temp.mkdir()
+            try:
+                yield temp
+                size = disk_usage(temp)
+                created = datetime.now(UTC).isoformat(timespec="microseconds")
+                full = {**metadata, "key": key, "created": created, "size_bytes": size}
+                (temp / "metadata.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+                try:
+                    os.rename(temp, self.root / key)
+                except OSError as error:
+                    if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    log.info(f"cache: {key} appeared meanwhile: keeping that one")
+            finally:
+                shutil.rmtree(temp, ignore_errors=True)  # after the rename there is nothing left
+                marker.unlink(missing_ok=True)
+
+    def prune(self, keep_per_name: int | None = None, max_bytes: int | None = None) -> list[Entry]:
+        """Remove the oldest entries beyond `keep_per_name` per name and arch, then beyond `max_bytes`."""
+        self._clean_temp()
+        entries = self.entries()
+        doomed: list[Entry] = []
+        if keep_per_name is not None:
+            groups: dict[tuple[object, ...], list[Entry]] = {}
+            for entry in entries:
+                groups.setdefault(_group(entry), []).append(entry)
+            for group in groups.values():
+                doomed += group[: max(len(group) - keep_per_name, 0)]
+        if max_bytes is not None:
+            kept = [entry for entry in entries if entry not in doomed]
+            total = sum(entry.size_bytes for entry in kept)
+            for entry in kept:
+                if total <= max_bytes:
+                    break
+                doomed.append(entry)
+                total -= entry.size_bytes
+        doomed.sort(key=lambda entry: (entry.created, entry.key))
+        return [entry for entry in doomed if self._remove(entry)]
+
+    def _remove(self, entry: Entry) -> bool:
+        with _flock(self.root / LOCKS / f"{entry.key}.lock", wait=False) as free:
+            if not free:
+                log.info(f"cache: {entry.key} is being built or used: kept")
+                return False
+            grave = self.root / TEMP / f"{entry.key}-{uuid.uuid4().hex[:12]}-removed"
+            try:
+                os.rename(entry.path, grave)  # readers now see no entry at all
+            except FileNotFoundError:
+                return False
+            shutil.rmtree(grave, ignore_errors=True)
+            return True
+
+    def _clean_temp(self) -> None:
+        """Remove temp directories no live process is writing (a killed build's, a crashed prune's)."""
+        temp_root = self.root / TEMP
+        temps = [path for path in temp_root.iterdir() if path.is_dir()] if temp_root.is_dir() else []
+        for temp in temps:
+            with _flock(_marker(temp), wait=False) as free:
+                if free:
+                    shutil.rmtree(temp, ignore_errors=True)
+                    _marker(temp).unlink(missing_ok=True)
+
+
+def _checked(key: str) -> str:
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"not a cache key: {key!r}")
+    return key
+
+
+def _entry(path: Path) -> Entry | None:
+    try:
+        metadata = json.loads((path / "metadata.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return Entry(path.name, path, metadata) if isinstance(metadata, dict) else None
+
+
+def _group(entry: Entry) -> tuple[object, ...]:
+    name, arch = entry.metadata.get("name"), entry.metadata.get("arch")
+    return (name, arch) if name and arch else (entry.key,)
+
+
+def _marker(temp: Path) -> Path:
+    return temp.with_name(temp.name + ".lock")
+
+
+@contextlib.contextmanager
+def _flock(path: Path, *, wait: bool) -> Iterator[bool]:
+    """An exclusive flock of `path` (created if need be); yields False when busy and not waiting."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
+def disk_usage(path: Path) -> int:
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def parse_keep(value: str) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise InputError("keep", f"{value!r} is not valid: expected a whole number >= 0")
+    return int(value)
+
+
+def parse_size(value: str) -> int:
+    found = _SIZE.fullmatch(value)
+    if not found:
+        raise InputError("max_size", f"{value!r} is not a size: expected e.g. 500M, 20G (no suffix: MiB)")
+    return int(found[1]) * _BYTES[found[2].upper()]
+
+
+def human_size(size_bytes: int) -> str:
+    if size_bytes < 1024:
+        return f"{size_bytes}B"
+    size = size_bytes / 1024
+    for unit in ("K", "M", "G"):
+        if size < 1024:
+            return f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}T"
+
+
+def human_age(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{seconds // length:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"

@@ -1,0 +1,167 @@
+"""Turning `tag` into the exact commit to build: a 40-hex SHA, a propagated SHA, or the remote's refs.
+
+Matching is exact: for tag T, `refs/tags/T^{}` (an annotated tag peeled to its commit), else
+`refs/tags/T`, else `refs/heads/T`; refs that merely end in T never match. Jobs of one workflow
+run share the answer through `<workspace>/.vng-sha-{name}/sha`, read with no network at all.
+When the remote cannot be reached, the newest cached kernel of the same name and arch stands in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from invoke import Context
+from invoke.exceptions import CommandTimedOut
+
+from . import log
+from .cache import KernelCache, kernels_root
+from .errors import Failure
+from .settings import Settings
+
+RESOLVE_FAILED = 1  # the ref matches nothing, or the remote cannot be reached
+ATTEMPTS = 3
+RETRY_DELAY_SECONDS = 1.0  # backoff: 1 s, then 2 s
+ATTEMPT_TIMEOUT_SECONDS = 60
+
+_SHA = re.compile(r"[0-9a-fA-F]{40}")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    sha: str  # 40 hex digits, lowercase
+    ref: str  # the ref that matched; "" when none did (a SHA given, propagated or stale)
+    source: str  # "sha" | "propagated" | "remote" | "stale"
+
+    @property
+    def sha12(self) -> str:
+        return self.sha[:12]
+
+
+class RemoteFailed(Failure):
+    """The remote could not be reached (as opposed to a ref it does not have)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, RESOLVE_FAILED)
+
+
+def is_sha(text: str) -> bool:
+    return _SHA.fullmatch(text) is not None
+
+
+def match(refs: str, tag: str) -> tuple[str, str] | None:
+    """(sha, ref) for `tag` in `git ls-remote` output, by exact name, tags before branches."""
+    table = {ref: sha for sha, ref in (line.split("\t", 1) for line in refs.splitlines() if "\t" in line)}
+    tag_ref, branch_ref = f"refs/tags/{tag}", f"refs/heads/{tag}"
+    for ref, peeled in ((tag_ref, tag_ref + "^{}"), (tag_ref, tag_ref), (branch_ref, branch_ref)):
+        if peeled in table and is_sha(table[peeled]):
+            if ref == tag_ref and branch_ref in table:
+                log.info(f"tag: {tag!r} is both a tag and a branch: using the tag")
+            return table[peeled].lower(), ref
+    return None
+
+
+def ls_remote(c: Context, url: str, *, retry_delay: float = RETRY_DELAY_SECONDS) -> str:
+    """The remote's refs; `RemoteFailed` after `ATTEMPTS` tries with a growing pause between them."""
+    command = shlex.join(["git", "ls-remote", "--", url])
+    problem = ""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            result = c.run(
+                command,
+                hide=True,
+                warn=True,
+                in_stream=False,
+                env={"GIT_TERMINAL_PROMPT": "0"},
+                timeout=ATTEMPT_TIMEOUT_SECONDS,
+            )
+        except CommandTimedOut:
+            problem = f"no answer within {ATTEMPT_TIMEOUT_SECONDS} s"
+        else:
+            if result.ok:
+                return result.stdout
+            lines = result.stderr.strip().splitlines()
+            problem = lines[-1] if lines else f"exit status {result.exited}"
+        log.warn(f"kernel-url: attempt {attempt}/{ATTEMPTS} to reach {url} failed: {problem}")
+        if attempt < ATTEMPTS:
+            time.sleep(retry_delay * attempt)
+    raise RemoteFailed(f"kernel-url: cannot reach {url} after {ATTEMPTS} attempts: {problem}")
+
+
+def remote(c: Context, url: str, tag: str, *, retry_delay: float = RETRY_DELAY_SECONDS) -> Resolved:
+    found = match(ls_remote(c, url, retry_delay=retry_delay), tag)
+    if found is None:
+        raise Failure(
+            f"tag: {tag!r} is no tag or branch of {url} (exact names only; a commit needs all 40 hex digits)",
+            RESOLVE_FAILED,
+        )
+    return Resolved(sha=found[0], ref=found[1], source="remote")
+
+
+def sha_file(workspace: Path, name: str) -> Path:
+    return workspace / f".vng-sha-{name}" / "sha"
+
+
+def propagated(workspace: Path, name: str) -> Resolved | None:
+    """The SHA an earlier job of this run resolved, if its file is here and valid."""
+    path = sha_file(workspace, name)
+    try:
+        text = path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not is_sha(text):
+        log.warn(f"ignoring {path}: not a 40-hex commit")
+        return None
+    return Resolved(sha=text.lower(), ref="", source="propagated")
+
+
+def propagate(workspace: Path, name: str, sha: str) -> Path:
+    """Write the SHA for later jobs, atomically: they see the old file or the whole new one."""
+    path = sha_file(workspace, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".sha-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(sha + "\n")
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def stale(settings: Settings) -> Resolved | None:
+    """The newest cached kernel of this name and arch, to run when the remote is down."""
+    entry = KernelCache(kernels_root(settings)).newest(settings.name, settings.arch.name)
+    sha = str(entry.metadata.get("sha", "")) if entry else ""
+    if entry is None or not is_sha(sha):
+        return None
+    log.warn(f"kernel-url unreachable: using the newest cached kernel {entry.key} (it may be stale)")
+    return Resolved(sha=sha.lower(), ref=str(entry.metadata.get("ref", "")), source="stale")
+
+
+def resolve_kernel(c: Context, settings: Settings, *, retry_delay: float = RETRY_DELAY_SECONDS) -> Resolved:
+    """SHA literal, else propagated SHA, else the remote (retried), else a stale cached kernel."""
+    if is_sha(settings.tag):
+        return Resolved(sha=settings.tag.lower(), ref="", source="sha")
+    shared = propagated(settings.workspace, settings.name)
+    if shared is not None:
+        log.info(f"tag: using {shared.sha12} from {sha_file(settings.workspace, settings.name)}")
+        return shared
+    try:
+        resolved = remote(c, settings.kernel_url, settings.tag, retry_delay=retry_delay)
+    except RemoteFailed as failure:
+        fallback = stale(settings)
+        if fallback is None:
+            raise RemoteFailed(
+                f"{failure}; remote failed and no cached kernel for {settings.name}-{settings.arch.name}"
+            ) from None
+        return fallback
+    propagate(settings.workspace, settings.name, resolved.sha)
+    log.info(f"tag: {settings.tag} is {resolved.sha12} ({resolved.ref})")
+    return resolved

@@ -1,0 +1,49 @@
+"""`invoke cache`: list the local kernel cache, or prune it."""
+
+from __future__ import annotations
+
+import time
+
+from invoke import Context, task
+from invoke.exceptions import Exit
+
+from .. import cache as kernel_cache
+from .. import log
+from ..errors import BAD_INPUT
+from ..settings import HELP, InputError
+from . import _common
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "cache_dir": HELP["cache_dir"],
+        "keep": "prune: keep the newest N kernels of each name and arch",
+        "max_size": "prune: remove the oldest kernels until the cache fits, e.g. 20G (no suffix: MiB)",
+    },
+)
+def cache(c: Context, cache_dir=None, keep=None, max_size=None):
+    """List cached kernels (key, size, age, kernel release); with --keep or --max-size, prune them."""
+    s = _common.settings(c, cache_dir=cache_dir)
+    try:
+        keep_per_name = None if keep is None else kernel_cache.parse_keep(keep)
+        max_bytes = None if max_size is None else kernel_cache.parse_size(max_size)
+    except InputError as error:
+        raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
+    store = kernel_cache.KernelCache(kernel_cache.kernels_root(s))
+    if keep_per_name is None and max_bytes is None:
+        entries = store.entries()
+        if not entries:
+            log.info(f"cache: no kernels in {store.root}")
+        now = time.time()
+        for entry in entries:
+            release = entry.metadata.get("kernel_release") or "-"
+            size = kernel_cache.human_size(entry.size_bytes)
+            print(f"{entry.key}\t{size}\t{kernel_cache.human_age(now - entry.created)}\t{release}")
+        return
+    removed = store.prune(keep_per_name, max_bytes)
+    for entry in removed:
+        print(f"removed {entry.key}\t{kernel_cache.human_size(entry.size_bytes)}")
+    left = store.entries()
+    total = kernel_cache.human_size(sum(entry.size_bytes for entry in left))
+    log.info(f"cache: removed {len(removed)}, kept {len(left)} ({total})")

@@ -1,0 +1,37 @@
+"""`invoke resolve`: the commit `tag` names, its cache key, and whether that kernel is cached."""
+
+from __future__ import annotations
+
+import os
+
+from invoke import Context
+from invoke.exceptions import Exit
+
+from .. import cache
+from .. import resolve as kernel_refs
+from ..errors import BAD_INPUT
+from ..settings import InputError
+from . import _common
+
+
+@_common.settings_task
+def resolve(c: Context, tag=None, kernel_url=None, name=None, arch=None, version=None, cache_dir=None):
+    """Resolve --tag on --kernel-url to a commit: prints sha, sha12, key, cache-hit, remote-failed."""
+    s = _common.settings(c, tag=tag, kernel_url=kernel_url, name=name, arch=arch, version=version, cache_dir=cache_dir)
+    if not s.tag:
+        raise Exit(f"vngtasks: {InputError('tag', 'required: a tag, branch or 40-hex commit')}", code=BAD_INPUT)
+    with _common.exit_statuses():
+        resolved = kernel_refs.resolve_kernel(c, s)
+    key = cache.key(s.name, s.arch.name, resolved.sha12, s.version)
+    hit = cache.KernelCache(cache.kernels_root(s)).lookup(key) is not None
+    lines = [
+        f"sha12={resolved.sha12}",
+        f"sha={resolved.sha}",
+        f"key={key}",
+        f"remote-failed={str(resolved.source == 'stale').lower()}",
+        f"cache-hit={str(hit).lower()}",
+    ]
+    print("\n".join(lines))
+    if os.environ.get("GITHUB_OUTPUT"):
+        with open(os.environ["GITHUB_OUTPUT"], "a") as outputs:
+            outputs.write("\n".join([*lines, f"kernel-sha={resolved.sha12}"]) + "\n")
