@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,37 @@ def invoke(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "invoke", "-r", str(ROOT), *args], check=True, capture_output=True)
 
 
+def resolve_propagated() -> None:
+    """`invoke resolve` in a later job of a run: the SHA file answers, the network is never used."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as listener:
+        workspace = Path(tmp)
+        (workspace / ".vng-sha-bench").mkdir()
+        (workspace / ".vng-sha-bench" / "sha").write_text("0123456789abcdef0123456789abcdef01234567\n")
+        # kernel-url points here: every connection git makes is accepted, counted and dropped.
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        connections: list[object] = []
+
+        def count() -> None:
+            while True:
+                try:
+                    peer, _ = listener.accept()
+                except OSError:
+                    return
+                connections.append(peer)
+                peer.close()
+
+        threading.Thread(target=count, daemon=True).start()
+        url = f"git://127.0.0.1:{listener.getsockname()[1]}/linux.git"
+        argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "resolve", "--tag", "v6.12", "--name", "bench"]
+        argv += ["--kernel-url", url, "--cache-dir", str(workspace / "cache")]
+        seconds = timed(lambda: subprocess.run(argv, cwd=workspace, check=True, capture_output=True))
+    print(
+        f"invoke resolve, propagated SHA: {seconds:.3f} s, {len(connections)} network calls "
+        f"(goal <= 0.3 s and 0 calls: ratio {seconds / 0.3:.3f})"
+    )
+
+
 def main() -> None:
     host = arches.host()
     seconds = timed(lambda: accel.choose("auto", host, host))
@@ -34,6 +68,7 @@ def main() -> None:
     print(f"accel auto decision: {seconds:.3f} s -> {verdict.accel} (goal <= 15 s: ratio {seconds / 15:.3f})")
     seconds = timed(lambda: invoke("deps"))
     print(f"invoke deps, all present: {seconds:.3f} s (goal <= 1 s: ratio {seconds:.3f})")
+    resolve_propagated()
 
 
 if __name__ == "__main__":
