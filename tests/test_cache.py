@@ -107,6 +107,9 @@ def test_two_builds_of_one_key_build_once(tmp_path: Path):
         from pathlib import Path
         from vngtasks.cache import KernelCache
         store, key = KernelCache(Path(sys.argv[1])), sys.argv[2]
+        print("ready", flush=True)
+        while not (store.root / "go").exists():
+            time.sleep(0.005)
         with store.lock(key):
             if store.lookup(key) is None:
                 with open(store.root / "builds", "a") as builds:
@@ -119,6 +122,8 @@ def test_two_builds_of_one_key_build_once(tmp_path: Path):
     """
     tmp_path.mkdir(exist_ok=True)
     children = [python(code, tmp_path) for _ in range(2)]
+    assert [child.stdout.readline() for child in children if child.stdout] == ["ready\n"] * 2
+    (tmp_path / "go").touch()  # both start together: the second must wait for the first's build
     results = [child.communicate(timeout=60) for child in children]
     assert [child.returncode for child in children] == [0, 0], results
     builders = (tmp_path / "builds").read_text().split()
@@ -135,6 +140,7 @@ def test_newest_is_per_name_and_arch(tmp_path: Path):
     assert store.newest("foo", "x86_64") == new != old
     assert store.newest("foo", "arm64") is None and store.newest("fo", "x86_64") is None
     assert store.newest("foo-bar", "x86_64").metadata["sha"] == "3" * 40
+    assert store.newest("foo", "x86_64", "v2") == new and store.newest("foo", "x86_64", "v3") is None
 
 
 def test_newest_falls_back_to_mtime_without_created(tmp_path: Path):

@@ -180,11 +180,13 @@ def test_unreachable_remote_falls_back_to_the_newest_cached_kernel(
     s = make_settings(tmp_path / "ws", tmp_path / "cache", tag="v6.12", kernel_url=closed_url, name="nightly")
     store = cache.KernelCache(cache.kernels_root(s))
     arch = arches.host().name
-    for sha, name in (("a" * 40, "nightly"), ("b" * 40, "nightly"), ("c" * 40, "nightly-2")):
-        with store.create(cache.key(name, arch, sha[:12], "v2"), {"name": name, "arch": arch, "sha": sha}):
+    built = (("a", "nightly", "v2"), ("b", "nightly", "v2"), ("c", "nightly-2", "v2"), ("e", "nightly", "v3"))
+    for digit, name, version in built:
+        sha = digit * 40
+        with store.create(cache.key(name, arch, sha[:12], version), {"name": name, "arch": arch, "sha": sha}):
             pass
     resolved = resolve.resolve_kernel(Context(), s, retry_delay=0.01)
-    assert resolved == resolve.Resolved(sha="b" * 40, ref="", source="stale")
+    assert resolved == resolve.Resolved(sha="b" * 40, ref="", source="stale")  # not another name's, nor v3's
     err = capsys.readouterr().err
     assert attempts(err) == 3 and "may be stale" in err
     assert not resolve.sha_file(s.workspace, "nightly").exists()  # a stale answer is not propagated

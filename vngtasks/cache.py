@@ -86,7 +86,7 @@ class KernelCache:
         found = [entry for path in paths if not path.name.startswith(".") and (entry := _entry(path))]
         return sorted(found, key=lambda entry: (entry.created, entry.key))
 
-    def newest(self, name: str, arch: str) -> Entry | None:
+    def newest(self, name: str, arch: str, version: str | None = None) -> Entry | None:
         """The newest entry built for this name and arch (never one of a name that merely starts alike)."""
         prefix = f"vng-kernel-{name}-{arch}-"
         mine = [
@@ -95,6 +95,7 @@ class KernelCache:
             if entry.key.startswith(prefix)
             and entry.metadata.get("name") == name
             and entry.metadata.get("arch") == arch
+            and (version is None or entry.key == key(name, arch, entry.key[len(prefix) :][:12], version))
         ]
         return mine[-1] if mine else None
 

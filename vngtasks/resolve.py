@@ -86,11 +86,15 @@ def ls_remote(c: Context, url: str, *, retry_delay: float = RETRY_DELAY_SECONDS)
             if result.ok:
                 return result.stdout
             lines = result.stderr.strip().splitlines()
-            problem = lines[-1] if lines else f"exit status {result.exited}"
+            problem = lines[-1] if lines else _status(result.exited)
         log.warn(f"kernel-url: attempt {attempt}/{ATTEMPTS} to reach {url} failed: {problem}")
         if attempt < ATTEMPTS:
             time.sleep(retry_delay * attempt)
     raise RemoteFailed(f"kernel-url: cannot reach {url} after {ATTEMPTS} attempts: {problem}")
+
+
+def _status(exited: int) -> str:
+    return f"git killed by signal {-exited}" if exited < 0 else f"git exit status {exited}"
 
 
 def remote(c: Context, url: str, tag: str, *, retry_delay: float = RETRY_DELAY_SECONDS) -> Resolved:
@@ -136,8 +140,8 @@ def propagate(workspace: Path, name: str, sha: str) -> Path:
 
 
 def stale(settings: Settings) -> Resolved | None:
-    """The newest cached kernel of this name and arch, to run when the remote is down."""
-    entry = KernelCache(kernels_root(settings)).newest(settings.name, settings.arch.name)
+    """The newest cached kernel of this name, arch and version, to run when the remote is down."""
+    entry = KernelCache(kernels_root(settings)).newest(settings.name, settings.arch.name, settings.version)
     sha = str(entry.metadata.get("sha", "")) if entry else ""
     if entry is None or not is_sha(sha):
         return None
@@ -160,6 +164,7 @@ def resolve_kernel(c: Context, settings: Settings, *, retry_delay: float = RETRY
         if fallback is None:
             raise RemoteFailed(
                 f"{failure}; remote failed and no cached kernel for {settings.name}-{settings.arch.name}"
+                f" ({settings.version})"
             ) from None
         return fallback
     propagate(settings.workspace, settings.name, resolved.sha)
