@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 BAD_INPUT = 2  # a setting or flag is wrong; nothing was touched
+SPLAT = 123  # the workload passed but the guest kernel logged a splat (splat-check)
 TIMEOUT = 124  # run-timeout expired; the VM was killed
-NO_STATUS = 125  # the VM never reported the workload's status (panic, stall, no boot)
+NO_STATUS = 125  # the VM never reported the workload's status (panic, stall, no boot, boot-timeout)
 MISSING_TOOL = 127  # a program we need is not installed
 
 

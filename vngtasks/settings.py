@@ -53,6 +53,9 @@ DEFAULTS: dict[str, str] = {
     "boot_timeout": "300",
     "build_host": "",
     "run": "",  # the workload; `invoke boot -- CMD` overrides it
+    "log_dir": "",  # empty: the workspace
+    "splat_check": "true",
+    "splat_allow": "",
 }
 
 # One line of help per setting, shown by `invoke --help TASK` for the flags a task takes.
@@ -87,6 +90,9 @@ HELP: dict[str, str] = {
     "boot_timeout": "seconds the guest may take to start the workload, 0 = no limit",
     "build_host": "[user@]host[:port] to build on over SSH",
     "run": "the workload, when not given after `--`",
+    "log_dir": "where vng-console.log, vng-dmesg.log and vng-run.json go (default: the workspace)",
+    "splat_check": "true: kernel warnings, BUGs, oopses, stalls in the guest fail the run (exit 123)",
+    "splat_allow": "regexes of kernel splat lines to ignore, one per line",
 }
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -101,6 +107,8 @@ _BUILD_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-
 # vng pastes directory names into a string it re-splits itself: keep them plain.
 _VNG_UNSAFE_PATH = re.compile(r"[\s'\"\\=]")
 _MIB = {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+# Settings whose items may hold spaces: one item per line (a YAML list works too).
+_LINE_LISTS = frozenset(["splat_allow"])
 
 
 class InputError(ValueError):
@@ -144,6 +152,9 @@ class Settings:
     build_host: str
     run: str
     workspace: Path
+    log_dir: Path
+    splat_check: bool
+    splat_allow: tuple[str, ...]  # regexes, each checked by re.compile
 
 
 def resolve(
@@ -195,6 +206,9 @@ def resolve(
         build_host=_match("build_host", raw["build_host"], _BUILD_HOST, "[user@]host[:port]", empty_ok=True),
         run=raw["run"],
         workspace=_vng_path("workspace", workspace),
+        log_dir=_log_dir(raw["log_dir"], workspace),
+        splat_check=_bool("splat_check", raw["splat_check"]),
+        splat_allow=_regexes("splat_allow", raw["splat_allow"]),
     )
 
 
@@ -204,7 +218,7 @@ def _text(key: str, value: object) -> str:
     if isinstance(value, int | str):
         return str(value).strip()
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return " ".join(value)
+        return ("\n" if key in _LINE_LISTS else " ").join(value)
     raise InputError(key, f"expected a string, got {type(value).__name__}")
 
 
@@ -324,3 +338,23 @@ def _cache_dir(value: str) -> Path:
         return Path(value).expanduser().resolve()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg) / "vngtasks"
+
+
+def _log_dir(value: str, workspace: Path) -> Path:
+    _one_line("log_dir", value)
+    if value == "":
+        return workspace
+    path = (workspace / Path(value).expanduser()).resolve()
+    if path.exists() and not path.is_dir():
+        raise InputError("log_dir", f"{value!r} is not a directory")
+    return path
+
+
+def _regexes(key: str, value: str) -> tuple[str, ...]:
+    patterns = tuple(line.strip() for line in value.splitlines() if line.strip())
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise InputError(key, f"{pattern!r} is not a valid regex: {error}") from None
+    return patterns
