@@ -3,7 +3,7 @@
 from invoke import Collection
 
 from vngtasks.settings import DEFAULTS
-from vngtasks.tasks import boot, cache, deps, resolve, show
+from vngtasks.tasks import boot, build, cache, deps, resolve, show
 
-ns = Collection(boot.boot, deps.deps, show.settings, resolve.resolve, cache.cache)
+ns = Collection(deps.deps, resolve.resolve, build.build, boot.boot, cache.cache, show.settings)
 ns.configure({"vng": DEFAULTS})

@@ -1,0 +1,381 @@
+"""Building a kernel from git with vng, and keeping the trimmed result in the cache.
+
+Every step runs through an invoke Context (`c.run`, `c.cd`), so a Fabric Connection
+builds on a remote host with the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from invoke import Context
+
+from . import arches, cache, log, render, vm
+from .arches import Arch
+from .errors import Failure
+from .resolve import Resolved
+from .settings import Settings
+
+BUILD_FAILED = 1
+CCACHE_MAX_SIZE = "5G"
+# Fixed build identity: the same sources give the same objects, so ccache hits across trees.
+BUILD_TIMESTAMP = "@0"
+# Debug info with BTF: what vmlinux.h is made from. The user's fragment comes after and wins.
+BTF_FRAGMENT = """\
+CONFIG_BPF_SYSCALL=y
+CONFIG_DEBUG_INFO=y
+CONFIG_DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT=y
+# CONFIG_DEBUG_INFO_NONE is not set
+# CONFIG_DEBUG_INFO_REDUCED is not set
+# CONFIG_DEBUG_INFO_SPLIT is not set
+CONFIG_DEBUG_INFO_BTF=y
+CONFIG_DEBUG_INFO_BTF_MODULES=y
+"""
+# Files of a build tree that a cache entry keeps (besides boot images and modules).
+KEPT_FILES = (
+    ".config", "System.map", "Module.symvers", "modules.order", "modules.builtin",
+    "modules.builtin.modinfo", "include/config/kernel.release", "vmlinux.h",
+)  # fmt: skip
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One build, decided before it starts."""
+
+    settings: Settings
+    sha: str
+    tree: str  # path on the build host (a string: it may be remote)
+    host_arch: Arch
+    jobs: int
+    tools_dir: str  # where the compiler wrapper goes, on the build host
+    fragments: tuple[str, ...] = field(default=())
+
+    @property
+    def sha12(self) -> str:
+        return self.sha[:12]
+
+    @property
+    def compiler(self) -> str:
+        s = self.settings
+        if s.cc:
+            return s.cc
+        if s.llvm:
+            return "clang" if s.llvm == "1" else f"clang{s.llvm}"
+        return "gcc" if self.settings.arch == self.host_arch else f"{self.settings.arch.cross_compile}gcc"
+
+
+def vng_argv(plan: Plan, vng: str) -> list[str]:
+    s = plan.settings
+    cc = str(Path(plan.tools_dir) / "cc") if s.kernel_compile_cache else s.cc
+    return render.argv(
+        "vng-build.argv.j2",
+        vng=vng,
+        arch=s.arch,
+        host_arch=plan.host_arch,
+        jobs=plan.jobs,
+        config_fragments=plan.fragments,
+        name=s.name,
+        sha12=plan.sha12,
+        build_timestamp=BUILD_TIMESTAMP,
+        cc=cc,
+        llvm=s.llvm,
+    )
+
+
+def build_env(plan: Plan, home: str) -> dict[str, str]:
+    """Make's environment: a fixed build identity, and ccache's settings when it is on."""
+    env = {
+        "KBUILD_BUILD_TIMESTAMP": BUILD_TIMESTAMP,
+        "KBUILD_BUILD_USER": "vngtasks",
+        "KBUILD_BUILD_HOST": "vngtasks",
+    }
+    if plan.settings.kernel_compile_cache:
+        env |= {
+            "CCACHE_DIR": os.environ.get("CCACHE_DIR") or f"{home}/.cache/ccache",
+            "CCACHE_MAXSIZE": CCACHE_MAX_SIZE,
+            "CCACHE_BASEDIR": plan.tree,
+            "CCACHE_NOHASHDIR": "true",
+        }
+    return env
+
+
+def fetch(c: Context, url: str, tag: str, sha: str, tree: str) -> None:
+    """Make `tree` hold exactly commit `sha`: a shallow fetch of the tag, or of the sha itself."""
+    if not c.run(f"test -d {shlex.quote(tree)}/.git", warn=True, hide=True, in_stream=False).ok:
+        c.run(shlex.join(["git", "init", "-q", tree]), hide=True, in_stream=False)
+    git = ["git", "-C", tree]
+    wants = [sha] if tag == sha else [f"refs/tags/{tag}", f"refs/heads/{tag}", sha]
+    for want in wants:
+        fetched = c.run(
+            shlex.join([*git, "fetch", "--depth", "1", "--no-tags", *_progress(), "--", url, want]),
+            warn=True,
+            in_stream=False,
+            env={"GIT_TERMINAL_PROMPT": "0"},
+        )
+        if not fetched.ok:
+            continue
+        got = c.run(shlex.join([*git, "rev-parse", "FETCH_HEAD^{commit}"]), hide=True, in_stream=False)
+        if got.stdout.strip() == sha:
+            break
+        log.warn(f"tag: {tag} now points at {got.stdout.strip()[:12]}, not the resolved {sha[:12]}; fetching that")
+    else:
+        raise Failure(f"tag: cannot fetch commit {sha[:12]} of {tag} from {url}", BUILD_FAILED)
+    c.run(shlex.join([*git, "checkout", "-q", "--force", "--detach", sha]), in_stream=False)
+    head = c.run(shlex.join([*git, "rev-parse", "HEAD"]), hide=True, in_stream=False).stdout.strip()
+    if head != sha:
+        raise Failure(f"tag: checked out {head[:12]}, expected {sha[:12]}", BUILD_FAILED)
+
+
+def _progress() -> list[str]:
+    # Through invoke git's stderr is a pipe: ask for progress when a person is watching.
+    return ["--progress"] if sys.stderr.isatty() else []
+
+
+def write_tools(c: Context, plan: Plan) -> None:
+    """The compiler wrapper (make takes one program as CC) and our BTF fragment."""
+    wrapper = f'#!/bin/sh\nexec ccache {shlex.quote(plan.compiler)} "$@"\n'
+    cc = f"{plan.tools_dir}/cc"
+    c.run(f"mkdir -p {shlex.quote(plan.tools_dir)}", in_stream=False)
+    _put(c, wrapper, cc)
+    c.run(f"chmod +x {shlex.quote(cc)}", in_stream=False)
+    _put(c, BTF_FRAGMENT, f"{plan.tools_dir}/btf.config")
+
+
+def _put(c: Context, text: str, path: str) -> None:
+    c.run(f"cat > {shlex.quote(path)}", in_stream=_Text(text), hide=True)
+
+
+class _Text:
+    """A readable stream for `c.run(in_stream=...)`, which feeds the command's stdin."""
+
+    def __init__(self, text: str) -> None:
+        self._chunks: Iterator[str] = iter([text])
+
+    def read(self, size: int = -1) -> str:
+        return next(self._chunks, "")
+
+
+class BuildProgress:
+    """Echo make's output and, every `every` compiled objects, a running count."""
+
+    def __init__(self, out: TextIO = sys.stdout, every: int = 250) -> None:
+        self.out, self.every, self.objects, self._partial = out, every, 0, ""
+
+    def write(self, data: str) -> int:
+        self.out.write(data)
+        lines = (self._partial + data).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.lstrip().startswith(("CC ", "CC [M] ", "AS ", "LD [M] ")):
+                self.objects += 1
+                if self.objects % self.every == 0:
+                    self.out.write(f"vngtasks: build: {self.objects} objects built\n")
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+@contextlib.contextmanager
+def group(title: str) -> Iterator[None]:
+    """A foldable group in GitHub Actions' log; a plain heading elsewhere."""
+    in_actions = os.environ.get("GITHUB_ACTIONS") == "true"
+    print(f"::group::{title}" if in_actions else f"vngtasks: {title}", flush=True)
+    try:
+        yield
+    finally:
+        if in_actions:
+            print("::endgroup::", flush=True)
+
+
+def compile_kernel(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> None:
+    argv = vng_argv(plan, vng)
+    title = f"build {plan.settings.name} {plan.sha12} ({plan.settings.arch.name}, {plan.jobs} jobs)"
+    with group(title), c.cd(plan.tree):
+        c.run(shlex.join(argv), env=env, in_stream=False, out_stream=BuildProgress())
+        config = c.run("cat .config", hide=True, in_stream=False).stdout
+        if plan.settings.vmlinux_h and "CONFIG_DEBUG_INFO_BTF=y" not in config.splitlines():
+            # vng --force regenerates .config: turn BTF on again and rebuild what changed.
+            log.warn("vmlinux-h: CONFIG_DEBUG_INFO_BTF was dropped from .config; enabling it and rebuilding")
+            c.run(
+                "scripts/config --file .config -e DEBUG_INFO_BTF -e DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT"
+                " -d DEBUG_INFO_NONE -d DEBUG_INFO_REDUCED -d DEBUG_INFO_SPLIT",
+                in_stream=False,
+            )
+            make = ["make", f"-j{plan.jobs}", *make_variables(argv)]
+            c.run(shlex.join([*make, "olddefconfig"]), env=env, in_stream=False, hide=True)
+            c.run(shlex.join(make), env=env, in_stream=False, out_stream=BuildProgress())
+
+
+def make_variables(argv: list[str]) -> list[str]:
+    """The NAME=value arguments vng passes on to make."""
+    return [arg for arg in argv[1:] if not arg.startswith("-") and "=" in arg]
+
+
+def write_vmlinux_h(c: Context, tree: str) -> bool:
+    """vmlinux.h from the kernel's BTF with the distro's bpftool; False (and a warning) without BTF."""
+    config = c.run(f"cat {shlex.quote(tree)}/.config", hide=True, in_stream=False).stdout
+    if "CONFIG_DEBUG_INFO_BTF=y" not in config.splitlines():
+        log.warn("vmlinux-h: the kernel has no BTF (CONFIG_DEBUG_INFO_BTF unset: pahole missing or too old?)")
+        return False
+    bpftool = "$(command -v bpftool || echo /usr/sbin/bpftool)"
+    quoted = shlex.quote(tree)
+    done = c.run(
+        f"{bpftool} btf dump file {quoted}/vmlinux format c > {quoted}/vmlinux.h.partial"
+        f" && mv {quoted}/vmlinux.h.partial {quoted}/vmlinux.h",
+        warn=True,
+        hide=True,
+        in_stream=False,
+    )
+    if not done.ok:
+        log.warn(f"vmlinux-h: bpftool failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return done.ok
+
+
+def kept_paths(c: Context, tree: str, arch: Arch) -> list[str]:
+    """Tree-relative paths a cache entry keeps: what vng boots from and what users read."""
+    wanted = [*KEPT_FILES, *arch.boot_images]
+    listing = c.run(
+        f"cd {shlex.quote(tree)} && ls -d {shlex.join(wanted)} 2>/dev/null;"
+        " find . -path ./.virtme_mods -prune -o -name '*.ko' -type f -printf '%P\\n'",
+        hide=True,
+        warn=True,
+        in_stream=False,
+    )
+    return sorted(set(listing.stdout.split()))
+
+
+def copy_tree_files(c: Context, tree: str, paths: list[str], dest: Path) -> None:
+    """Copy `paths` of `tree` into the local directory `dest`, keeping their layout."""
+    c.run(
+        f"tar -C {shlex.quote(tree)} -cf - --files-from=- | tar -C {shlex.quote(str(dest))} -xf -",
+        in_stream=_Text("\n".join(paths) + "\n"),
+        hide=True,
+    )
+
+
+def ccache_stats(c: Context, env: dict[str, str]) -> dict[str, int]:
+    done = c.run("ccache --print-stats", env=env, hide=True, warn=True, in_stream=False)
+    stats = dict(line.split("\t", 1) for line in done.stdout.splitlines() if "\t" in line)
+    hits = sum(int(stats.get(k, 0)) for k in ("direct_cache_hit", "preprocessed_cache_hit"))
+    return {"hits": hits, "misses": int(stats.get("cache_miss", 0))}
+
+
+def config_hash(c: Context, tree: str) -> str:
+    config = c.run(f"cat {shlex.quote(tree)}/.config", hide=True, in_stream=False).stdout
+    return hashlib.sha256(config.encode()).hexdigest()
+
+
+def reproducer(settings: Settings, sha: str) -> str:
+    argv = ["invoke", "build", "--kernel-url", settings.kernel_url, "--tag", sha, "--name", settings.name]
+    argv += ["--arch", settings.arch.name, "--version", settings.version]
+    for flag, value in (("--cc", settings.cc), ("--llvm", settings.llvm), ("--kconfig", settings.kconfig)):
+        if value:
+            argv += [flag, str(value)]
+    return shlex.join(argv)
+
+
+def local_plan(settings: Settings, sha: str) -> Plan:
+    """A build on this machine: a work tree per name and arch, reused (incremental, ccache-warm)."""
+    work = settings.cache_dir / "work" / f"{settings.name}-{settings.arch.name}"
+    fragments = [str(work / "tools" / "btf.config")] if settings.vmlinux_h else []
+    if settings.kconfig:
+        fragments.append(str(settings.kconfig))
+    return Plan(
+        settings=settings,
+        sha=sha,
+        tree=str(work / "linux"),
+        host_arch=arches.host(),
+        jobs=os.cpu_count() or 1,
+        tools_dir=str(work / "tools"),
+        fragments=tuple(fragments),
+    )
+
+
+def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.Entry:
+    """The cache entry of the resolved commit: found, or built once (others wait on the lock)."""
+    kernels = cache.KernelCache(cache.kernels_root(settings))
+    key = cache.key(settings.name, settings.arch.name, resolved.sha12, settings.version)
+    with kernels.lock(key):
+        entry = kernels.lookup(key)
+        if entry is not None:
+            log.info(f"cache: hit {key}")
+            return entry
+        if resolved.source == "stale":
+            raise Failure(f"cache: {key} vanished while the remote is unreachable", BUILD_FAILED)
+        log.info(f"cache: miss {key}: building")
+        return build_entry(c, local_plan(settings, resolved.sha), kernels, key, resolved)
+
+
+def build_entry(c: Context, plan: Plan, kernels: cache.KernelCache, key: str, resolved: Resolved) -> cache.Entry:
+    s = plan.settings
+    started = time.monotonic()
+    with group(f"fetch {s.tag} ({plan.sha12}) from {s.kernel_url}"):
+        fetch(c, s.kernel_url, s.tag, plan.sha, plan.tree)
+    write_tools(c, plan)
+    env = {
+        **build_env(plan, str(Path.home())),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    before = ccache_stats(c, env)
+    compile_kernel(c, plan, vm.vng_program(), env)
+    after = ccache_stats(c, env)
+    has_header = write_vmlinux_h(c, plan.tree) if s.vmlinux_h else False
+    release = c.run(f"cat {shlex.quote(plan.tree)}/include/config/kernel.release", hide=True, in_stream=False)
+    metadata = {
+        "name": s.name,
+        "arch": s.arch.name,
+        "url": s.kernel_url,
+        "tag": s.tag,
+        "ref": resolved.ref,
+        "sha": plan.sha,
+        "version": s.version,
+        "kernel_release": release.stdout.strip(),
+        "toolchain": toolchain(c, plan),
+        "config_sha256": config_hash(c, plan.tree),
+        "vmlinux_h": has_header,
+        "build_seconds": round(time.monotonic() - started, 1),
+        "ccache": {k: after[k] - before[k] for k in after} if s.kernel_compile_cache else None,
+        "built_on": "localhost",
+        "reproducer": reproducer(s, plan.sha),
+    }
+    with kernels.create(key, metadata) as temp:
+        copy_tree_files(c, plan.tree, kept_paths(c, plan.tree, s.arch), temp)
+        prepare_modules(temp)
+    entry = kernels.lookup(key)
+    if entry is None:
+        raise Failure(f"cache: {key} missing right after it was stored", BUILD_FAILED)
+    log.info(f"build: {key} stored ({cache.human_size(entry.size_bytes)}) in {metadata['build_seconds']} s")
+    return entry
+
+
+def toolchain(c: Context, plan: Plan) -> str:
+    done = c.run(f"{shlex.quote(plan.compiler)} --version", hide=True, warn=True, in_stream=False)
+    return (done.stdout.splitlines() or [plan.compiler])[0]
+
+
+def prepare_modules(entry_dir: Path) -> None:
+    """vng's module directory, made now with real files, so booting never writes into the cache."""
+    if not (entry_dir / "modules.order").exists():
+        return
+    script = Path(sys.executable).parent / "virtme-prep-kdir-mods"
+    subprocess.run([str(script)], cwd=entry_dir, check=True, capture_output=True)
+    for link in (entry_dir / ".virtme_mods").rglob("*"):
+        if link.is_symlink():
+            target = link.resolve()
+            link.unlink()
+            if target.is_file():
+                shutil.copy2(target, link)
