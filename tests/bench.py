@@ -36,6 +36,7 @@ def resolve_propagated() -> None:
         workspace = Path(tmp)
         (workspace / ".vng-sha-bench").mkdir()
         (workspace / ".vng-sha-bench" / "sha").write_text("0123456789abcdef0123456789abcdef01234567\n")
+        (workspace / ".vng-sha-bench" / "tag").write_text("v6.12\n")
         # kernel-url points here: every connection git makes is accepted, counted and dropped.
         listener.bind(("127.0.0.1", 0))
         listener.listen()

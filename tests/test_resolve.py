@@ -199,7 +199,7 @@ def test_remote_answer_is_propagated_then_used_without_network(
     assert resolve.resolve_kernel(Context(), s).source == "remote"
     shared = resolve.sha_file(s.workspace, "nightly")
     assert shared.read_text() == remote.commits["light"] + "\n"
-    assert [p.name for p in shared.parent.iterdir()] == ["sha"]  # no temp file left behind
+    assert sorted(p.name for p in shared.parent.iterdir()) == ["sha", "tag"]  # no temp file left behind
     # Another job of the run: the remote is now unreachable, the file answers alone.
     later = make_settings(tmp_path / "ws", tmp_path / "cache", tag="light", kernel_url=closed_url, name="nightly")
     start = time.monotonic()
@@ -212,10 +212,19 @@ def test_bad_propagated_file_is_ignored(tmp_path: Path, url: str, remote: Remote
     s = make_settings(tmp_path / "ws", tmp_path / "cache", tag="feature", kernel_url=url)
     resolve.sha_file(s.workspace, s.name).parent.mkdir()
     resolve.sha_file(s.workspace, s.name).write_text("not a sha\n")
+    (resolve.sha_file(s.workspace, s.name).parent / "tag").write_text("feature\n")
     resolved = resolve.resolve_kernel(Context(), s)
     assert (resolved.sha, resolved.source) == (remote.commits["feature"], "remote")
     assert "not a 40-hex commit" in capsys.readouterr().err
     assert resolve.sha_file(s.workspace, s.name).read_text().strip() == remote.commits["feature"]
+
+
+def test_propagated_sha_of_another_tag_is_not_used(tmp_path: Path, url: str, remote: Remote):
+    first = make_settings(tmp_path / "ws", tmp_path / "cache", tag="light", kernel_url=url)
+    resolve.resolve_kernel(Context(), first)
+    later = make_settings(tmp_path / "ws", tmp_path / "cache", tag="feature", kernel_url=url)
+    resolved = resolve.resolve_kernel(Context(), later)
+    assert (resolved.sha, resolved.source) == (remote.commits["feature"], "remote")
 
 
 def outputs(path: Path) -> dict[str, str]:

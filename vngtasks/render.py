@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
 _HERE = Path(__file__).resolve().parent
 # Installed: templates ship inside the package. Checkout: the top-level templates/.
@@ -26,6 +28,8 @@ def _finalize(value: object) -> object:
 
 @functools.cache
 def environment() -> jinja2.Environment:
+    import jinja2  # here, not at the top: tasks that render nothing (resolve, cache) start faster
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader([p for p in _SEARCH_PATH if Path(p).is_dir()]),
         undefined=jinja2.StrictUndefined,

@@ -111,12 +111,16 @@ def sha_file(workspace: Path, name: str) -> Path:
     return workspace / f".vng-sha-{name}" / "sha"
 
 
-def propagated(workspace: Path, name: str) -> Resolved | None:
-    """The SHA an earlier job of this run resolved, if its file is here and valid."""
+def propagated(workspace: Path, name: str, tag: str) -> Resolved | None:
+    """The SHA an earlier job of this run resolved for `tag`, if its file is here and valid."""
     path = sha_file(workspace, name)
     try:
         text = path.read_text().strip()
+        recorded_tag = (path.parent / "tag").read_text().strip()
     except (FileNotFoundError, NotADirectoryError):
+        return None
+    if recorded_tag != tag:
+        log.info(f"tag: {path} was resolved for {recorded_tag!r}, not {tag!r}: asking the remote")
         return None
     if not is_sha(text):
         log.warn(f"ignoring {path}: not a 40-hex commit")
@@ -124,19 +128,24 @@ def propagated(workspace: Path, name: str) -> Resolved | None:
     return Resolved(sha=text.lower(), ref="", source="propagated")
 
 
-def propagate(workspace: Path, name: str, sha: str) -> Path:
-    """Write the SHA for later jobs, atomically: they see the old file or the whole new one."""
+def propagate(workspace: Path, name: str, tag: str, sha: str) -> Path:
+    """Write the SHA (and the tag it answers) for later jobs, atomically: old files or whole new ones."""
     path = sha_file(workspace, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".sha-", dir=path.parent)
+    _write_atomically(path.parent / "tag", tag + "\n")
+    _write_atomically(path, sha + "\n")
+    return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, temp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as out:
-            out.write(sha + "\n")
+            out.write(text)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def stale(settings: Settings) -> Resolved | None:
@@ -153,7 +162,7 @@ def resolve_kernel(c: Context, settings: Settings, *, retry_delay: float = RETRY
     """SHA literal, else propagated SHA, else the remote (retried), else a stale cached kernel."""
     if is_sha(settings.tag):
         return Resolved(sha=settings.tag.lower(), ref="", source="sha")
-    shared = propagated(settings.workspace, settings.name)
+    shared = propagated(settings.workspace, settings.name, settings.tag)
     if shared is not None:
         log.info(f"tag: using {shared.sha12} from {sha_file(settings.workspace, settings.name)}")
         return shared
@@ -167,6 +176,6 @@ def resolve_kernel(c: Context, settings: Settings, *, retry_delay: float = RETRY
                 f" ({settings.version})"
             ) from None
         return fallback
-    propagate(settings.workspace, settings.name, resolved.sha)
+    propagate(settings.workspace, settings.name, settings.tag, resolved.sha)
     log.info(f"tag: {settings.tag} is {resolved.sha12} ({resolved.ref})")
     return resolved
