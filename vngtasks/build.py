@@ -317,6 +317,10 @@ def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.E
         if resolved.source == "stale":
             raise Failure(f"cache: {key} vanished while the remote is unreachable", BUILD_FAILED)
         log.info(f"cache: miss {key}: building")
+        if settings.build_host:
+            from . import remote  # remote builds reuse this module's steps
+
+            return remote.build_entry(c, settings, kernels, key, resolved)
         return build_entry(c, local_plan(settings, resolved.sha), kernels, key, resolved)
 
 
@@ -331,7 +335,9 @@ def build_entry(c: Context, plan: Plan, kernels: cache.KernelCache, key: str, re
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     before = ccache_stats(c, env)
+    compiling = time.monotonic()
     compile_kernel(c, plan, vm.vng_program(), env)
+    compile_seconds = time.monotonic() - compiling
     after = ccache_stats(c, env)
     has_header = write_vmlinux_h(c, plan.tree) if s.vmlinux_h else False
     release = c.run(f"cat {shlex.quote(plan.tree)}/include/config/kernel.release", hide=True, in_stream=False)
@@ -348,6 +354,7 @@ def build_entry(c: Context, plan: Plan, kernels: cache.KernelCache, key: str, re
         "config_sha256": config_hash(c, plan.tree),
         "vmlinux_h": has_header,
         "build_seconds": round(time.monotonic() - started, 1),
+        "compile_seconds": round(compile_seconds, 1),
         "ccache": {k: after[k] - before[k] for k in after} if s.kernel_compile_cache else None,
         "built_on": "localhost",
         "reproducer": reproducer(s, plan.sha),

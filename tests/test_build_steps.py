@@ -1,0 +1,123 @@
+"""The build's steps on small real git repositories, and its pure helpers (fast)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+from invoke import Context
+
+from vngtasks import arches, build
+from vngtasks.errors import Failure
+from vngtasks.settings import DEFAULTS, resolve
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    done = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env)
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    repo = tmp_path / "remote"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "master")
+    commits = {}
+    for name in ("first", "second", "third"):
+        (repo / "file").write_text(name)
+        git(repo, "add", "file")
+        git(repo, "commit", "-q", "-m", name)
+        commits[name] = git(repo, "rev-parse", "HEAD")
+        if name == "first":
+            git(repo, "tag", "-a", "v1", "-m", "v1")
+    return repo, commits
+
+
+def test_fetch_checks_out_exactly_the_resolved_commit(tmp_path: Path, remote) -> None:
+    repo, commits = remote
+    tree = tmp_path / "tree"
+    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    assert git(tree, "rev-parse", "HEAD") == commits["first"]
+    assert (tree / "file").read_text() == "first"
+    assert git(tree, "rev-list", "--count", "HEAD") == "1"  # shallow
+
+
+def test_fetch_of_a_moved_tag_fetches_the_resolved_sha(tmp_path: Path, remote, capsys) -> None:
+    repo, commits = remote
+    git(repo, "tag", "-f", "-a", "v1", "-m", "moved", commits["second"])
+    tree = tmp_path / "tree"
+    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    assert git(tree, "rev-parse", "HEAD") == commits["first"]
+    assert "now points at" in capsys.readouterr().err
+
+
+def test_fetch_fails_rather_than_build_another_commit(tmp_path: Path, remote, monkeypatch) -> None:
+    repo, commits = remote
+    git(repo, "tag", "-f", "-a", "v1", "-m", "moved", commits["second"])
+    # Protocol v0 servers refuse unadvertised objects: the resolved commit cannot be had.
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", "protocol.version")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", "0")
+    tree = tmp_path / "tree"
+    with pytest.raises(Failure, match=r"^tag: cannot fetch commit"):
+        build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+
+
+def test_fetch_reuses_a_work_tree(tmp_path: Path, remote) -> None:
+    repo, commits = remote
+    tree = tmp_path / "tree"
+    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    (tree / "build-output.o").write_text("kept")  # an incremental build's objects survive
+    build.fetch(Context(), f"file://{repo}", "master", commits["third"], str(tree))
+    assert (tree / "file").read_text() == "third" and (tree / "build-output.o").exists()
+
+
+def plan(**flags: str) -> build.Plan:
+    settings = resolve(DEFAULTS, {"tag": "v6.12", **flags}, workspace=Path("/work/project"))
+    return build.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools", ())
+
+
+@pytest.mark.parametrize(
+    ("flags", "compiler"),
+    [({}, "gcc"), ({"cc": "clang"}, "clang"), ({"llvm": "1"}, "clang"), ({"llvm": "-14"}, "clang-14")],
+)
+def test_compiler_behind_the_ccache_wrapper(flags: dict[str, str], compiler: str) -> None:
+    assert plan(**flags).compiler == compiler
+
+
+def test_cross_builds_use_the_cross_gcc() -> None:
+    assert plan(arch="arm64").compiler == "aarch64-linux-gnu-gcc"
+
+
+def test_make_variables_are_what_vng_passes_on() -> None:
+    argv = build.vng_argv(plan(llvm="1"), "vng")
+    assert build.make_variables(argv) == [
+        "LOCALVERSION=__default__aaaaaaaaaaaa",
+        "KBUILD_BUILD_TIMESTAMP=@0",
+        "KBUILD_BUILD_USER=vngtasks",
+        "KBUILD_BUILD_HOST=vngtasks",
+        "CC=/w/tools/cc",
+        "LLVM=1",
+    ]
+
+
+def test_without_ccache_no_wrapper_and_no_ccache_env() -> None:
+    p = plan(kernel_compile_cache="false")
+    assert not [a for a in build.vng_argv(p, "vng") if a.startswith("CC=")]
+    assert not [k for k in build.build_env(p, "/home/u") if k.startswith("CCACHE")]
+
+
+def test_progress_counts_objects() -> None:
+    out = io.StringIO()
+    progress = build.BuildProgress(out, every=2)
+    progress.write("  CC      a.o\n  CC [M]  b.o\n  LD      vmlinux\n  C")
+    progress.write("C      c.o\n")
+    assert out.getvalue().count("objects built") == 1 and progress.objects == 3
+
+
+def test_reproducer_is_a_command_line() -> None:
+    line = build.reproducer(plan(cc="clang").settings, "b" * 40)
+    assert line.startswith("invoke build --kernel-url ") and f"--tag {'b' * 40}" in line and "--cc clang" in line
