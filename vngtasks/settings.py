@@ -56,6 +56,7 @@ DEFAULTS: dict[str, str] = {
     "log_dir": "",  # empty: the workspace
     "splat_check": "true",
     "splat_allow": "",
+    "build_host_accept_new": "false",
 }
 
 # One line of help per setting, shown by `invoke --help TASK` for the flags a task takes.
@@ -93,6 +94,7 @@ HELP: dict[str, str] = {
     "log_dir": "where vng-console.log, vng-dmesg.log and vng-run.json go (default: the workspace)",
     "splat_check": "true: kernel warnings, BUGs, oopses, stalls in the guest fail the run (exit 123)",
     "splat_allow": "regexes of kernel splat lines to ignore, one per line",
+    "build_host_accept_new": "true: trust the build host's key on first use and record it in ~/.ssh/known_hosts",
 }
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -155,6 +157,7 @@ class Settings:
     log_dir: Path
     splat_check: bool
     splat_allow: tuple[str, ...]  # regexes, each checked by re.compile
+    build_host_accept_new: bool
 
 
 def resolve(
@@ -209,6 +212,7 @@ def resolve(
         log_dir=_log_dir(raw["log_dir"], workspace),
         splat_check=_bool("splat_check", raw["splat_check"]),
         splat_allow=_regexes("splat_allow", raw["splat_allow"]),
+        build_host_accept_new=_bool("build_host_accept_new", raw["build_host_accept_new"]),
     )
 
 

@@ -1,0 +1,352 @@
+"""Remote builds over a real sshd on 127.0.0.1: host keys, faults, and (slow) a real kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vngtasks import remote
+from vngtasks.errors import Failure
+
+SSHD = Path("/usr/sbin/sshd")
+SHA = "0123456789abcdef0123456789abcdef01234567"
+CCACHE_DIR = str(Path(os.environ.get("VNGTASKS_TEST_REMOTES", "/var/tmp/vngtasks-tests")) / "ccache")
+REMOTE_PATH = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+pytestmark = pytest.mark.skipif(not SSHD.exists() or os.geteuid() != 0, reason="needs root and openssh-server")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)], check=True)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def fingerprint(public_key: str) -> str:
+    listed = subprocess.run(["ssh-keygen", "-lf", "-"], input=public_key, capture_output=True, text=True, check=True)
+    return listed.stdout.split()[1]
+
+
+@dataclass
+class Sshd:
+    port: int
+    host_key: str  # "ssh-ed25519 AAAA..."
+    remote_home: Path  # $HOME of the sessions: the build host's ~
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"root@127.0.0.1:{self.port}"
+
+    def trust(self, home: Path) -> None:
+        """Record the host key in the test user's known_hosts."""
+        (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
+        with (home / ".ssh" / "known_hosts").open("a") as out:
+            out.write(f"[127.0.0.1]:{self.port} {self.host_key}\n")
+
+    def sessions(self) -> list[int]:
+        """The sshd processes serving connections (children of the listener)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+@pytest.fixture
+def start_sshd(tmp_path: Path, home: Path) -> Iterator[Callable[..., Sshd]]:
+    """Start a real sshd on a free port: own host key, and the test user's key authorized for root."""
+    started: list[Sshd] = []
+    (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
+    client_key = keygen(home / ".ssh" / "id_ed25519")
+
+    def start(path: str = REMOTE_PATH) -> Sshd:
+        where = tmp_path / f"sshd-{len(started)}"
+        where.mkdir()
+        host_key = keygen(where / "host_key")
+        (where / "authorized_keys").write_text(client_key + "\n")
+        remote_home = tmp_path / f"remote-home-{len(started)}"
+        remote_home.mkdir()
+        port = free_port()
+        (where / "sshd_config").write_text(
+            f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {where / 'host_key'}\nPidFile {where / 'sshd.pid'}\n"
+            f"PermitRootLogin prohibit-password\nAuthorizedKeysFile {where / 'authorized_keys'}\n"
+            "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            f"SetEnv HOME={remote_home} PATH={path} CCACHE_DIR={CCACHE_DIR}\n"
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        log = where / "sshd.log"
+        with log.open("w") as out:
+            process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(where / "sshd_config")], stderr=out)
+        server = Sshd(port, host_key, remote_home, process, log)
+        started.append(server)
+        deadline = time.monotonic() + 10
+        while "Server listening" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        return server
+
+    yield start
+    for server in started:
+        for pid in [*server.sessions(), server.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        server.process.wait(timeout=10)
+
+
+def build_args(sshd_target: str, tmp_path: Path, url: str = "https://127.0.0.1:9/linux.git", tag: str = SHA):
+    return ["build", "--tag", tag, "--kernel-url", url, "--build-host", sshd_target, "--cache-dir", str(tmp_path / "c")]
+
+
+def no_entries(tmp_path: Path) -> bool:
+    kernels = tmp_path / "c" / "kernels"
+    return not kernels.exists() or not [p for p in kernels.iterdir() if not p.name.startswith(".")]
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("vngtasks: build-host: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_host_parsing():
+    assert remote.Host.parse("build.example.org") == remote.Host(None, "build.example.org", 22)
+    assert remote.Host.parse("ci@10.0.0.2:2222") == remote.Host("ci", "10.0.0.2", 2222)
+    assert remote.Host.parse("ci@h:2222").known_hosts_name == "[h]:2222"
+    assert remote.Host.parse("h").known_hosts_name == "h"
+    with pytest.raises(ValueError, match="build-host"):
+        remote.Host.parse("h:70000")
+
+
+def test_local_repositories_are_pushed_and_urls_fetched_there(tmp_path: Path):
+    assert remote.local_repo(f"file://{tmp_path}") == tmp_path
+    assert remote.local_repo(str(tmp_path)) == tmp_path
+    assert remote.local_repo("https://git.kernel.org/linux.git") is None
+    assert remote.local_repo("git@github.com:torvalds/linux.git") is None
+
+
+def test_git_ssh_is_as_strict_as_paramiko(home: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HOME", str(home / "a b"))
+    command = remote.git_ssh_command(remote.Host("u", "h", 2222))
+    assert "StrictHostKeyChecking=yes" in command and "-F none" in command and "BatchMode=yes" in command
+    assert f"'UserKnownHostsFile={home}/a b/.ssh/known_hosts'" in command
+
+
+def test_unknown_host_key_is_refused_with_how_to_trust_it(cli, start_sshd, home: Path, tmp_path: Path):
+    sshd = start_sshd()
+    done = cli(*build_args(sshd.target, tmp_path))
+    assert done.returncode == 1, done.stderr
+    line = error_line(done.stderr)
+    assert line.startswith(f"vngtasks: build-host: 127.0.0.1:{sshd.port}: host-key: unknown host key ssh-ed25519 ")
+    assert fingerprint(sshd.host_key) in line and "ssh-keyscan -p" in line and "build-host-accept-new true" in line
+    assert not (home / ".ssh" / "known_hosts").exists()
+    assert no_entries(tmp_path) and not list(sshd.remote_home.iterdir())
+
+
+def test_accept_new_records_the_key_then_it_is_known(cli, start_sshd, home: Path, tmp_path: Path):
+    sshd = start_sshd()
+    done = cli(*build_args(sshd.target, tmp_path), "--build-host-accept-new", "true")
+    # Connected and went on: the kernel-url (nothing listens there) fails at the fetch stage on the host.
+    assert f"build-host: 127.0.0.1:{sshd.port}: fetch: " in error_line(done.stderr), done.stderr
+    assert f"new key ssh-ed25519 {fingerprint(sshd.host_key)} accepted and recorded" in done.stderr
+    known = (home / ".ssh" / "known_hosts").read_text()
+    assert known == f"[127.0.0.1]:{sshd.port} {sshd.host_key}\n"
+    again = cli(*build_args(sshd.target, tmp_path))  # no opt-in needed now
+    assert ": fetch: " in error_line(again.stderr) and "new key" not in again.stderr
+    assert (home / ".ssh" / "known_hosts").read_text() == known
+    assert no_entries(tmp_path)
+
+
+def test_a_changed_host_key_is_refused_even_with_accept_new(cli, start_sshd, home: Path, tmp_path: Path):
+    sshd = start_sshd()
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {keygen(tmp_path / 'old')}\n")
+    before = (home / ".ssh" / "known_hosts").read_text()
+    done = cli(*build_args(sshd.target, tmp_path), "--build-host-accept-new", "true")
+    assert done.returncode == 1
+    line = error_line(done.stderr)
+    assert f"127.0.0.1:{sshd.port}: host-key: host key CHANGED" in line and "refused" in line
+    assert fingerprint(sshd.host_key) in line and "ssh-keygen -R" in line
+    assert (home / ".ssh" / "known_hosts").read_text() == before
+    assert no_entries(tmp_path) and not list(sshd.remote_home.iterdir())
+
+
+def test_connection_refused_is_one_line(cli, tmp_path: Path):
+    port = free_port()
+    done = cli(*build_args(f"127.0.0.1:{port}", tmp_path))
+    assert done.returncode == 1
+    assert error_line(done.stderr) == f"vngtasks: build-host: 127.0.0.1:{port}: connect: connection refused"
+    assert "Traceback" not in done.stderr and no_entries(tmp_path)
+
+
+def test_auth_failure_is_one_line(cli, start_sshd, home: Path, tmp_path: Path):
+    sshd = start_sshd()
+    sshd.trust(home)
+    keygen_path = home / ".ssh" / "id_ed25519"
+    keygen_path.unlink()
+    keygen_path.with_suffix(".pub").unlink()
+    keygen(keygen_path)  # a key the server does not know
+    done = cli(*build_args(sshd.target, tmp_path))
+    assert done.returncode == 1
+    line = error_line(done.stderr)
+    assert line.startswith(f"vngtasks: build-host: 127.0.0.1:{sshd.port}: auth: root: Authentication failed")
+    assert no_entries(tmp_path)
+
+
+def test_missing_toolchain_is_listed_with_how_to_install(cli, start_sshd, home: Path, tmp_path: Path):
+    sshd = start_sshd(path="/usr/bin:/bin")  # no vng on the build host's PATH
+    sshd.trust(home)
+    done = cli(*build_args(sshd.target, tmp_path))
+    assert done.returncode == 127
+    line = error_line(done.stderr)
+    assert f"127.0.0.1:{sshd.port}: deps: missing on the build host: vng (`pip install virtme-ng` there" in line
+    assert no_entries(tmp_path)
+
+
+def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HOME", str(home))
+    sshd = start_sshd()
+    sshd.trust(home)
+    host = remote.Host("root", "127.0.0.1", sshd.port)
+    conn = remote.connect(host, accept_new=False)
+    conn.pidfile = str(sshd.remote_home / "command.pid")
+    seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"  # names our sleep in ps
+    failures: list[Failure] = []
+
+    def run() -> None:
+        try:
+            with remote.stage(conn, host, "build"):
+                conn.run(f"echo started; sleep {seconds}", in_stream=False, hide=True)
+        except Failure as failure:
+            failures.append(failure)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert _wait(lambda: _pids(f"sleep {seconds}")), "the remote command never started"
+    assert (sshd.remote_home / "command.pid").read_text().strip().isdigit()
+    for pid in sshd.sessions():
+        os.kill(pid, signal.SIGKILL)  # the connection drops; the build host stays up
+    thread.join(timeout=30)
+    assert [str(f) for f in failures] == [f"build-host: 127.0.0.1:{sshd.port}: build: connection lost"]
+    assert _wait(lambda: not _pids(f"sleep {seconds}")), "the remote command outlived its connection"
+    conn.close()
+
+
+def test_a_failing_command_is_stopped_as_a_whole_while_connected(start_sshd, home: Path, monkeypatch):
+    monkeypatch.setenv("HOME", str(home))
+    sshd = start_sshd()
+    sshd.trust(home)
+    conn = remote.connect(remote.Host("root", "127.0.0.1", sshd.port), accept_new=False)
+    conn.pidfile = str(sshd.remote_home / "command.pid")
+    seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
+    thread = threading.Thread(
+        target=lambda: conn.run(f"sleep {seconds} & sleep {seconds}", in_stream=False, hide=True, warn=True)
+    )
+    thread.start()
+    assert _wait(lambda: len(_pids(f"sleep {seconds}")) == 2)
+    conn.stop_build()  # what a local failure (Ctrl-C, a bad download) does on its way out
+    assert _wait(lambda: not _pids(f"sleep {seconds}")), "stop_build left the command running"
+    thread.join(timeout=30)
+    assert conn.run("echo still usable", hide=True, in_stream=False).stdout.strip() == "still usable"
+    conn.close()
+
+
+def _pids(command_line: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", f"^{command_line}$"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def _wait(condition: Callable[[], object], seconds: float = 15) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return bool(condition())
+
+
+# --- slow: a real kernel, built on the "remote" (this machine through sshd) and booted here ---
+
+
+@pytest.fixture(scope="module")
+def kernel_tree() -> tuple[Path, str]:
+    from linux_remote import TAG, git, linux_remote
+
+    repo = linux_remote()
+    return repo, git(repo, "rev-parse", f"{TAG}^{{commit}}").strip()
+
+
+@pytest.mark.slow
+def test_killing_the_session_mid_build_leaves_nothing(cli, start_sshd, home: Path, tmp_path: Path, kernel_tree):
+    repo, _ = kernel_tree
+    sshd = start_sshd()
+    sshd.trust(home)
+    args = build_args(sshd.target, tmp_path, url=str(repo), tag="v6.12")
+    build = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "-r", str(Path(__file__).parent.parent), *args],
+        env={**_cli_env(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    work = sshd.remote_home / ".cache" / "vngtasks" / "remote-work"
+    assert _wait(lambda: list(work.glob("*/linux/scripts/basic/fixdep")), seconds=900), "make never started"
+    for pid in sshd.sessions():
+        os.kill(pid, signal.SIGKILL)
+    _, err = build.communicate(timeout=120)
+    assert build.returncode == 1, err[-3000:]
+    assert error_line(err) == f"vngtasks: build-host: 127.0.0.1:{sshd.port}: build: connection lost"
+    assert no_entries(tmp_path)
+    assert _wait(lambda: not _processes_under(sshd.remote_home)), "remote build processes outlived the connection"
+
+
+@pytest.mark.slow
+def test_build_on_the_host_then_boot_here(cli, start_sshd, home: Path, tmp_path: Path, kernel_tree):
+    repo, sha = kernel_tree
+    sshd = start_sshd()
+    sshd.trust(home)
+    args = ["boot", "--tag", "v6.12", "--kernel-url", str(repo), "--name", "far", "--build-host", sshd.target]
+    args += ["--cache-dir", str(tmp_path / "c"), "--verbose", "false", "--", "uname -r"]
+    done = cli(*args, env={"CCACHE_DIR": CCACHE_DIR}, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"__far__{sha[:12]}" in done.stdout
+    (entry,) = (tmp_path / "c" / "kernels").glob("vng-kernel-far-*")
+    metadata = json.loads((entry / "metadata.json").read_text())
+    assert metadata["built_on"] == f"127.0.0.1:{sshd.port}" and metadata["sha"] == sha
+    assert metadata["pushed_bytes"] > 100_000_000  # the first push ships the whole tree
+    assert "struct task_struct {" in (entry / "vmlinux.h").read_text()
+    assert not list((sshd.remote_home / ".cache" / "vngtasks" / "remote-work").iterdir())
+    assert not _processes_under(sshd.remote_home)
+
+
+def _cli_env(home: Path) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "GITHUB_", "XDG_"))}
+    return {**environ, "HOME": str(home)}
+
+
+def _processes_under(path: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if Path(os.readlink(proc / "cwd")).is_relative_to(path):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
