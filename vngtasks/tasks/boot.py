@@ -17,7 +17,7 @@ def boot(
     arch=None, accel=None, cpus=None, memory=None, network=None, verbose=None,
     append=None, qemu_opts=None, run_timeout=None, boot_timeout=None,
     workspace_rw=None, extra_rwdirs=None, cache_dir=None,
-    log_dir=None, splat_check=None, splat_allow=None,
+    log_dir=None, splat_check=None, splat_allow=None, build_host=None, build_host_accept_new=None,
 ):  # fmt: skip
     """Boot a kernel with virtme-ng and run the command after `--` inside it."""
     s = _common.settings(
@@ -27,6 +27,7 @@ def boot(
         run_timeout=run_timeout, boot_timeout=boot_timeout, workspace_rw=workspace_rw,
         extra_rwdirs=extra_rwdirs, cache_dir=cache_dir, run=_common.remainder() or None,
         log_dir=log_dir, splat_check=splat_check, splat_allow=splat_allow,
+        build_host=build_host, build_host_accept_new=build_host_accept_new,
     )  # fmt: skip
     if not s.run:
         raise Exit("vngtasks: run: nothing to run: put the command after `--`", code=BAD_INPUT)

@@ -15,12 +15,13 @@ from . import _common
 def build(
     c: Context,
     tag=None, kernel_url=None, name=None, version=None, kconfig=None, arch=None, cc=None, llvm=None,
-    kernel_compile_cache=None, vmlinux_h=None, cache_dir=None,
+    kernel_compile_cache=None, vmlinux_h=None, cache_dir=None, build_host=None, build_host_accept_new=None,
 ):  # fmt: skip
     """Build --tag of --kernel-url with vng, unless the cache has it; prints the kernel directory."""
     s = _common.settings(
         c, tag=tag, kernel_url=kernel_url, name=name, version=version, kconfig=kconfig, arch=arch, cc=cc,
         llvm=llvm, kernel_compile_cache=kernel_compile_cache, vmlinux_h=vmlinux_h, cache_dir=cache_dir,
+        build_host=build_host, build_host_accept_new=build_host_accept_new,
     )  # fmt: skip
     if not s.tag:
         raise Exit("vngtasks: tag: required: a tag, branch or 40-hex commit", code=BAD_INPUT)
