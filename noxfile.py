@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -22,10 +24,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff's checks and formatting."""
-    session.install("ruff")
+    """ruff's checks and formatting; zizmor on the action (shellcheck of its run bodies is in tests)."""
+    session.install("ruff", "zizmor")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("zizmor", "--offline", "action.yml", *map(str, sorted(Path("tests/doubles").rglob("action.yml"))))
 
 
 @nox.session(default=False)

