@@ -1,4 +1,4 @@
-"""Speed goals, measured and printed (never asserted): `nox -s bench [-- --build]`."""
+"""Speed goals, measured and printed (never asserted): `nox -s bench [-- --build] [--remote]`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from invoke import Context
 
 from vngtasks import accel, arches
 
@@ -89,6 +91,73 @@ def build_ratios() -> None:
     print(f"  warm ccache {runs['warm']['ccache']}, whole build with fetch {runs['warm']['build_seconds']} s")
 
 
+def _loopback_sshd(tmp: Path, home: Path) -> int:
+    """A real sshd on 127.0.0.1 for `home`'s user key, its host key in `home`'s known_hosts; the port."""
+    (home / ".ssh").mkdir(mode=0o700, parents=True)
+    for key in (home / ".ssh" / "id_ed25519", tmp / "host_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(key)], check=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    remote_home = tmp / "remote-home"
+    remote_home.mkdir()
+    path = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    (tmp / "sshd_config").write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {tmp / 'host_key'}\nPidFile {tmp / 'sshd.pid'}\n"
+        f"PermitRootLogin prohibit-password\nAuthorizedKeysFile {home / '.ssh' / 'id_ed25519.pub'}\n"
+        f"StrictModes no\nUsePAM no\nSetEnv HOME={remote_home} PATH={path} CCACHE_DIR={os.environ['CCACHE_DIR']}\n"
+    )
+    host_key = (tmp / "host_key.pub").read_text().split()
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    subprocess.run(["/usr/sbin/sshd", "-f", str(tmp / "sshd_config")], check=True)  # daemonises; pid file
+    return port
+
+
+def remote_build_ratios() -> None:
+    """A build over SSH on loopback against a local build of the same commit, both ccache-warm; then the
+    bytes a one-line change of a local tree pushes (needs root and openssh-server; ~3 builds)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from linux_remote import TAG, git, linux_remote
+
+    from vngtasks import remote
+
+    repo = linux_remote()
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as name:
+        tmp = Path(name)
+        home = tmp / "home"
+        os.environ.setdefault("CCACHE_DIR", str(tmp / "ccache"))
+        port = _loopback_sshd(tmp, home)
+        env = {**os.environ, "HOME": str(home)}
+        try:
+            seconds = {}
+            for run, extra in (("warm-up", []), ("local", []), ("remote", ["--build-host", f"root@127.0.0.1:{port}"])):
+                argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "build", "--tag", TAG, "--kernel-url"]
+                argv += [str(repo), "--name", "bench", "--cache-dir", str(tmp / run), *extra]
+                start = time.perf_counter()
+                subprocess.run(argv, cwd=tmp, env=env, check=True, capture_output=True)
+                seconds[run] = time.perf_counter() - start
+            ratio = seconds["remote"] / seconds["local"]
+            print(f"remote build over loopback {seconds['remote']:.0f} s / local build {seconds['local']:.0f} s:")
+            print(f"  ratio {ratio:.3f} (goal <= 1.10; ccache warm for both)")
+            clone = tmp / "changed"
+            subprocess.run(["git", "clone", "-q", "--shared", str(repo), str(clone)], check=True)
+            makefile = clone / "Makefile"
+            makefile.write_text(makefile.read_text() + "# one more line\n")
+            git(clone, "commit", "-q", "-a", "-m", "one line")
+            sha = git(clone, "rev-parse", "HEAD").strip()
+            os.environ["HOME"] = str(home)
+            conn = remote.connect(remote.Host("root", "127.0.0.1", port), accept_new=False)
+            bare = f"{tmp}/remote-home/.cache/vngtasks/remote-git/bench.git"
+            pushed = remote.push(Context(), conn, remote.Host("root", "127.0.0.1", port), clone, sha, bare, "refs/b")
+            conn.close()
+            print(
+                f"bytes pushed for a one-line change of a local tree: {pushed} (goal <= 1 MB: ratio {pushed / 1e6:.4f})"
+            )
+        finally:
+            subprocess.run(["kill", (tmp / "sshd.pid").read_text().strip()], check=False)
+
+
 def main() -> None:
     host = arches.host()
     seconds = timed(lambda: accel.choose("auto", host, host))
@@ -99,6 +168,8 @@ def main() -> None:
     resolve_propagated()
     if "--build" in sys.argv[1:]:
         build_ratios()
+    if "--remote" in sys.argv[1:]:
+        remote_build_ratios()
     else:
         print("kernel build ratios: skipped (about 20 min): run `nox -s bench -- --build`")
 
