@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -68,8 +69,65 @@ def test_run_timeout_kills_the_vm(cli, home: Path, distro_kernel: Path):
     assert qemu_processes_under(home) == []
 
 
-def test_boot_timeout_gives_no_status(cli, home: Path, distro_kernel: Path):
+def test_boot_timeout_gives_no_status(cli, home: Path, workspace: Path, distro_kernel: Path):
     done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--boot-timeout", "2", "--", "true")
     assert done.returncode == 125, done.stderr
     assert "boot-timeout" in done.stderr
+    assert run_record(workspace)["result"] == "boot-timeout"
+    assert qemu_processes_under(home) == []
+
+
+FAKE_WARNING = "WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"
+WARN_WORKLOAD = f"echo '{FAKE_WARNING}' > /dev/kmsg"
+
+
+def run_record(workspace: Path) -> dict:
+    return json.loads((workspace / "vng-run.json").read_text())
+
+
+def test_a_panic_ends_the_run_at_once_with_its_console_lines(cli, home: Path, workspace: Path, distro_kernel: Path):
+    done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--", "echo c > /proc/sysrq-trigger")
+    assert done.returncode == 125, done.stderr
+    assert "the guest kernel panicked" in done.stderr
+    assert "Kernel panic - not syncing: sysrq triggered crash" in done.stderr
+    assert "Kernel panic - not syncing" in (workspace / "vng-console.log").read_text()
+    record = run_record(workspace)
+    assert (record["result"], record["status"], record["workload_status"]) == ("panic", 125, None)
+    assert record["boot_seconds"] > 0 and record["release"]
+    assert qemu_processes_under(home) == []
+
+
+def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, distro_kernel: Path):
+    done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--", WARN_WORKLOAD)
+    assert done.returncode == 123, done.stderr
+    assert "splat-check" in done.stderr and FAKE_WARNING in done.stderr
+    assert FAKE_WARNING in (workspace / "vng-console.log").read_text()
+    dmesg = (workspace / "vng-dmesg.log").read_text()
+    assert "Linux version" in dmesg and FAKE_WARNING in dmesg
+    record = run_record(workspace)
+    assert (record["result"], record["workload_status"], record["status"]) == ("workload", 0, 123)
+    assert record["splats"] == [FAKE_WARNING] and record["accel"] in ("kvm", "tcg")
+
+
+def test_an_allowed_warning_and_a_log_dir(cli, tmp_path: Path, workspace: Path, distro_kernel: Path):
+    summary = tmp_path / "step-summary.md"
+    done = cli(
+        "boot", "--kernel", str(distro_kernel), *QUIET, "--splat-allow", r"at fake\.c:1 test", "--log-dir", "logs",
+        "--", WARN_WORKLOAD, env={"GITHUB_STEP_SUMMARY": str(summary)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = run_record(workspace / "logs")
+    assert (record["status"], record["splats"]) == (0, [])
+    assert (workspace / "logs" / "vng-dmesg.log").is_file() and not (workspace / "vng-run.json").exists()
+    assert f"| {record['release']} (" in summary.read_text()
+
+
+def test_a_kernel_that_cannot_boot_fails_fast(cli, home: Path, tmp_path: Path, workspace: Path, distro_kernel: Path):
+    broken = tmp_path / "vmlinuz-truncated"
+    broken.write_bytes(distro_kernel.read_bytes()[:1_000_000])
+    started = time.monotonic()
+    done = cli("boot", "--kernel", str(broken), *QUIET, "--boot-timeout", "120", "--", "true")
+    assert done.returncode == 125, done.stderr
+    assert time.monotonic() - started < 120 + 30
+    assert run_record(workspace)["result"] in ("no-status", "boot-timeout", "panic")
     assert qemu_processes_under(home) == []

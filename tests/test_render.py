@@ -101,17 +101,26 @@ def test_default_memory_is_capped_under_tcg_only() -> None:
 def test_cpu_host_is_dropped_without_kvm() -> None:
     settings = resolve(DEFAULTS, {"qemu_opts": "-cpu host,pmu=off -smp 2"}, workspace=WORKSPACE)
     assert "host,pmu=off" in vm.qemu_options(settings, "kvm")
-    assert vm.qemu_options(settings, "tcg") == ["-cpu", settings.arch.tcg_cpu, "-smp", "2"]
+    assert vm.qemu_options(settings, "tcg")[:2] == ["-cpu", settings.arch.tcg_cpu]
+    assert vm.qemu_options(settings, "tcg")[-2:] == ["-smp", "2"]
+
+
+@pytest.mark.parametrize("arch", arches.ARCHES, ids=lambda a: a.name)
+def test_console_log_is_a_virtconsole_of_its_own(arch: Arch) -> None:
+    settings = resolve(DEFAULTS, {"arch": arch.name, "log_dir": "/logs/a,b"}, workspace=WORKSPACE)
+    opts = vm.qemu_options(settings, "tcg")
+    assert "file,id=vngtasks-log,path=/logs/a,,b/vng-console.log" in opts  # QEMU's comma escape
+    assert "virtconsole,chardev=vngtasks-log,bus=vngtasks-log-bus.0" in opts
 
 
 def test_a_line_break_never_becomes_a_second_argument() -> None:
     with pytest.raises(ValueError, match="line break"):
-        render.argv("qemu.argv.j2", arch=X86_64, accel="tcg", user_opts=["-name", "x\n--exec=reboot"])
+        render.argv("qemu.argv.j2", arch=X86_64, accel="tcg", user_opts=["-name", "x\n--exec=reboot"], console_log="")
 
 
 def test_argv_keeps_shell_characters_literal() -> None:
     opts = ["-device", "virtio-rng-pci,id=$(reboot);`id`"]
-    assert render.argv("qemu.argv.j2", arch=X86_64, accel="tcg", user_opts=opts)[2:] == opts
+    assert render.argv("qemu.argv.j2", arch=X86_64, accel="tcg", user_opts=opts, console_log="")[2:] == opts
 
 
 def test_templates_ship_in_the_wheel(tmp_path: Path) -> None:
@@ -128,7 +137,7 @@ def test_templates_ship_in_the_wheel(tmp_path: Path) -> None:
     # Installed (no checkout around it), the package still renders.
     code = (
         "from vngtasks import arches, render;"
-        "print(render.argv('qemu.argv.j2', arch=arches.ARCHES[0], accel='kvm', user_opts=[]))"
+        "print(render.argv('qemu.argv.j2', arch=arches.ARCHES[0], accel='kvm', user_opts=[], console_log=''))"
     )
     site = {"PYTHONPATH": str(tmp_path / "site")}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=site, capture_output=True, text=True)

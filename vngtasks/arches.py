@@ -35,6 +35,11 @@ class Arch:
     probe_size: int = 0
     probe_status: int = 0
     probe_qemu_args: tuple[str, ...] = ()
+    # QEMU's virtio-serial bus for the guest console log: a virtconsole on it is the
+    # guest's hvc0, a console of its own beside the serial one (the 8250 driver has
+    # one console, so a second UART cannot be one). Only x86_64 is verified; on
+    # ppc64le hvc0 is the main console already, so the log stays empty there.
+    log_console_bus: str = ""
 
 
 ARCHES: tuple[Arch, ...] = (
@@ -54,6 +59,7 @@ ARCHES: tuple[Arch, ...] = (
         boot_images=("arch/x86/boot/bzImage",),
         cross_compile="x86_64-linux-gnu-",
         tcg_memory_cap_mib=4096,
+        log_console_bus="virtio-serial-pci",
         # Real mode at the reset vector: mov al,0x41; out 0xf4,al; hlt; jmp $-1.
         # isa-debug-exit turns the write into exit status (0x41 << 1) | 1 = 131.
         probe_code="b041e6f4f4ebfd",
@@ -78,6 +84,7 @@ ARCHES: tuple[Arch, ...] = (
         boot_images=("arch/arm64/boot/Image",),
         cross_compile="aarch64-linux-gnu-",
         tcg_memory_cap_mib=4096,
+        log_console_bus="virtio-serial-device",
         # At the flash base: movz w0,#8; movk w0,#0x8400,lsl 16; hvc #0 -- the
         # PSCI SYSTEM_OFF call, after which QEMU exits with status 0.
         probe_code="000180520080b072020000d4",
@@ -101,6 +108,7 @@ ARCHES: tuple[Arch, ...] = (
         boot_images=("arch/riscv/boot/Image",),
         cross_compile="riscv64-linux-gnu-",
         tcg_memory_cap_mib=4096,
+        log_console_bus="virtio-serial-pci",
     ),
     Arch(
         name="s390x",
@@ -118,6 +126,7 @@ ARCHES: tuple[Arch, ...] = (
         boot_images=("arch/s390/boot/bzImage",),
         cross_compile="s390x-linux-gnu-",
         tcg_memory_cap_mib=4096,
+        log_console_bus="virtio-serial-ccw",
     ),
     Arch(
         name="ppc64le",
@@ -135,6 +144,7 @@ ARCHES: tuple[Arch, ...] = (
         boot_images=("vmlinux",),
         cross_compile="powerpc64le-linux-gnu-",
         tcg_memory_cap_mib=4096,
+        log_console_bus="virtio-serial-pci",
     ),
 )
 

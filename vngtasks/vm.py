@@ -5,11 +5,17 @@ the guest mounts read-write: "started" when the workload begins and "status" whe
 it ends. The host therefore knows, without parsing the console, whether the VM
 booted, whether it is over its time, and what the workload returned; a VM that
 ends without a "status" never reported (panic, stall, no boot).
+
+The guest console is always written to `log-dir/vng-console.log` (a virtconsole of
+its own, beside vng's serial console); the host reads it only to explain a failure
+(a panic, a boot that never ended) and to look for kernel splats after the workload.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from . import accel, arches, log, render
 from .arches import Arch
-from .errors import BAD_INPUT, MISSING_TOOL, NO_STATUS, TIMEOUT, Failure
+from .errors import BAD_INPUT, MISSING_TOOL, NO_STATUS, SPLAT, TIMEOUT, Failure
 from .settings import Settings
 
 POLL_SECONDS = 0.1
@@ -35,6 +41,20 @@ _HOST_ONLY = frozenset(
     ["PWD", "OLDPWD", "SHLVL", "_", "BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID", "GROUPS"]
 )
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+CONSOLE_LOG = "vng-console.log"
+DMESG_LOG = "vng-dmesg.log"
+RUN_JSON = "vng-run.json"
+TAIL_LINES = 50  # console lines shown when the VM failed
+PANIC_GRACE_SECONDS = 5.0  # panic=-1 ends the VM at once; stop it ourselves after this
+PANIC = re.compile(r"Kernel panic - not syncing")
+# Kernel splats: warnings, BUGs, sanitizers, lockdep, hung tasks, RCU stalls, oopses.
+SPLAT_PATTERN = re.compile(
+    r"WARNING:|BUG:|KASAN:|UBSAN:|possible circular locking|blocked for more than"
+    r"|rcu: INFO: rcu_\w+ detected stalls|detected stalls on CPUs/tasks|\bOops\b"
+)
+_TIMESTAMP = re.compile(r"^\[\s*[0-9]+\.[0-9]+\]\s?")
+SUMMARY_HEADER = "| kernel | accel | boot (s) | workload (s) | status | splats |\n|---|---|---|---|---|---|\n"
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,34 @@ class Boot:
     def guest_script(self) -> Path:
         return self.run_dir / "guest.sh"
 
+    @property
+    def console_log(self) -> Path:
+        return self.settings.log_dir / CONSOLE_LOG
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one VM run ended, as the host saw it."""
+
+    accel: str  # "kvm" or "tcg": what this run used
+    status: int
+    result: str  # "workload", "run-timeout", "boot-timeout", "panic" or "no-status"
+    boot_seconds: float | None  # vng start to workload start; None: never started
+    workload_seconds: float | None
+    release: str = ""  # the guest's `uname -r`, when it got that far
+
+
+@dataclass(frozen=True)
+class Record:
+    """The run as reported: vng-run.json and the step summary row."""
+
+    kernel: Path
+    release: str
+    arch: str
+    outcome: Outcome
+    status: int  # the task's exit status (the workload's, or SPLAT)
+    splats: tuple[str, ...]
+
 
 def vng_program() -> str:
     """vng from this Python's environment first (a venv need not be activated)."""
@@ -92,7 +140,9 @@ def qemu_options(settings: Settings, accel_name: str) -> list[str]:
     user = list(settings.qemu_opts)
     if accel_name != "kvm":
         user = _without_cpu_host(user)
-    return render.argv("qemu.argv.j2", arch=settings.arch, accel=accel_name, user_opts=user)
+    # QEMU reads "," as an option separator: a path spells it ",,".
+    console_log = str(settings.log_dir / CONSOLE_LOG).replace(",", ",,")
+    return render.argv("qemu.argv.j2", arch=settings.arch, accel=accel_name, user_opts=user, console_log=console_log)
 
 
 def _without_cpu_host(opts: list[str]) -> list[str]:
@@ -177,13 +227,38 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
     choice = accel.choose(settings.accel, settings.arch, host.arch)
     if choice.why:
         log.warn(choice.why)
-    boot = Boot(settings=settings, kernel=kernel, accel=choice.accel, run_dir=new_run_dir(settings))
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    outcome = attempt(settings, kernel, workload, host, choice.accel)
+    if retry_with_tcg(settings.accel, choice.accel, outcome):
+        log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
+        outcome = attempt(settings, kernel, workload, host, "tcg")
+    return conclude(settings, kernel, outcome, host.environ)
+
+
+def retry_with_tcg(requested: str, used: str, outcome: Outcome) -> bool:
+    """A KVM that auto chose but that never booted the guest gets one TCG retry."""
+    return requested == "auto" and used == "kvm" and outcome.result == "boot-timeout"
+
+
+def attempt(settings: Settings, kernel: Path, workload: str, host: Host, accel_name: str) -> Outcome:
+    boot = Boot(settings=settings, kernel=kernel, accel=accel_name, run_dir=new_run_dir(settings))
     prepare(boot, workload, host.environ)
-    argv = vng_argv(boot, host)
     try:
-        return supervise(boot, argv, _child_environment(host.environ))
+        outcome = supervise(boot, vng_argv(boot, host), _child_environment(host.environ))
+        keep_dmesg(boot.run_dir, settings.log_dir)
+        release = boot.run_dir / "release"
+        return dataclasses.replace(outcome, release=release.read_text().strip()) if release.is_file() else outcome
     finally:
         shutil.rmtree(boot.run_dir, ignore_errors=True)
+
+
+def keep_dmesg(run_dir: Path, log_dir: Path) -> None:
+    """The guest's dmesg beside the console log; none left from an earlier run."""
+    dmesg = log_dir / DMESG_LOG
+    if (run_dir / "dmesg").is_file():
+        shutil.copyfile(run_dir / "dmesg", dmesg)
+    else:
+        dmesg.unlink(missing_ok=True)
 
 
 def _child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -192,14 +267,16 @@ def _child_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {**environ, "PATH": f"{bindir}{os.pathsep}{environ.get('PATH', os.defpath)}"}
 
 
-def supervise(boot: Boot, argv: list[str], env: Mapping[str, str]) -> int:
+def supervise(boot: Boot, argv: list[str], env: Mapping[str, str]) -> Outcome:
     s = boot.settings
+    boot.console_log.unlink(missing_ok=True)
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     except FileNotFoundError:
         raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
     started_at = time.monotonic()
     workload_at: float | None = None
+    console = ConsoleWatch(boot.console_log)
     try:
         while process.poll() is None:
             time.sleep(POLL_SECONDS)
@@ -207,23 +284,214 @@ def supervise(boot: Boot, argv: list[str], env: Mapping[str, str]) -> int:
             if workload_at is None and (boot.run_dir / "started").exists():
                 workload_at = now
                 log.info(f"booted in {now - started_at:.1f} s ({boot.accel}); workload running")
+            boot_seconds = None if workload_at is None else workload_at - started_at
+            if console.panicked_for(now) > PANIC_GRACE_SECONDS:
+                stop_session(process)
+                message = "the guest kernel panicked and the VM did not end; VM stopped"
+                return failed(boot, "panic", message, boot_seconds)
             if workload_at is None and s.boot_timeout and now - started_at > s.boot_timeout:
-                log.warn(f"boot-timeout: the guest did not start the workload within {s.boot_timeout} s")
-                return NO_STATUS
+                stop_session(process)
+                message = f"boot-timeout: the guest did not start the workload within {s.boot_timeout} s; VM stopped"
+                return failed(boot, "boot-timeout", message, None)
             if workload_at is not None and s.run_timeout and now - workload_at > s.run_timeout:
                 log.warn(f"run-timeout: the workload ran over {s.run_timeout} s; VM stopped")
-                return TIMEOUT
-        return reported_status(boot.run_dir, process.returncode)
+                return Outcome(boot.accel, TIMEOUT, "run-timeout", boot_seconds, now - workload_at)
+        ended = time.monotonic()
+        boot_seconds = None if workload_at is None else workload_at - started_at
+        status = reported_status(boot.run_dir)
+        if status is not None:
+            return Outcome(boot.accel, status, "workload", boot_seconds, ended - (workload_at or ended))
+        if console.panicked():
+            return failed(boot, "panic", "the guest kernel panicked", boot_seconds)
+        message = f"the VM ended without reporting a workload status (vng exit {process.returncode})"
+        return failed(boot, "no-status", message, boot_seconds)
     finally:
         stop_session(process)
 
 
-def reported_status(run_dir: Path, vng_status: int) -> int:
+def failed(boot: Boot, result: str, message: str, boot_seconds: float | None) -> Outcome:
+    """Say why the VM failed and show the end of its console."""
+    log.warn(message)
+    show_tail(boot.console_log)
+    return Outcome(boot.accel, NO_STATUS, result, boot_seconds, None)
+
+
+class ConsoleWatch:
+    """Follows the console log as QEMU writes it, for the panic line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.pending = b""
+        self.panic_at: float | None = None
+
+    def panicked_for(self, now: float) -> float:
+        """Seconds since a panic showed on the console (0 when none has)."""
+        if self.panic_at is None and self._read_panic():
+            self.panic_at = now
+        return 0.0 if self.panic_at is None else now - self.panic_at
+
+    def panicked(self) -> bool:
+        return self.panic_at is not None or self._read_panic()
+
+    def _read_panic(self) -> bool:
+        try:
+            with open(self.path, "rb") as console:
+                console.seek(self.offset)
+                chunk = console.read()
+        except FileNotFoundError:
+            return False
+        self.offset += len(chunk)
+        text = self.pending + chunk
+        # Keep a partial last line for the next read: the panic line may arrive in pieces.
+        self.pending = text[text.rfind(b"\n") + 1 :]
+        return PANIC.search(text.decode(errors="replace")) is not None
+
+
+def reported_status(run_dir: Path) -> int | None:
     try:
         return int((run_dir / "status").read_text())
     except (FileNotFoundError, ValueError):
-        log.warn(f"the VM ended without reporting a workload status (vng exit {vng_status})")
-        return NO_STATUS
+        return None
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_bytes().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def last_lines(lines: list[str], count: int = TAIL_LINES) -> list[str]:
+    """The last `count` lines that are not blank, without terminal control characters."""
+    kept = [_printable(line) for line in lines]
+    return [line for line in kept if line.strip()][-count:] if count > 0 else []
+
+
+def _printable(line: str) -> str:
+    return "".join(ch for ch in line if ch == "\t" or (ord(ch) >= 0x20 and ch != "\x7f")).rstrip()
+
+
+def show_tail(console_log: Path) -> None:
+    tail = last_lines(read_lines(console_log))
+    if not tail:
+        log.info(f"the guest console ({console_log}) is empty: the kernel printed nothing")
+        return
+    log.info(f"last {len(tail)} lines of the guest console ({console_log}):")
+    print("\n".join(tail), file=sys.stderr, flush=True)
+
+
+def find_splats(lines: list[str], allow: tuple[str, ...]) -> list[str]:
+    """Kernel splat lines (timestamps dropped, each once), minus those an allow regex matches."""
+    allowed = [re.compile(pattern) for pattern in allow]
+    found: list[str] = []
+    for raw in lines:
+        line = _TIMESTAMP.sub("", _printable(raw))
+        if SPLAT_PATTERN.search(line) and not any(a.search(line) for a in allowed) and line not in found:
+            found.append(line)
+    return found
+
+
+def guest_release(outcome: Outcome, console_lines: list[str]) -> str:
+    """`uname -r` from the guest, else the console banner's, else empty."""
+    if outcome.release:
+        return outcome.release
+    for line in console_lines:
+        banner = re.search(r"Linux version (\S+)", line)
+        if banner:
+            return banner[1]
+    return ""
+
+
+def conclude(settings: Settings, kernel: Path, outcome: Outcome, environ: Mapping[str, str]) -> int:
+    """Splat check, vng-run.json and the step summary: the run's final status."""
+    console_lines = read_lines(settings.log_dir / CONSOLE_LOG)
+    dmesg_lines = read_lines(settings.log_dir / DMESG_LOG)
+    splats: list[str] = []
+    if settings.splat_check:
+        # dmesg is the whole ring buffer; the console also holds what came after it.
+        splats = find_splats(dmesg_lines + console_lines, settings.splat_allow)
+    status = judge(outcome, splats)
+    record = Record(
+        kernel=kernel,
+        release=guest_release(outcome, console_lines),
+        arch=settings.arch.name,
+        outcome=outcome,
+        status=status,
+        splats=tuple(splats),
+    )
+    (settings.log_dir / RUN_JSON).write_text(json.dumps(record_json(record), indent=2) + "\n")
+    summary = environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        append_summary(Path(summary), record)
+    return status
+
+
+def judge(outcome: Outcome, splats: list[str]) -> int:
+    """The workload's status, or SPLAT when it passed but the kernel splatted."""
+    if not splats or outcome.result not in ("workload", "run-timeout"):
+        return outcome.status
+    if outcome.status == 0:
+        log.warn(f"splat-check: the workload passed but the kernel logged {len(splats)} splat line(s):")
+    else:
+        log.warn(f"splat-check: the kernel logged {len(splats)} splat line(s) (status {outcome.status} kept):")
+    print("\n".join(splats[:TAIL_LINES]), file=sys.stderr, flush=True)
+    return SPLAT if outcome.status == 0 else outcome.status
+
+
+def record_json(record: Record) -> dict[str, object]:
+    outcome = record.outcome
+    return {
+        "kernel": str(record.kernel),
+        "release": record.release,
+        "arch": record.arch,
+        "accel": outcome.accel,
+        "boot_seconds": _rounded(outcome.boot_seconds),
+        "workload_seconds": _rounded(outcome.workload_seconds),
+        "result": outcome.result,
+        "workload_status": outcome.status if outcome.result == "workload" else None,
+        "status": record.status,
+        "splats": list(record.splats),
+    }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+def summary_row(record: Record) -> str:
+    """One markdown table row for $GITHUB_STEP_SUMMARY; '|' in values escaped."""
+    outcome = record.outcome
+    result = "" if outcome.result == "workload" and record.status == outcome.status else f" ({_result_name(record)})"
+    cells = [
+        f"{record.release or record.kernel.name} ({record.arch})",
+        outcome.accel,
+        _seconds(outcome.boot_seconds),
+        _seconds(outcome.workload_seconds),
+        f"{record.status}{result}",
+        str(len(record.splats)),
+    ]
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |\n"
+
+
+def _result_name(record: Record) -> str:
+    return "splat" if record.status == SPLAT and record.outcome.result == "workload" else record.outcome.result
+
+
+def _seconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}"
+
+
+def append_summary(path: Path, record: Record) -> None:
+    """Our table's header once per summary file, then one row per run."""
+    try:
+        existing = path.read_text()
+    except FileNotFoundError:
+        existing = ""
+    with open(path, "a") as summary:
+        if SUMMARY_HEADER not in existing:
+            summary.write(("\n" if existing and not existing.endswith("\n") else "") + SUMMARY_HEADER)
+        summary.write(summary_row(record))
 
 
 def stop_session(process: subprocess.Popen[bytes]) -> None:

@@ -1,13 +1,16 @@
 #!/bin/bash
 # Rendered by vngtasks (templates/guest.sh.j2); runs as the VM's init command.
-# The host watches /cache/vngtasks/runs/golden: "started" ends the boot, "status" ends the run.
+# The host watches /cache/vngtasks/runs/golden: "started" ends the boot, "status" ends the run;
+# "release" and "dmesg" are for the run's record.
 run_dir=/cache/vngtasks/runs/golden
 while IFS= read -r -d '' assignment; do
     export "$assignment" 2>/dev/null || true
 done < "$run_dir/environ"
 cd '/work/my project' || exit 125
+uname -r > "$run_dir/release"
 : > "$run_dir/started"
 bash "$run_dir/workload.sh"
 status=$?
+dmesg > "$run_dir/dmesg" 2>&1 || true
 echo "$status" > "$run_dir/status.partial" && mv "$run_dir/status.partial" "$run_dir/status"
 exit "$status"

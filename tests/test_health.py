@@ -1,0 +1,192 @@
+"""VM health without a VM: splat scanning, console tails, the run record, the TCG retry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vngtasks import vm
+from vngtasks.errors import NO_STATUS, SPLAT
+from vngtasks.settings import DEFAULTS, InputError, resolve
+
+BOOT_LOG = [
+    "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org) #1 SMP",
+    "[    2.660931] PCI: Using host bridge windows from ACPI; if necessary, report a bug",
+    "[    4.316971] AMD-Vi: AMD IOMMUv2 functionality not available - This is not a bug.",
+    "[   88.065755] WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10",
+    "[   90.100000] BUG: KASAN: slab-out-of-bounds in foo+0x1/0x2",
+    "[   91.000000] ======================================================",
+    "[   91.000001] WARNING: possible circular locking dependency detected",
+    "[   92.000000] INFO: task kworker/0:1:12 blocked for more than 120 seconds.",
+    "[   93.000000] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:",
+    "[   94.000000] Oops: 0002 [#1] PREEMPT SMP NOPTI",
+    "[   95.000000] UBSAN: shift-out-of-bounds in lib/foo.c:3:4",
+]
+
+
+def make(tmp_path: Path, **flags: str):
+    return resolve(DEFAULTS, {"extra_rwdirs": "", **flags}, workspace=tmp_path)
+
+
+def outcome(status: int = 0, result: str = "workload", accel: str = "tcg") -> vm.Outcome:
+    return vm.Outcome(accel=accel, status=status, result=result, boot_seconds=41.23, workload_seconds=2.05)
+
+
+def test_splats_are_found_without_timestamps_and_once() -> None:
+    found = vm.find_splats(BOOT_LOG + BOOT_LOG[3:4], ())
+    assert found == [line.split("] ", 1)[1] for line in BOOT_LOG[3:5] + BOOT_LOG[6:]]
+
+
+def test_allowed_splats_are_ignored() -> None:
+    allow = (r"at fake\.c:1 ", "circular locking", "blocked for more than")
+    found = vm.find_splats(BOOT_LOG, allow)
+    assert not any("fake.c" in line or "circular" in line or "blocked" in line for line in found)
+    assert "Oops: 0002 [#1] PREEMPT SMP NOPTI" in found
+
+
+def test_a_clean_boot_has_no_splats() -> None:
+    assert vm.find_splats(BOOT_LOG[:3], ()) == []
+
+
+def test_splat_allow_is_one_regex_per_line(tmp_path: Path) -> None:
+    s = make(tmp_path, splat_allow="at fake\\.c:1 test\n\n  rcu_sched detected stalls  \n")
+    assert s.splat_allow == ("at fake\\.c:1 test", "rcu_sched detected stalls")
+    assert make(tmp_path).splat_allow == () and make(tmp_path).splat_check
+    # A YAML list in invoke.yaml: one regex per item, spaces kept.
+    listed = resolve({**DEFAULTS, "splat_allow": ["a b", "c"]}, {}, workspace=tmp_path)
+    assert listed.splat_allow == ("a b", "c")
+
+
+def test_a_bad_splat_allow_regex_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"^splat-allow: '\(unclosed' is not a valid regex"):
+        make(tmp_path, splat_allow="ok\n(unclosed")
+
+
+def test_log_dir_defaults_to_the_workspace_and_must_be_a_directory(tmp_path: Path) -> None:
+    assert make(tmp_path).log_dir == tmp_path.resolve()
+    assert make(tmp_path, log_dir="logs").log_dir == tmp_path.resolve() / "logs"
+    (tmp_path / "file").touch()
+    with pytest.raises(InputError, match=r"^log-dir: 'file' is not a directory"):
+        make(tmp_path, log_dir="file")
+
+
+def test_last_lines_drop_blanks_and_control_characters() -> None:
+    lines = [f"line {i}" for i in range(80)] + ["", "\x1b[0mend\r", "   "]
+    tail = vm.last_lines(lines)
+    assert len(tail) == vm.TAIL_LINES == 50
+    assert tail[0] == "line 31" and tail[-1] == "[0mend"
+    assert vm.last_lines(["a", "b"], 1) == ["b"] and vm.last_lines([]) == []
+
+
+def test_the_panic_line_is_seen_even_when_it_arrives_in_pieces(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    watch = vm.ConsoleWatch(console)
+    assert watch.panicked_for(1.0) == 0.0  # no file yet
+    console.write_text("[ 1.0] sysrq: Trigger a crash\n[ 1.1] Kernel panic - not ")
+    assert watch.panicked_for(2.0) == 0.0
+    with open(console, "a") as more:
+        more.write("syncing: sysrq triggered crash\n")
+    assert watch.panicked_for(3.0) == 0.0 and watch.panicked()
+    assert watch.panicked_for(10.0) == 7.0
+
+
+def test_splats_fail_a_passing_workload_only() -> None:
+    assert vm.judge(outcome(0), ["WARNING: x"]) == SPLAT == 123
+    assert vm.judge(outcome(3), ["WARNING: x"]) == 3
+    assert vm.judge(outcome(0), []) == 0
+    assert vm.judge(outcome(NO_STATUS, "panic"), ["Oops: 0002"]) == NO_STATUS
+
+
+def test_summary_row_escapes_and_names_the_result() -> None:
+    record = vm.Record(
+        kernel=Path("/k/bz|Image"), release="", arch="x86_64", outcome=outcome(0), status=SPLAT, splats=("WARNING: x",)
+    )
+    assert vm.summary_row(record) == "| bz\\|Image (x86_64) | tcg | 41.2 | 2.0 | 123 (splat) | 1 |\n"
+    panic = vm.Record(
+        kernel=Path("/k/bzImage"),
+        release="6.1.0-56-amd64",
+        arch="x86_64",
+        outcome=vm.Outcome("kvm", NO_STATUS, "panic", None, None),
+        status=NO_STATUS,
+        splats=(),
+    )
+    assert vm.summary_row(panic) == "| 6.1.0-56-amd64 (x86_64) | kvm | - | - | 125 (panic) | 0 |\n"
+
+
+def test_summary_header_is_written_once(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.md"
+    summary.write_text("## earlier step output")
+    record = vm.Record(Path("/k/bzImage"), "6.1", "x86_64", outcome(0), 0, ())
+    vm.append_summary(summary, record)
+    vm.append_summary(summary, record)
+    text = summary.read_text()
+    assert text.count("| kernel | accel |") == 1
+    assert text.endswith("| 6.1 (x86_64) | tcg | 41.2 | 2.0 | 0 | 0 |\n" * 2)
+    assert text.startswith("## earlier step output\n| kernel")
+
+
+def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
+    s = make(tmp_path, log_dir="logs", splat_allow="circular")
+    s.log_dir.mkdir()
+    (s.log_dir / vm.CONSOLE_LOG).write_text("\n".join(BOOT_LOG[:4]) + "\n")
+    (s.log_dir / vm.DMESG_LOG).write_text("\n".join(BOOT_LOG[:4] + BOOT_LOG[6:7]) + "\n")
+    summary = tmp_path / "step-summary"
+    status = vm.conclude(s, Path("/boot/vmlinuz"), outcome(0), {"GITHUB_STEP_SUMMARY": str(summary)})
+    assert status == SPLAT
+    record = json.loads((s.log_dir / vm.RUN_JSON).read_text())
+    assert record == {
+        "kernel": "/boot/vmlinuz",
+        "release": "6.1.0-56-amd64",  # from the banner when the guest wrote none
+        "arch": s.arch.name,
+        "accel": "tcg",
+        "boot_seconds": 41.2,
+        "workload_seconds": 2.0,
+        "result": "workload",
+        "workload_status": 0,
+        "status": 123,
+        "splats": ["WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"],
+    }
+    assert "| 123 (splat) | 1 |" in summary.read_text()
+
+
+def test_splat_check_false_never_scans(tmp_path: Path) -> None:
+    s = make(tmp_path, splat_check="false")
+    (s.log_dir / vm.DMESG_LOG).write_text(BOOT_LOG[3] + "\n")
+    assert vm.conclude(s, Path("/boot/vmlinuz"), outcome(0), {}) == 0
+
+
+@pytest.mark.parametrize(
+    ("requested", "used", "result", "retry"),
+    [
+        ("auto", "kvm", "boot-timeout", True),
+        ("kvm", "kvm", "boot-timeout", False),  # asked for KVM: no silent switch
+        ("auto", "tcg", "boot-timeout", False),  # TCG already
+        ("auto", "kvm", "panic", False),  # booted far enough to panic: not the accelerator
+        ("auto", "kvm", "workload", False),
+    ],
+)
+def test_only_an_auto_chosen_kvm_that_never_booted_is_retried(requested, used, result, retry) -> None:
+    assert vm.retry_with_tcg(requested, used, outcome(NO_STATUS, result, used)) is retry
+
+
+def test_run_retries_a_stuck_kvm_boot_once_with_tcg(tmp_path: Path, monkeypatch, capsys) -> None:
+    from vngtasks import accel, arches
+
+    s = make(tmp_path)
+    host = vm.Host(arch=arches.host(), memory_mib=4096, vng="vng", environ={})
+    tried: list[str] = []
+
+    def fake_attempt(settings, kernel, workload, host, accel_name):
+        tried.append(accel_name)
+        return outcome(NO_STATUS, "boot-timeout", accel_name) if accel_name == "kvm" else outcome(0)
+
+    monkeypatch.setattr(vm.Host, "current", classmethod(lambda cls: host))
+    monkeypatch.setattr(accel, "qemu_binary", lambda arch: "qemu")
+    monkeypatch.setattr(accel, "choose", lambda *args: accel.Choice("kvm", ""))
+    monkeypatch.setattr(vm, "attempt", fake_attempt)
+    assert vm.run(s, Path("/boot/vmlinuz"), "true") == 0
+    assert tried == ["kvm", "tcg"]
+    assert "retrying once with TCG" in capsys.readouterr().err
+    assert json.loads((s.log_dir / vm.RUN_JSON).read_text())["accel"] == "tcg"
