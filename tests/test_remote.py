@@ -73,16 +73,22 @@ class Sshd:
 def start_sshd(tmp_path: Path, home: Path) -> Iterator[Callable[..., Sshd]]:
     """Start a real sshd on a free port: own host key, and the test user's key authorized for root."""
     started: list[Sshd] = []
+    mounts: list[Path] = []
     (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
     client_key = keygen(home / ".ssh" / "id_ed25519")
 
-    def start(path: str = REMOTE_PATH) -> Sshd:
+    def start(path: str = REMOTE_PATH, home_size: str = "") -> Sshd:
         where = tmp_path / f"sshd-{len(started)}"
         where.mkdir()
         host_key = keygen(where / "host_key")
         (where / "authorized_keys").write_text(client_key + "\n")
         remote_home = tmp_path / f"remote-home-{len(started)}"
         remote_home.mkdir()
+        if home_size:  # a small disk of its own for the build host's home
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={home_size}", "tmpfs", str(remote_home)])
+            if mounted.returncode != 0:
+                pytest.skip("cannot mount a tmpfs here")
+            mounts.append(remote_home)
         port = free_port()
         (where / "sshd_config").write_text(
             f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {where / 'host_key'}\nPidFile {where / 'sshd.pid'}\n"
@@ -108,6 +114,8 @@ def start_sshd(tmp_path: Path, home: Path) -> Iterator[Callable[..., Sshd]]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         server.process.wait(timeout=10)
+    for mount in mounts:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
 
 
 def build_args(sshd_target: str, tmp_path: Path, url: str = "https://127.0.0.1:9/linux.git", tag: str = SHA):
@@ -218,6 +226,21 @@ def test_missing_toolchain_is_listed_with_how_to_install(cli, start_sshd, home: 
     assert no_entries(tmp_path)
 
 
+def test_a_full_disk_on_the_build_host_is_one_line(cli, start_sshd, home: Path, tmp_path: Path):
+    sshd = start_sshd(home_size="2m")
+    sshd.trust(home)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(random.randbytes(4 * 1024 * 1024))  # incompressible: more than the disk
+    for command in (["init", "-q"], ["add", "big"], ["commit", "-q", "-m", "big"], ["tag", "v1"]):
+        subprocess.run(["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t", *command], check=True)
+    done = cli(*build_args(sshd.target, tmp_path, url=str(tree), tag="v1"))
+    assert done.returncode == 1, done.stderr
+    assert error_line(done.stderr) == f"vngtasks: build-host: 127.0.0.1:{sshd.port}: push: no space left on device"
+    assert "free under" in done.stderr  # the low-disk warning came first
+    assert no_entries(tmp_path)
+
+
 def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
@@ -306,7 +329,8 @@ def test_killing_the_session_mid_build_leaves_nothing(cli, start_sshd, home: Pat
         text=True,
     )
     work = sshd.remote_home / ".cache" / "vngtasks" / "remote-work"
-    assert _wait(lambda: list(work.glob("*/linux/scripts/basic/fixdep")), seconds=900), "make never started"
+    started = _wait(lambda: build.poll() is not None or list(work.glob("*/linux/scripts/basic/fixdep")), 900)
+    assert started and build.poll() is None, build.communicate()[1][-3000:]
     for pid in sshd.sessions():
         os.kill(pid, signal.SIGKILL)
     _, err = build.communicate(timeout=120)

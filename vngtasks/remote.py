@@ -47,6 +47,7 @@ _HOST = re.compile(r"(?:(?P<user>[^@]+)@)?(?P<hostname>[^:@]+)(?::(?P<port>[0-9]
 # Paths we hand to `cd` and make: invoke's `cd` escapes spaces only, so keep them plain.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 _WRITTEN = re.compile(r"Writing objects: 100% \([0-9]+/[0-9]+\), ([0-9.]+) (bytes|KiB|MiB|GiB)")
+_ERROR = re.compile(r"(?i)\b(error|fatal|denied|failed|refused|cannot|could not)\b")
 _UNITS = {"bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 # Runs one command in a session of its own (pid in "$2"), killed as a whole when our SSH
@@ -238,10 +239,10 @@ def _command_problem(result: object) -> str:
     if "No space left on device" in stdout + stderr:
         return "no space left on device"
     lines = [line.strip() for line in stderr.splitlines() + stdout.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    command = getattr(result, "command", "")
-    name = shlex.split(command)[0] if command else "command"
-    return (errors or lines or [f"{name} exited with status {getattr(result, 'exited', '?')}"])[-1]
+    errors = [line for line in lines if _ERROR.search(line)]
+    if errors:
+        return errors[0]  # the cause; what follows is mostly its consequences
+    return lines[-1] if lines else f"exit status {getattr(result, 'exited', '?')}"
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,15 @@ def git_ssh_command(host: Host) -> str:
     """ssh for git push with the same policy as our connection (keys were checked on connect)."""
     argv = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
     argv += ["-o", f"UserKnownHostsFile={known_hosts_file()}", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_SECONDS}"]
+    for key in identity_files():  # ssh finds ~ in /etc/passwd, paramiko in $HOME: name the keys
+        argv += ["-o", f"IdentityFile={key}"]
     return shlex.join(argv)
+
+
+def identity_files() -> list[Path]:
+    """The key files paramiko tries by default, those that exist."""
+    ssh = Path.home() / ".ssh"
+    return [ssh / name for name in ("id_rsa", "id_dsa", "id_ecdsa", "id_ed25519") if (ssh / name).is_file()]
 
 
 def push(c: Context, conn: BuildHost, host: Host, repo: Path, sha: str, bare: str, ref: str) -> int:
@@ -460,7 +469,9 @@ def _build(
     env = remote_env(plan, remote)
     with stage(conn, host, "build"):
         before = build.ccache_stats(conn, env)
+        compiling = time.monotonic()
         build.compile_kernel(conn, plan, remote.vng, env)
+        compile_seconds = time.monotonic() - compiling
         after = build.ccache_stats(conn, env)
     with stage(conn, host, "vmlinux-h"):
         has_header = build.write_vmlinux_h(conn, plan.tree) if s.vmlinux_h else False
@@ -480,6 +491,7 @@ def _build(
             "toolchain": build.toolchain(conn, plan),
             "config_sha256": build.config_hash(conn, plan.tree),
             "vmlinux_h": has_header,
+            "compile_seconds": round(compile_seconds, 1),
             "ccache": {k: after[k] - before[k] for k in after} if s.kernel_compile_cache else None,
             "built_on": host.label,
             "build_jobs": plan.jobs,
