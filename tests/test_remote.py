@@ -142,6 +142,13 @@ def test_host_parsing():
         remote.Host.parse("h:70000")
 
 
+def test_a_port_out_of_range_is_bad_input(cli, tmp_path: Path):
+    done = cli(*build_args("builder:70000", tmp_path))
+    assert done.returncode == 2
+    expected = "vngtasks: build-host: 'builder:70000' is not valid: expected [user@]host[:port]"
+    assert done.stderr.splitlines()[-1] == expected
+
+
 def test_local_repositories_are_pushed_and_urls_fetched_there(tmp_path: Path):
     assert remote.local_repo(f"file://{tmp_path}") == tmp_path
     assert remote.local_repo(str(tmp_path)) == tmp_path

@@ -35,7 +35,7 @@ from invoke import Context
 from invoke.exceptions import UnexpectedExit
 
 from . import arches, build, cache, deps, log
-from .errors import MISSING_TOOL, Failure
+from .errors import BAD_INPUT, MISSING_TOOL, Failure
 from .resolve import Resolved
 from .settings import InputError, Settings
 
@@ -416,7 +416,10 @@ def build_entry(
     c: Context, settings: Settings, kernels: cache.KernelCache, key: str, resolved: Resolved
 ) -> cache.Entry:
     """Build `resolved` on the build host and store the result as cache entry `key`."""
-    host = Host.parse(settings.build_host)
+    try:
+        host = Host.parse(settings.build_host)
+    except InputError as error:
+        raise Failure(str(error), BAD_INPUT) from None
     started = time.monotonic()
     conn = connect(host, settings.build_host_accept_new)
     try:
@@ -455,7 +458,7 @@ def _build(
             bare = f"{remote.root}/remote-git/{s.name}.git"
             with stage(conn, host, "push"):
                 pushed = push(c, conn, host, repo, plan.sha, bare, f"refs/vngtasks/{s.name}-{s.arch.name}")
-            log.info(f"build-host: {host.label}: pushed {cache.human_size(pushed)} of {repo}")
+            log.info(f"push: {repo} to {host.label}: {cache.human_size(pushed)} sent")
             with stage(conn, host, "fetch"):
                 build.fetch(conn, bare, plan.sha, plan.sha, plan.tree)
         else:
