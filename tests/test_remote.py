@@ -248,6 +248,27 @@ def test_a_full_disk_on_the_build_host_is_one_line(cli, start_sshd, home: Path, 
     assert no_entries(tmp_path)
 
 
+def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HOME", str(home))
+    sshd = start_sshd()
+    sshd.trust(home)
+    tree = sshd.remote_home / "tree"
+    (tree / "arch" / "x86" / "boot").mkdir(parents=True)
+    image = random.randbytes(3 * 1024 * 1024)  # binary: any decoding on the way would break it
+    (tree / "arch" / "x86" / "boot" / "bzImage").write_bytes(image)
+    (tree / "System.map").write_text("ffffffff81000000 T _text\n")
+    (tree / "not-kept").write_text("x")
+    dest = tmp_path / "entry"
+    dest.mkdir()
+    conn = remote.connect(remote.Host("root", "127.0.0.1", sshd.port), accept_new=False)
+    received = remote.download(conn, str(tree), ["System.map", "arch/x86/boot/bzImage"], dest)
+    conn.close()
+    assert (dest / "arch" / "x86" / "boot" / "bzImage").read_bytes() == image
+    assert (dest / "System.map").read_text() == "ffffffff81000000 T _text\n"
+    assert not (dest / "not-kept").exists()
+    assert len(image) < received < len(image) + 64 * 1024
+
+
 def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()

@@ -223,8 +223,10 @@ def stage(conn: BuildHost, host: Host, name: str) -> Iterator[None]:
         raise host.failure(name, _lost_or(conn, str(failure)), failure.code) from None
     except UnexpectedExit as error:
         raise host.failure(name, _lost_or(conn, _command_problem(error.result), error.result.exited)) from None
-    except (OSError, EOFError, paramiko.SSHException, tarfile.TarError) as error:
+    except (EOFError, paramiko.SSHException) as error:  # the transport gave up under us
         raise host.failure(name, _lost_or(conn, _describe(error), -1)) from None
+    except (OSError, tarfile.TarError) as error:
+        raise host.failure(name, _lost_or(conn, _describe(error))) from None
 
 
 def _lost_or(conn: BuildHost, reason: str, exited: int = 0) -> str:
