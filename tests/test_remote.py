@@ -269,6 +269,25 @@ def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_
     assert len(image) < received < len(image) + 64 * 1024
 
 
+def test_builds_of_one_key_on_one_host_take_turns(start_sshd, home: Path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(home))
+    sshd = start_sshd()
+    sshd.trust(home)
+    host = remote.Host("root", "127.0.0.1", sshd.port)
+    lock = str(sshd.remote_home / "vng-kernel-k.lock")
+    first, second = remote.connect(host, accept_new=False), remote.connect(host, accept_new=False)
+    remote.hold_lock(first, lock, "k")
+    waiter = threading.Thread(target=remote.hold_lock, args=(second, lock, "k"))
+    waiter.start()
+    waiter.join(timeout=4)
+    assert waiter.is_alive(), "the second build did not wait"
+    assert "lock: another build of k is running on the build host: waiting for it" in capsys.readouterr().err
+    first.close()  # the first build is over (or its connection dropped): the lock goes with it
+    waiter.join(timeout=15)
+    assert not waiter.is_alive()
+    second.close()
+
+
 def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()

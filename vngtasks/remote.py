@@ -375,6 +375,24 @@ def check_disk(conn: BuildHost, host: Host, path: str) -> None:
         log.warn(f"build-host: {host.label}: only {cache.human_size(int(kib) * 1024)} free under {path}")
 
 
+def hold_lock(conn: BuildHost, path: str, key: str) -> None:
+    """Take flock(1) of `path` on the build host, waiting for its holder; held until `conn` closes."""
+    transport = conn.client.get_transport()
+    if transport is None or not transport.is_active():
+        raise EOFError("connection lost")
+    channel = transport.open_session()  # left open: closing the connection releases the lock
+    channel.exec_command(shlex.join(["flock", path, "sh", "-c", "echo locked && exec cat >/dev/null"]))
+    channel.settimeout(2)
+    try:
+        answer = channel.recv(16)
+    except TimeoutError:
+        log.info(f"lock: another build of {key} is running on the build host: waiting for it")
+        channel.settimeout(None)
+        answer = channel.recv(16)
+    if not answer.startswith(b"locked"):
+        raise OSError(f"flock {path} failed (exit status {channel.recv_exit_status()})")
+
+
 def download(conn: BuildHost, tree: str, paths: list[str], dest: Path) -> int:
     """`paths` of the remote `tree` into `dest` as one tar stream over the SSH channel; bytes read."""
     transport = conn.client.get_transport()
@@ -452,6 +470,8 @@ def _build(
     with stage(conn, host, "prepare"):
         conn.run(shlex.join(["mkdir", "-p", work]), hide=True, in_stream=False)
         check_disk(conn, host, work)
+    with stage(conn, host, "lock"):  # builds of this key from other machines take turns
+        hold_lock(conn, f"{work}.lock", key)
     conn.pidfile = f"{work}/command.pid"
     pushed = 0
     repo = local_repo(s.kernel_url)
