@@ -12,6 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def path_for_tests(path: str) -> str:
+    """PATH for a run under test: this venv first, and no rustup toolchain.
+
+    A rustc on PATH changes a kernel's .config (CONFIG_RUSTC_VERSION), hence every object's
+    ccache key; the remote build's ssh session never sees ~/.cargo/bin, so no test does.
+    """
+    kept = [entry for entry in path.split(os.pathsep) if "/.cargo/" not in entry + "/"]
+    return os.pathsep.join([str(Path(sys.executable).parent), *kept])
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """A HOME of the test's own: no ~/.invoke.yaml or caches of the user leak in."""
@@ -37,7 +47,7 @@ def cli(home: Path, workspace: Path):
             for key, value in os.environ.items()
             if not key.startswith(("INVOKE_", "GITHUB_", "XDG_")) and key != "HOME"
         }
-        environ.update({"HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{environ['PATH']}"})
+        environ.update({"HOME": str(home), "PATH": path_for_tests(environ["PATH"])})
         environ.update(env or {})
         return subprocess.run(
             [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
