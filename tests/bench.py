@@ -1,4 +1,4 @@
-"""Speed goals, measured and printed (never asserted): `nox -s bench [-- --build] [--remote]`."""
+"""Speed goals, measured and printed (never asserted): `nox -s bench [-- --build] [--remote | --remote-push]`."""
 
 from __future__ import annotations
 
@@ -114,13 +114,12 @@ def _loopback_sshd(tmp: Path, home: Path) -> int:
     return port
 
 
-def remote_build_ratios() -> None:
-    """A build over SSH on loopback against a local build of the same commit, both ccache-warm; then the
-    bytes a one-line change of a local tree pushes (needs root and openssh-server; ~3 builds)."""
+def remote_build_ratios(builds: bool) -> None:
+    """Over SSH on loopback (needs root and openssh-server): with `builds`, a remote build against a local
+    build of the same commit, both ccache-warm (~3 builds); always, the bytes a one-line change of a local
+    tree pushes once the build host has the original."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from linux_remote import TAG, git, linux_remote
-
-    from vngtasks import remote
+    from linux_remote import TAG, linux_remote
 
     repo = linux_remote()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as name:
@@ -130,32 +129,45 @@ def remote_build_ratios() -> None:
         port = _loopback_sshd(tmp, home)
         env = {**os.environ, "HOME": str(home)}
         try:
-            seconds = {}
-            for run, extra in (("warm-up", []), ("local", []), ("remote", ["--build-host", f"root@127.0.0.1:{port}"])):
-                argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "build", "--tag", TAG, "--kernel-url"]
-                argv += [str(repo), "--name", "bench", "--cache-dir", str(tmp / run), *extra]
-                start = time.perf_counter()
-                subprocess.run(argv, cwd=tmp, env=env, check=True, capture_output=True)
-                seconds[run] = time.perf_counter() - start
-            ratio = seconds["remote"] / seconds["local"]
-            print(f"remote build over loopback {seconds['remote']:.0f} s / local build {seconds['local']:.0f} s:")
-            print(f"  ratio {ratio:.3f} (goal <= 1.10; ccache warm for both)")
-            clone = tmp / "changed"
-            subprocess.run(["git", "clone", "-q", "--shared", str(repo), str(clone)], check=True)
-            makefile = clone / "Makefile"
-            makefile.write_text(makefile.read_text() + "# one more line\n")
-            git(clone, "commit", "-q", "-a", "-m", "one line")
-            sha = git(clone, "rev-parse", "HEAD").strip()
-            os.environ["HOME"] = str(home)
-            conn = remote.connect(remote.Host("root", "127.0.0.1", port), accept_new=False)
-            bare = f"{tmp}/remote-home/.cache/vngtasks/remote-git/bench.git"
-            pushed = remote.push(Context(), conn, remote.Host("root", "127.0.0.1", port), clone, sha, bare, "refs/b")
-            conn.close()
-            print(
-                f"bytes pushed for a one-line change of a local tree: {pushed} (goal <= 1 MB: ratio {pushed / 1e6:.4f})"
-            )
+            if builds:
+                seconds = {}
+                target = f"root@127.0.0.1:{port}"
+                for run, extra in (("warm-up", []), ("local", []), ("remote", ["--build-host", target])):
+                    argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "build", "--tag", TAG, "--kernel-url"]
+                    argv += [str(repo), "--name", "bench", "--cache-dir", str(tmp / run), *extra]
+                    start = time.perf_counter()
+                    subprocess.run(argv, cwd=tmp, env=env, check=True, capture_output=True)
+                    seconds[run] = time.perf_counter() - start
+                ratio = seconds["remote"] / seconds["local"]
+                print(f"remote build over loopback {seconds['remote']:.0f} s / local build {seconds['local']:.0f} s:")
+                print(f"  ratio {ratio:.3f} (goal <= 1.10; ccache warm for both)")
+            _one_line_push(repo, tmp, home, port)
         finally:
             subprocess.run(["kill", (tmp / "sshd.pid").read_text().strip()], check=False)
+
+
+def _one_line_push(repo: Path, tmp: Path, home: Path, port: int) -> None:
+    from linux_remote import TAG, git
+
+    from vngtasks import remote
+
+    clone = tmp / "changed"
+    subprocess.run(["git", "clone", "-q", "--shared", str(repo), str(clone)], check=True)
+    makefile = clone / "Makefile"
+    makefile.write_text(makefile.read_text() + "# one more line\n")
+    git(clone, "commit", "-q", "-a", "-m", "one line")
+    os.environ["HOME"] = str(home)
+    host = remote.Host("root", "127.0.0.1", port)
+    conn = remote.connect(host, accept_new=False)
+    bare = f"{tmp}/remote-home/.cache/vngtasks/remote-git/bench.git"
+    ref = "refs/vngtasks/bench-x86_64"  # what a build of name bench pushes to
+    first = remote.push(Context(), conn, host, repo, git(repo, "rev-parse", f"{TAG}^{{commit}}").strip(), bare, ref)
+    start = time.perf_counter()
+    pushed = remote.push(Context(), conn, host, clone, git(clone, "rev-parse", "HEAD").strip(), bare, ref)
+    seconds = time.perf_counter() - start
+    conn.close()
+    print(f"push of {TAG} to an empty build host: {first / 2**20:.1f} MiB (0 if a build pushed it already)")
+    print(f"push of a one-line change: {pushed} bytes in {seconds:.2f} s (goal <= 1 MB: ratio {pushed / 1e6:.5f})")
 
 
 def main() -> None:
@@ -168,10 +180,12 @@ def main() -> None:
     resolve_propagated()
     if "--build" in sys.argv[1:]:
         build_ratios()
-    if "--remote" in sys.argv[1:]:
-        remote_build_ratios()
     else:
         print("kernel build ratios: skipped (about 20 min): run `nox -s bench -- --build`")
+    if "--remote" in sys.argv[1:] or "--remote-push" in sys.argv[1:]:
+        remote_build_ratios(builds="--remote" in sys.argv[1:])
+    else:
+        print("remote build ratios: skipped: `-- --remote` (3 builds) or `-- --remote-push` (push bytes only)")
 
 
 if __name__ == "__main__":
