@@ -233,14 +233,42 @@ def test_missing_toolchain_is_listed_with_how_to_install(cli, start_sshd, home: 
     assert no_entries(tmp_path)
 
 
+def small_repo(path: Path, content: bytes) -> str:
+    """A git repository with one file and tag v1; its commit."""
+    path.mkdir()
+    (path / "big").write_bytes(content)
+    for command in (["init", "-q"], ["add", "big"], ["commit", "-q", "-m", "big"], ["tag", "v1"]):
+        subprocess.run(["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t", *command], check=True)
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def test_a_local_tree_is_pushed_and_checked_out_there_with_the_fragments(
+    cli, start_sshd, home: Path, tmp_path: Path, workspace: Path
+):
+    sshd = start_sshd()
+    sshd.trust(home)
+    sha = small_repo(tmp_path / "tree", b"not a kernel\n")
+    (workspace / "extra.config").write_text("CONFIG_IKCONFIG=y\n")
+    done = cli(
+        *build_args(sshd.target, tmp_path, url=f"file://{tmp_path / 'tree'}", tag="v1"), "--kconfig", "extra.config"
+    )
+    # Everything up to make ran on the host; make itself fails there: not a kernel tree.
+    assert done.returncode == 1 and f"127.0.0.1:{sshd.port}: build: " in error_line(done.stderr), done.stderr
+    assert f"push: {tmp_path / 'tree'} to 127.0.0.1:{sshd.port}: " in done.stderr
+    (work,) = (sshd.remote_home / ".cache" / "vngtasks" / "remote-work").glob("vng-kernel-default-*-v2")
+    assert work.name == f"vng-kernel-default-x86_64-{sha[:12]}-v2"
+    assert (work / "linux" / "big").read_text() == "not a kernel\n"
+    assert (work / "tools" / "kconfig.config").read_text() == "CONFIG_IKCONFIG=y\n"
+    assert "CONFIG_DEBUG_INFO_BTF=y" in (work / "tools" / "btf.config").read_text()
+    assert not (work / "command.pid").exists() and no_entries(tmp_path)
+    assert error_line(done.stderr).endswith("build: make: *** No rule to make target 'x86_64_defconfig'.  Stop.")
+
+
 def test_a_full_disk_on_the_build_host_is_one_line(cli, start_sshd, home: Path, tmp_path: Path):
     sshd = start_sshd(home_size="2m")
     sshd.trust(home)
     tree = tmp_path / "tree"
-    tree.mkdir()
-    (tree / "big").write_bytes(random.randbytes(4 * 1024 * 1024))  # incompressible: more than the disk
-    for command in (["init", "-q"], ["add", "big"], ["commit", "-q", "-m", "big"], ["tag", "v1"]):
-        subprocess.run(["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t", *command], check=True)
+    small_repo(tree, random.randbytes(4 * 1024 * 1024))  # incompressible: more than the disk
     done = cli(*build_args(sshd.target, tmp_path, url=str(tree), tag="v1"))
     assert done.returncode == 1, done.stderr
     assert error_line(done.stderr) == f"vngtasks: build-host: 127.0.0.1:{sshd.port}: push: no space left on device"
@@ -388,15 +416,18 @@ def test_killing_the_session_mid_build_leaves_nothing(cli, start_sshd, home: Pat
 
 
 @pytest.mark.slow
-def test_build_on_the_host_then_boot_here(cli, start_sshd, home: Path, tmp_path: Path, kernel_tree):
+def test_build_on_the_host_then_boot_here(cli, start_sshd, home: Path, tmp_path: Path, workspace: Path, kernel_tree):
     repo, sha = kernel_tree
     sshd = start_sshd()
     sshd.trust(home)
+    (workspace / "ci").mkdir()
+    # The fragment every kernel-building test uses: one config, one ccache (and the upload path is tested).
+    (workspace / "ci" / "kernel.config").write_text((Path(__file__).parent / "data" / "ci-kernel.config").read_text())
     args = ["boot", "--tag", "v6.12", "--kernel-url", str(repo), "--name", "far", "--build-host", sshd.target]
-    args += ["--cache-dir", str(tmp_path / "c"), "--verbose", "false", "--", "uname -r"]
-    done = cli(*args, env={"CCACHE_DIR": CCACHE_DIR}, timeout=3600)
+    args += ["--kconfig", "ci/kernel.config", "--cache-dir", str(tmp_path / "c"), "--verbose", "false", "--"]
+    done = cli(*args, "uname -r; test -e /proc/config.gz && echo config.gz-present", timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"__far__{sha[:12]}" in done.stdout
+    assert f"__far__{sha[:12]}" in done.stdout and "config.gz-present" in done.stdout
     (entry,) = (tmp_path / "c" / "kernels").glob("vng-kernel-far-*")
     metadata = json.loads((entry / "metadata.json").read_text())
     assert metadata["built_on"] == f"127.0.0.1:{sshd.port}" and metadata["sha"] == sha

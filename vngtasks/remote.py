@@ -240,11 +240,16 @@ def _command_problem(result: object) -> str:
     stdout, stderr = getattr(result, "stdout", ""), getattr(result, "stderr", "")
     if "No space left on device" in stdout + stderr:
         return "no space left on device"
-    lines = [line.strip() for line in stderr.splitlines() + stdout.splitlines() if line.strip()]
-    errors = [line for line in lines if _ERROR.search(line)]
-    if errors:
-        return errors[0]  # the cause; what follows is mostly its consequences
-    return lines[-1] if lines else f"exit status {getattr(result, 'exited', '?')}"
+    for text in (stderr, stdout):  # a program's complaint is on stderr, when it makes one
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        errors = [line for line in lines if _ERROR.search(line)]
+        if errors or lines:  # the first error is the cause; what follows is mostly its consequences
+            return _short(errors[0] if errors else lines[-1])
+    return f"exit status {getattr(result, 'exited', '?')}"
+
+
+def _short(line: str, limit: int = 200) -> str:
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
