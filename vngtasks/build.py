@@ -321,7 +321,9 @@ def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.E
             from . import remote  # remote builds reuse this module's steps
 
             return remote.build_entry(c, settings, kernels, key, resolved)
-        return build_entry(c, local_plan(settings, resolved.sha), kernels, key, resolved)
+        # One work tree per name and arch: builds of other keys that share it take turns.
+        with kernels.lock(f"work-{settings.name}-{settings.arch.name}"):
+            return build_entry(c, local_plan(settings, resolved.sha), kernels, key, resolved)
 
 
 def build_entry(c: Context, plan: Plan, kernels: cache.KernelCache, key: str, resolved: Resolved) -> cache.Entry:
@@ -334,14 +336,45 @@ def build_entry(c: Context, plan: Plan, kernels: cache.KernelCache, key: str, re
         **build_env(plan, str(Path.home())),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    before = ccache_stats(c, env)
-    compiling = time.monotonic()
-    compile_kernel(c, plan, vm.vng_program(), env)
-    compile_seconds = time.monotonic() - compiling
-    after = ccache_stats(c, env)
+    compiled = compile_measured(c, plan, vm.vng_program(), env)
     has_header = write_vmlinux_h(c, plan.tree) if s.vmlinux_h else False
-    release = c.run(f"cat {shlex.quote(plan.tree)}/include/config/kernel.release", hide=True, in_stream=False)
     metadata = {
+        **describe(c, plan, resolved, compiled, has_header),
+        "built_on": "localhost",
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    with kernels.create(key, metadata) as temp:
+        copy_tree_files(c, plan.tree, kept_paths(c, plan.tree, s.arch), temp)
+        prepare_modules(temp)
+    entry = kernels.lookup(key)
+    if entry is None:
+        raise Failure(f"cache: {key} missing right after it was stored", BUILD_FAILED)
+    log.info(f"build: {key} stored ({cache.human_size(entry.size_bytes)}) in {metadata['build_seconds']} s")
+    return entry
+
+
+@dataclass(frozen=True)
+class Compiled:
+    seconds: float
+    ccache: dict[str, int] | None  # hits and misses of this build; None without ccache
+
+
+def compile_measured(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> Compiled:
+    """compile_kernel, timed, with the ccache hits and misses it caused."""
+    before = ccache_stats(c, env)
+    started = time.monotonic()
+    compile_kernel(c, plan, vng, env)
+    seconds = time.monotonic() - started
+    after = ccache_stats(c, env)
+    delta = {k: after[k] - before[k] for k in after} if plan.settings.kernel_compile_cache else None
+    return Compiled(seconds, delta)
+
+
+def describe(c: Context, plan: Plan, resolved: Resolved, compiled: Compiled, has_header: bool) -> dict[str, object]:
+    """The metadata.json of a build, from its tree on the build host (which adds where and how long)."""
+    s = plan.settings
+    release = c.run(f"cat {shlex.quote(plan.tree)}/include/config/kernel.release", hide=True, in_stream=False)
+    return {
         "name": s.name,
         "arch": s.arch.name,
         "url": s.kernel_url,
@@ -353,20 +386,10 @@ def build_entry(c: Context, plan: Plan, kernels: cache.KernelCache, key: str, re
         "toolchain": toolchain(c, plan),
         "config_sha256": config_hash(c, plan.tree),
         "vmlinux_h": has_header,
-        "build_seconds": round(time.monotonic() - started, 1),
-        "compile_seconds": round(compile_seconds, 1),
-        "ccache": {k: after[k] - before[k] for k in after} if s.kernel_compile_cache else None,
-        "built_on": "localhost",
+        "compile_seconds": round(compiled.seconds, 1),
+        "ccache": compiled.ccache,
         "reproducer": reproducer(s, plan.sha),
     }
-    with kernels.create(key, metadata) as temp:
-        copy_tree_files(c, plan.tree, kept_paths(c, plan.tree, s.arch), temp)
-        prepare_modules(temp)
-    entry = kernels.lookup(key)
-    if entry is None:
-        raise Failure(f"cache: {key} missing right after it was stored", BUILD_FAILED)
-    log.info(f"build: {key} stored ({cache.human_size(entry.size_bytes)}) in {metadata['build_seconds']} s")
-    return entry
 
 
 def toolchain(c: Context, plan: Plan) -> str:

@@ -498,35 +498,16 @@ def _build(
             conn.run(f"cat > {shlex.quote(kconfig)}", in_stream=io.StringIO(s.kconfig.read_text()), hide=True)
     env = remote_env(plan, remote)
     with stage(conn, host, "build"):
-        before = build.ccache_stats(conn, env)
-        compiling = time.monotonic()
-        build.compile_kernel(conn, plan, remote.vng, env)
-        compile_seconds = time.monotonic() - compiling
-        after = build.ccache_stats(conn, env)
+        compiled = build.compile_measured(conn, plan, remote.vng, env)
     with stage(conn, host, "vmlinux-h"):
         has_header = build.write_vmlinux_h(conn, plan.tree) if s.vmlinux_h else False
     with stage(conn, host, "collect"):
-        tree = shlex.quote(plan.tree)
-        release = conn.run(f"cat {tree}/include/config/kernel.release", hide=True, in_stream=False).stdout.strip()
         paths = build.kept_paths(conn, plan.tree, s.arch)
         metadata = {
-            "name": s.name,
-            "arch": s.arch.name,
-            "url": s.kernel_url,
-            "tag": s.tag,
-            "ref": resolved.ref,
-            "sha": plan.sha,
-            "version": s.version,
-            "kernel_release": release,
-            "toolchain": build.toolchain(conn, plan),
-            "config_sha256": build.config_hash(conn, plan.tree),
-            "vmlinux_h": has_header,
-            "compile_seconds": round(compile_seconds, 1),
-            "ccache": {k: after[k] - before[k] for k in after} if s.kernel_compile_cache else None,
+            **build.describe(conn, plan, resolved, compiled, has_header),
             "built_on": host.label,
             "build_jobs": plan.jobs,
             "pushed_bytes": pushed,
-            "reproducer": build.reproducer(s, plan.sha),
         }
     with stage(conn, host, "download"):
         metadata["build_seconds"] = round(time.monotonic() - started, 1)
