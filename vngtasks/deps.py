@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from invoke import Context
-from invoke.exceptions import CommandTimedOut
 
 from . import log
 from .arches import Arch
@@ -23,6 +22,9 @@ from .settings import Settings
 
 DEPS_FAILED = 1
 RETRY_DELAY_SECONDS = 5.0
+LOCK_WAIT_SECONDS = 600
+KILL_AFTER_SECONDS = 10
+TIMED_OUT = (124, 137)  # timeout(1): the limit passed, or the command needed SIGKILL after it
 
 BOOT_PACKAGES = ("busybox-static", "kmod", "cpio")
 BUILD_PACKAGES = (
@@ -114,7 +116,8 @@ def install(c: Context, settings: Settings, host: Arch) -> list[str]:
 
 
 def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None:
-    options = ["-y", "-q", f"-oDPkg::Lock::Timeout={settings.deps_timeout or 600}"]
+    # apt waits for a busy dpkg lock (another apt, unattended-upgrades); deps-timeout bounds the wait.
+    options = ["-y", "-q", f"-oDPkg::Lock::Timeout={LOCK_WAIT_SECONDS}"]
     if not settings.install_recommends:
         options.append("--no-install-recommends")
     if settings.apt_cache:
@@ -136,15 +139,19 @@ def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None
 
 
 def _attempt(c: Context, command: str, env: dict[str, str], timeout: int) -> str | None:
-    """One try of the whole apt command: None when it worked, else why not (output shown)."""
-    try:
-        result = c.run(command, env=env, hide=True, warn=True, timeout=timeout or None, in_stream=False)
-    except CommandTimedOut as timed_out:
-        _show(timed_out.result.stdout + timed_out.result.stderr)
-        return f"timed out after {timeout} s (deps-timeout)"
+    """One try of the whole apt command: None when it worked, else why not (output shown).
+
+    coreutils' timeout, not invoke's: on expiry it signals its whole process group, so no
+    apt-get is left behind still waiting for a lock or half way through a download.
+    """
+    if timeout:
+        command = f"timeout --kill-after={KILL_AFTER_SECONDS} {timeout} sh -c {shlex.quote(command)}"
+    result = c.run(command, env=env, hide=True, warn=True, in_stream=False)
     if result.ok:
         return None
     _show(result.stdout + result.stderr)
+    if timeout and result.exited in TIMED_OUT:
+        return f"timed out after {timeout} s (deps-timeout)"
     errors = _APT_ERROR.findall(result.stderr + result.stdout)
     named = [m for error in errors for m in _APT_PACKAGE.findall(error)]
     if named:
