@@ -11,7 +11,9 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
 # Host packages only the tests need, on top of what `invoke deps` installs for users.
-TEST_PACKAGES = "qemu-system-arm"
+# qemu-system-arm: the arm64 KVM probe under TCG; linux-source-6.12: the kernel remote of the build
+# tests (tests/linux_remote.py); openssh-server: the build host of the remote-build tests.
+TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server"
 
 
 @nox.session
