@@ -23,6 +23,9 @@ class Arch:
     kvm_cpu: str
     tcg_machine: str
     tcg_cpu: str
+    # TCG accelerator options. x86_64: one host thread for all vCPUs: QEMU 7.2's multi-threaded
+    # TCG raced the 6.12 kernel's boot-time code patching here (an int3 Oops, then a panic).
+    tcg_accel: str
     console: str  # guest serial console device
     boot_images: tuple[str, ...]  # relative to a build tree, first is preferred
     cross_compile: str  # CROSS_COMPILE= prefix when the host is another arch
@@ -55,6 +58,7 @@ ARCHES: tuple[Arch, ...] = (
         kvm_cpu="host",
         tcg_machine="q35",
         tcg_cpu="max",
+        tcg_accel="tcg,thread=single",
         console="ttyS0",
         boot_images=("arch/x86/boot/bzImage",),
         cross_compile="x86_64-linux-gnu-",
@@ -80,6 +84,7 @@ ARCHES: tuple[Arch, ...] = (
         kvm_cpu="host",
         tcg_machine="virt",
         tcg_cpu="max",
+        tcg_accel="tcg",
         console="ttyAMA0",
         boot_images=("arch/arm64/boot/Image",),
         cross_compile="aarch64-linux-gnu-",
@@ -104,6 +109,7 @@ ARCHES: tuple[Arch, ...] = (
         kvm_cpu="host",
         tcg_machine="virt",
         tcg_cpu="rv64",
+        tcg_accel="tcg",
         console="ttyS0",
         boot_images=("arch/riscv/boot/Image",),
         cross_compile="riscv64-linux-gnu-",
@@ -122,6 +128,7 @@ ARCHES: tuple[Arch, ...] = (
         kvm_cpu="host",
         tcg_machine="s390-ccw-virtio",
         tcg_cpu="max",
+        tcg_accel="tcg",
         console="ttysclp0",
         boot_images=("arch/s390/boot/bzImage",),
         cross_compile="s390x-linux-gnu-",
@@ -140,6 +147,7 @@ ARCHES: tuple[Arch, ...] = (
         kvm_cpu="host",
         tcg_machine="pseries",
         tcg_cpu="POWER9",
+        tcg_accel="tcg",
         console="hvc0",
         boot_images=("vmlinux",),
         cross_compile="powerpc64le-linux-gnu-",
