@@ -332,10 +332,7 @@ def build_entry(c: Context, plan: Plan, kernels: cache.KernelCache, key: str, re
     with group(f"fetch {s.tag} ({plan.sha12}) from {s.kernel_url}"):
         fetch(c, s.kernel_url, s.tag, plan.sha, plan.tree)
     write_tools(c, plan)
-    env = {
-        **build_env(plan, str(Path.home())),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    env = {**build_env(plan, str(Path.home())), "PATH": vm.child_environment(os.environ)["PATH"]}
     compiled = compile_measured(c, plan, vm.vng_program(), env)
     has_header = write_vmlinux_h(c, plan.tree) if s.vmlinux_h else False
     metadata = {

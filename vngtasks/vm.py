@@ -244,7 +244,7 @@ def attempt(settings: Settings, kernel: Path, workload: str, host: Host, accel_n
     boot = Boot(settings=settings, kernel=kernel, accel=accel_name, run_dir=new_run_dir(settings))
     prepare(boot, workload, host.environ)
     try:
-        outcome = supervise(boot, vng_argv(boot, host), _child_environment(host.environ))
+        outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ))
         keep_dmesg(boot.run_dir, settings.log_dir)
         release = boot.run_dir / "release"
         return dataclasses.replace(outcome, release=release.read_text().strip()) if release.is_file() else outcome
@@ -261,8 +261,8 @@ def keep_dmesg(run_dir: Path, log_dir: Path) -> None:
         dmesg.unlink(missing_ok=True)
 
 
-def _child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    # vng starts virtme-run through PATH: make this environment's bin/ visible to it.
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    # vng starts virtme-run and virtme-configkernel through PATH: this environment's bin/ first.
     bindir = str(Path(sys.executable).parent)
     return {**environ, "PATH": f"{bindir}{os.pathsep}{environ.get('PATH', os.defpath)}"}
 
