@@ -41,7 +41,8 @@ def workspace(tmp_path: Path) -> Path:
 def cli(home: Path, workspace: Path):
     """Run `invoke -r <checkout> ARGS...` as a user would, in `workspace`."""
 
-    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None):
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None, output=None):
+        """`output`: an open file that takes stdout and stderr (`> file 2>&1`) instead of capturing them."""
         environ = {
             key: value
             for key, value in os.environ.items()
@@ -53,7 +54,8 @@ def cli(home: Path, workspace: Path):
             [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
             cwd=cwd or workspace,
             env=environ,
-            capture_output=True,
+            stdout=output or subprocess.PIPE,
+            stderr=subprocess.STDOUT if output else subprocess.PIPE,
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,

@@ -47,6 +47,20 @@ def test_status_files_and_environment_cross_the_vm(cli, tmp_path: Path, workspac
     assert output.read_text() == "answer=a b $c 'd'\n"
 
 
+def test_a_log_file_keeps_what_came_before_the_vm(cli, tmp_path: Path, distro_kernel: Path):
+    """`invoke boot ... > log 2>&1`: QEMU reopens the guest's stdout and stderr (virtme-ng's `file`
+    chardevs on /proc/self/fd/1 and /2) with O_TRUNC, which would erase the log up to the boot."""
+    log_file = tmp_path / "boot.log"
+    with log_file.open("w") as out:
+        out.write("written before the VM\n")
+        out.flush()
+        done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--", "echo guest-says-hi", output=out)
+    text = log_file.read_text()
+    assert done.returncode == 0, text
+    assert text.startswith("written before the VM\n") and "\0" not in text
+    assert "guest-says-hi" in text
+
+
 def test_read_only_workspace_and_accel_auto(cli, workspace: Path, distro_kernel: Path):
     from vngtasks import accel, arches
 

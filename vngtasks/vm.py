@@ -22,11 +22,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
+from typing import IO
 
 from . import accel, arches, log, render
 from .arches import Arch
@@ -270,10 +273,13 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
 def supervise(boot: Boot, argv: list[str], env: Mapping[str, str]) -> Outcome:
     s = boot.settings
     boot.console_log.unlink(missing_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True, **relayed_streams())
     except FileNotFoundError:
         raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
+    relays = relay(process)
     started_at = time.monotonic()
     workload_at: float | None = None
     console = ConsoleWatch(boot.console_log)
@@ -307,6 +313,42 @@ def supervise(boot: Boot, argv: list[str], env: Mapping[str, str]) -> Outcome:
         return failed(boot, "no-status", message, boot_seconds)
     finally:
         stop_session(process)
+        for thread in relays:
+            thread.join(timeout=5)
+
+
+# virtme-ng gives QEMU /proc/self/fd/1 and /2 as `file` chardevs (the guest's stdout and stderr),
+# which QEMU opens again with O_TRUNC: where ours is a regular file (`invoke boot > log 2>&1`),
+# everything written to it before the VM started would be erased. vng gets a pipe instead.
+def relayed_streams() -> dict[str, int | None]:
+    """Popen's stdout and stderr: a pipe in place of each of ours that is a regular file."""
+    return {name: subprocess.PIPE if _regular_file(fd) else None for name, fd in (("stdout", 1), ("stderr", 2))}
+
+
+def relay(process: subprocess.Popen[bytes]) -> list[threading.Thread]:
+    """Copy each piped stream to ours as it comes; the threads end when the session's writers do."""
+    threads = []
+    for pipe, fd in ((process.stdout, 1), (process.stderr, 2)):
+        if pipe is not None:
+            thread = threading.Thread(target=_copy, args=(pipe, fd), daemon=True)
+            thread.start()
+            threads.append(thread)
+    return threads
+
+
+def _copy(source: IO[bytes], target: int) -> None:
+    with source:
+        while chunk := os.read(source.fileno(), 65536):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(target, view) :]
+
+
+def _regular_file(fd: int) -> bool:
+    try:
+        return S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def failed(boot: Boot, result: str, message: str, boot_seconds: float | None) -> Outcome:
