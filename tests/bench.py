@@ -151,8 +151,8 @@ def remote_build_ratios(builds: bool) -> None:
                 seconds = {}
                 target = f"root@127.0.0.1:{port}"
                 for run, extra in (("local", []), ("remote", ["--build-host", target])):
-                    # A URL, so both fetch the same shallow commit (a local path would be pushed whole
-                    # to the build host: that cost is the push measured below).
+                    # file:// names a local repository: the remote build first pushes the commit there
+                    # (~250 MiB), and the ratio includes that push.
                     argv = build_argv(TAG, f"file://{repo}", tmp / run, tmp, *extra)
                     start = time.perf_counter()
                     subprocess.run(argv, cwd=tmp, env=env, check=True, capture_output=True)
