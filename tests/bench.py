@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from invoke import Context
+from linux_remote import CCACHE_DIR, KCONFIG, TAG, git, linux_remote, without_rustup
 
 from vngtasks import accel, arches
 
@@ -66,9 +67,6 @@ def resolve_propagated() -> None:
     )
 
 
-KCONFIG = Path(__file__).parent / "data" / "ci-kernel.config"
-
-
 def build_argv(tag: str, url: str, cache_dir: Path, workspace: Path, *extra: str) -> list[str]:
     """`invoke build` of the tests' kernel: their kconfig fragment (copied into `workspace`), so the
     ccache the slow tests keep warm serves these builds too."""
@@ -77,21 +75,16 @@ def build_argv(tag: str, url: str, cache_dir: Path, workspace: Path, *extra: str
     return [*argv, "--name", "bench", "--kconfig", "kernel.config", "--cache-dir", str(cache_dir), *extra]
 
 
-def build_env(**extra: str) -> dict[str, str]:
-    """This environment without a rustup toolchain on PATH (a rustc changes .config, hence every ccache
-    key), as in the tests."""
-    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if "/.cargo/" not in p + "/")
-    return {**os.environ, "PATH": path, **extra}
+def make_env(**extra: str) -> dict[str, str]:
+    """This environment with `extra`, without a rustup toolchain on PATH, as in the tests."""
+    return {**os.environ, "PATH": without_rustup(os.environ["PATH"]), **extra}
 
 
 def build_ratios() -> None:
     """Kernel builds of v6.12 from the test remote: cold ccache, then warm in a fresh tree (~47 min on 2 cores)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from linux_remote import TAG, linux_remote
-
     url = f"file://{linux_remote()}"
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-        env = build_env(CCACHE_DIR=f"{tmp}/ccache")
+        env = make_env(CCACHE_DIR=f"{tmp}/ccache")
         runs = {}
         for run in ("cold", "warm"):
             argv = build_argv(TAG, url, Path(tmp, run), Path(tmp))
@@ -136,16 +129,13 @@ def remote_build_ratios(builds: bool) -> None:
     build of the same commit, both on the tests' ccache (warm once the slow tests have run: the hit
     counts are printed); always, the bytes a one-line change of a local tree pushes once the build host
     has the original."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from linux_remote import LINUX_REMOTE_HOME, TAG, linux_remote
-
     repo = linux_remote()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as name:
         tmp = Path(name)
         home = tmp / "home"
-        os.environ.setdefault("CCACHE_DIR", str(LINUX_REMOTE_HOME / "ccache"))
+        os.environ.setdefault("CCACHE_DIR", str(CCACHE_DIR))
         port = _loopback_sshd(tmp, home)
-        env = build_env(HOME=str(home))
+        env = make_env(HOME=str(home))
         try:
             if builds:
                 seconds = {}
@@ -168,8 +158,6 @@ def remote_build_ratios(builds: bool) -> None:
 
 
 def _one_line_push(repo: Path, tmp: Path, home: Path, port: int) -> None:
-    from linux_remote import TAG, git
-
     from vngtasks import remote
 
     clone = tmp / "changed"

@@ -8,18 +8,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from linux_remote import tagged_commit, without_rustup
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def path_for_tests(path: str) -> str:
-    """PATH for a run under test: this venv first, and no rustup toolchain.
+    """PATH for a run under test: this venv first, and no rustup toolchain (see without_rustup)."""
+    return os.pathsep.join([str(Path(sys.executable).parent), without_rustup(path)])
 
-    A rustc on PATH changes a kernel's .config (CONFIG_RUSTC_VERSION), hence every object's
-    ccache key; the remote build's ssh session never sees ~/.cargo/bin, so no test does.
-    """
-    kept = [entry for entry in path.split(os.pathsep) if "/.cargo/" not in entry + "/"]
-    return os.pathsep.join([str(Path(sys.executable).parent), *kept])
+
+@pytest.fixture(scope="session")
+def kernel_tree() -> tuple[Path, str]:
+    """The real kernel remote made from linux-source-6.12 (a local repository), and the SHA of v6.12."""
+    return tagged_commit()
+
+
+@pytest.fixture(scope="session")
+def remote(kernel_tree: tuple[Path, str]) -> tuple[str, str]:
+    """The same remote as a file:// URL, and the SHA of v6.12."""
+    repo, sha = kernel_tree
+    return f"file://{repo}", sha
 
 
 @pytest.fixture

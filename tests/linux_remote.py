@@ -18,6 +18,10 @@ from pathlib import Path
 TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
 LINUX_REMOTE_HOME = Path(os.environ.get("VNGTASKS_TEST_REMOTES", "/var/tmp/vngtasks-tests"))
 TAG = "v6.12"
+# Every kernel-building test and bench builds with this one fragment, with this one ccache (kept
+# between runs on a machine): one .config, so one set of ccache objects that all of them hit.
+KCONFIG = Path(__file__).parent / "data" / "ci-kernel.config"
+CCACHE_DIR = LINUX_REMOTE_HOME / "ccache"
 _DEBIAN_BLOCK = "\n#\n# Debian packaging:"
 _GIT_ENV = {
     "GIT_AUTHOR_NAME": "vngtasks tests",
@@ -32,6 +36,19 @@ _GIT_ENV = {
 def git(repo: Path, *args: str) -> str:
     env = {**os.environ, **_GIT_ENV}
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env).stdout
+
+
+def without_rustup(path: str) -> str:
+    """PATH minus a rustup toolchain: a rustc on PATH changes a kernel's .config
+    (CONFIG_RUSTC_VERSION), hence every object's ccache key; a build host's ssh session never
+    sees ~/.cargo/bin, so no kernel-building test or bench does."""
+    return os.pathsep.join(entry for entry in path.split(os.pathsep) if "/.cargo/" not in entry + "/")
+
+
+def tagged_commit() -> tuple[Path, str]:
+    """The remote (made if missing) and the full SHA its TAG names."""
+    repo = linux_remote()
+    return repo, git(repo, "rev-parse", f"{TAG}^{{commit}}").strip()
 
 
 def linux_remote() -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from linux_remote import TAG, git, linux_remote
+from linux_remote import CCACHE_DIR, KCONFIG, TAG, git, without_rustup
 
 from vngtasks.settings import DEFAULTS
 
@@ -25,9 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ACTION = ROOT / "action.yml"
 DOUBLE = ROOT / "tests" / "doubles" / "actions-cache-double"
 CACHE_SHA = "27d5ce7f107fe9357f9df03efb73ab90386fccae"
-# The kconfig fragment of every kernel-building test: one .config, one set of ccache objects.
-KCONFIG = ROOT / "tests" / "data" / "ci-kernel.config"
-CCACHE_DIR = Path(os.environ.get("VNGTASKS_TEST_REMOTES", "/var/tmp/vngtasks-tests")) / "ccache"
 SEED_INPUTS = {
     "name": None, "kernel-url": None, "kernel-tag": None, "version": "v2", "kconfig": "", "cpus": "",
     "memory": "", "network": "", "verbose": "true", "cc": "", "llvm": "", "kernel-compile-cache": "true",
@@ -196,9 +193,7 @@ class Act:
             "--local-repository", f"vngtasks/vngtasks@main={ROOT}",
             "--local-repository", f"actions/cache@{CACHE_SHA}={DOUBLE}",
         ]  # fmt: skip
-        # Like the other slow tests: no rustup toolchain on PATH (a rustc changes the kernel's .config,
-        # hence every ccache key), so all kernel-building tests share one set of ccache objects.
-        path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if "/.cargo/" not in p + "/")
+        path = without_rustup(os.environ["PATH"])  # as every kernel-building test
         log = self.base / f"{label}.log"
         started = time.monotonic()
         with open(log, "w") as out:
@@ -229,12 +224,6 @@ def job_log(output: str, job: str) -> str:
     """The lines act printed for one job."""
     prefix = re.compile(rf"\[vngtasks-action-test/{re.escape(job)} *\]")
     return "\n".join(line for line in output.splitlines() if prefix.match(line))
-
-
-@pytest.fixture(scope="module")
-def remote() -> tuple[str, str]:
-    repo = linux_remote()
-    return f"file://{repo}", git(repo, "rev-parse", f"{TAG}^{{commit}}").strip()
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from linux_remote import TAG, git, linux_remote
+from linux_remote import CCACHE_DIR, KCONFIG, TAG
 
 pytestmark = pytest.mark.slow
 
 # ccache survives between runs on one machine (the tests' HOME does not).
-CCACHE = {"CCACHE_DIR": str(Path(os.environ.get("VNGTASKS_TEST_REMOTES", "/var/tmp/vngtasks-tests")) / "ccache")}
-# Every kernel-building test uses this one fragment: one .config, so one set of ccache objects.
-KCONFIG = Path(__file__).parent / "data" / "ci-kernel.config"
-
-
-@pytest.fixture(scope="module")
-def remote() -> tuple[str, str]:
-    repo = linux_remote()
-    return f"file://{repo}", git(repo, "rev-parse", f"{TAG}^{{commit}}").strip()
+CCACHE = {"CCACHE_DIR": str(CCACHE_DIR)}
 
 
 def test_boot_tag_builds_once_then_boots_from_the_cache(cli, tmp_path: Path, workspace: Path, remote):

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from linux_remote import CCACHE_DIR, KCONFIG
 
 from vngtasks import remote
 from vngtasks.errors import Failure
 
 SSHD = Path("/usr/sbin/sshd")
 SHA = "0123456789abcdef0123456789abcdef01234567"
-CCACHE_DIR = str(Path(os.environ.get("VNGTASKS_TEST_REMOTES", "/var/tmp/vngtasks-tests")) / "ccache")
 REMOTE_PATH = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 pytestmark = pytest.mark.skipif(not SSHD.exists() or os.geteuid() != 0, reason="needs root and openssh-server")
@@ -381,14 +381,6 @@ def _wait(condition: Callable[[], object], seconds: float = 15) -> bool:
 # --- slow: a real kernel, built on the "remote" (this machine through sshd) and booted here ---
 
 
-@pytest.fixture(scope="module")
-def kernel_tree() -> tuple[Path, str]:
-    from linux_remote import TAG, git, linux_remote
-
-    repo = linux_remote()
-    return repo, git(repo, "rev-parse", f"{TAG}^{{commit}}").strip()
-
-
 @pytest.mark.slow
 def test_killing_the_session_mid_build_leaves_nothing(cli, start_sshd, home: Path, tmp_path: Path, kernel_tree):
     repo, _ = kernel_tree
@@ -422,7 +414,7 @@ def test_build_on_the_host_then_boot_here(cli, start_sshd, home: Path, tmp_path:
     sshd.trust(home)
     (workspace / "ci").mkdir()
     # The fragment every kernel-building test uses: one config, one ccache (and the upload path is tested).
-    (workspace / "ci" / "kernel.config").write_text((Path(__file__).parent / "data" / "ci-kernel.config").read_text())
+    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
     args = ["boot", "--tag", "v6.12", "--kernel-url", str(repo), "--name", "far", "--build-host", sshd.target]
     args += ["--kconfig", "ci/kernel.config", "--cache-dir", str(tmp_path / "c"), "--verbose", "false", "--"]
     done = cli(*args, "uname -r; test -e /proc/config.gz && echo config.gz-present", timeout=3600)
