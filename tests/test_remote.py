@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from invoke import Context
 from linux_remote import CCACHE_DIR, KCONFIG
 
-from vngtasks import remote
+from vngtasks import arches, build, remote
 from vngtasks.errors import Failure
+from vngtasks.settings import DEFAULTS, resolve
 
 SSHD = Path("/usr/sbin/sshd")
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -362,6 +366,43 @@ def test_a_failing_command_is_stopped_as_a_whole_while_connected(start_sshd, hom
     thread.join(timeout=30)
     assert conn.run("echo still usable", hide=True, in_stream=False).stdout.strip() == "still usable"
     conn.close()
+
+
+def test_the_build_host_hits_objects_compiled_here(start_sshd, home: Path, tmp_path: Path, monkeypatch):
+    """ccache hashes LANG, LC_ALL, LC_CTYPE and LC_MESSAGES into every object's key: the build environment pins
+    them, so an object compiled here (LANG=C.UTF-8) hits on a build host whose SSH sessions set no locale."""
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("CCACHE_DIR", str(CCACHE_DIR))  # the build host's sessions get the same one (start_sshd)
+    sshd = start_sshd()
+    sshd.trust(home)
+    source = f"int vngtasks_probe_{random.getrandbits(64)}(void) {{ return 1; }}\n"  # new to the ccache
+    settings = resolve(DEFAULTS, {"tag": SHA}, workspace=tmp_path)
+    here = build.Plan(
+        settings, SHA, str(tmp_path / "here" / "linux"), arches.host(), 1, str(tmp_path / "here" / "tools")
+    )
+    compile_one(Context(), here, build.build_env(here, str(home)), source)
+    host = remote.Host("root", "127.0.0.1", sshd.port)
+    conn = remote.connect(host, accept_new=False)
+    far = remote.survey(conn, host)
+    there = remote.remote_plan(settings, SHA, far, f"{sshd.remote_home}/work")
+    env = remote.remote_env(there, far)
+    before = build.ccache_stats(conn, env)
+    compile_one(conn, there, env, source)
+    after = build.ccache_stats(conn, env)
+    conn.close()
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 0)
+
+
+def compile_one(c: Context, plan: build.Plan, env: dict[str, str], source: str) -> None:
+    """Compile one C file in the plan's tree through its compiler wrapper, as make would."""
+    c.run(shlex.join(["mkdir", "-p", plan.tree]), hide=True, in_stream=False)
+    build.write_tools(c, plan)
+    c.run(f"cat > {shlex.quote(plan.tree)}/probe.c", in_stream=io.StringIO(source), hide=True)
+    with c.cd(plan.tree):
+        c.run(
+            shlex.join([f"{plan.tools_dir}/cc", "-c", "probe.c", "-o", "probe.o"]), env=env, hide=True, in_stream=False
+        )
 
 
 def _pids(command_line: str) -> list[int]:

@@ -32,6 +32,9 @@ BUILD_FAILED = 1
 CCACHE_MAX_SIZE = "5G"
 # Fixed build identity: the same sources give the same objects, so ccache hits across trees.
 BUILD_TIMESTAMP = "@0"
+# ccache hashes these four into every object's key (they change the compiler's messages): pinned, so a
+# build host whose SSH sessions set no locale hits what a terminal with LANG=C.UTF-8 compiled, and back.
+LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_CTYPE": "C", "LC_MESSAGES": "C"}
 # Debug info with BTF: what vmlinux.h is made from. The user's fragment comes after and wins.
 BTF_FRAGMENT = """\
 CONFIG_BPF_SYSCALL=y
@@ -96,8 +99,9 @@ def vng_argv(plan: Plan, vng: str) -> list[str]:
 
 
 def build_env(plan: Plan, home: str) -> dict[str, str]:
-    """Make's environment: a fixed build identity, and ccache's settings when it is on."""
+    """Make's environment: a fixed build identity and locale, and ccache's settings when it is on."""
     env = {
+        **LOCALE,
         "KBUILD_BUILD_TIMESTAMP": BUILD_TIMESTAMP,
         "KBUILD_BUILD_USER": "vngtasks",
         "KBUILD_BUILD_HOST": "vngtasks",
