@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from invoke import Context
 
-from vngtasks import arches, build
+from vngtasks import arches, build, cache, kconfig
 from vngtasks.errors import Failure
 from vngtasks.settings import DEFAULTS, resolve
 
@@ -77,7 +78,7 @@ def test_fetch_reuses_a_work_tree(tmp_path: Path, remote) -> None:
 
 def plan(**flags: str) -> build.Plan:
     settings = resolve(DEFAULTS, {"tag": "v6.12", **flags}, workspace=Path("/work/project"))
-    return build.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools", ())
+    return build.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools")
 
 
 @pytest.mark.parametrize(
@@ -121,3 +122,37 @@ def test_progress_counts_objects() -> None:
 def test_reproducer_is_a_command_line() -> None:
     line = build.reproducer(plan(cc="clang").settings, "b" * 40)
     assert line.startswith("invoke build --kernel-url ") and f"--tag {'b' * 40}" in line and "--cc clang" in line
+
+
+def test_fragment_lines_are_read_as_kconfig_does() -> None:
+    fragment = 'CONFIG_A=y\n  # CONFIG_B is not set\nCONFIG_C="x y"\n# a comment\nCONFIG_D=m\nnot a line\n'
+    assert kconfig.assignments(fragment) == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": '"x y"', "CONFIG_D": "m"}
+
+
+def test_a_fragment_line_kconfig_dropped_is_named() -> None:
+    config = 'CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C="x y"\nCONFIG_E=y\n'
+    fragment = 'CONFIG_A=y\nCONFIG_B=y\nCONFIG_C="x y"\nCONFIG_TYPO=y\n# CONFIG_E is not set\n# CONFIG_F is not set\n'
+    lost = kconfig.dropped(kconfig.assignments(fragment), config)
+    assert lost == ["CONFIG_B=y", "CONFIG_TYPO=y", "# CONFIG_E is not set"]
+
+
+def test_fragments_merge_in_order_tiny_btf_then_the_users(tmp_path: Path) -> None:
+    (tmp_path / "k.config").write_text("CONFIG_IKCONFIG=y\n")
+    settings = resolve(DEFAULTS, {"kconfig_base": "tiny", "kconfig": "k.config"}, workspace=tmp_path)
+    assert [name for name, _ in kconfig.fragments(settings)] == ["tiny.config", "btf.config", "kconfig.config"]
+    settings = resolve(DEFAULTS, {"vmlinux_h": "false"}, workspace=tmp_path)
+    assert kconfig.fragments(settings) == []
+
+
+def test_the_kconfig_base_is_part_of_the_cache_key(tmp_path: Path) -> None:
+    (tmp_path / "a.config").write_text("CONFIG_64BIT=y\n")
+    keys = {
+        base: cache.key_for(resolve(DEFAULTS, {"kconfig_base": base, "arch": "x86_64"}, workspace=tmp_path), "0" * 12)
+        for base in ("vng", "tiny", "a.config")
+    }
+    assert keys["vng"] == "vng-kernel-default-x86_64-000000000000-v2"  # the seed's key, unchanged
+    assert keys["tiny"] == "vng-kernel-default-x86_64-000000000000-v2+tiny"
+    assert re.fullmatch(r"vng-kernel-default-x86_64-000000000000-v2\+config-[0-9a-f]{12}", keys["a.config"])
+    (tmp_path / "a.config").write_text("CONFIG_64BIT=y\nCONFIG_SMP=y\n")
+    changed = cache.key_for(resolve(DEFAULTS, {"kconfig_base": "a.config"}, workspace=tmp_path), "0" * 12)
+    assert changed != keys["a.config"]

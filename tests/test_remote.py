@@ -265,7 +265,8 @@ def test_a_local_tree_is_pushed_and_checked_out_there_with_the_fragments(
     assert (work / "tools" / "kconfig.config").read_text() == "CONFIG_IKCONFIG=y\n"
     assert "CONFIG_DEBUG_INFO_BTF=y" in (work / "tools" / "btf.config").read_text()
     assert not (work / "command.pid").exists() and no_entries(tmp_path)
-    assert error_line(done.stderr).endswith("build: make: *** No rule to make target 'x86_64_defconfig'.  Stop.")
+    failed = "build: kconfig: virtme-configkernel --defconfig failed: make: *** No rule to make target"
+    assert error_line(done.stderr).endswith(f"{failed} 'x86_64_defconfig'.  Stop.")
 
 
 def test_a_full_disk_on_the_build_host_is_one_line(cli, start_sshd, home: Path, tmp_path: Path):

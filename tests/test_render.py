@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import arches, render, vm
+from vngtasks import arches, build, kconfig, render, vm
 from vngtasks.arches import Arch
 from vngtasks.settings import DEFAULTS, resolve
 
@@ -71,7 +72,6 @@ def test_build_argv(arch: Arch) -> None:
         arch=arch,
         host_arch=X86_64,
         jobs=16,
-        config_fragments=[Path("/work/project/ci/kernel.config")],
         name="mainline",
         sha12="adc218676eef",
         build_timestamp="@1732492800",
@@ -79,6 +79,30 @@ def test_build_argv(arch: Arch) -> None:
         llvm="-14" if arch.name == "arm64" else "",
     )
     check_golden(f"build-{arch.name}.argv", argv)
+
+
+CONFIG_CASES = [("x86_64", "vng"), ("x86_64", "tiny"), ("x86_64", "file"), ("arm64", "vng"), ("arm64", "file")]
+
+
+@pytest.mark.parametrize(("arch", "base"), CONFIG_CASES, ids=[f"{a}-{b}" for a, b in CONFIG_CASES])
+def test_config_steps(arch: str, base: str, tmp_path: Path) -> None:
+    """How each kconfig base makes .config (one command per line), natively and cross from x86_64."""
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "kernel.config").write_text("CONFIG_IKCONFIG=y\n")
+    (tmp_path / "full.config").write_text("CONFIG_64BIT=y\n")
+    flags = {"arch": arch, "kconfig": "ci/kernel.config", "kconfig_base": "full.config" if base == "file" else base}
+    settings = resolve(DEFAULTS, flags, workspace=tmp_path)
+    plan = build.Plan(settings, "a" * 40, "/w/linux", X86_64, 16, "/w/tools")
+    steps = build.config_steps(plan, build.make_variables(build.vng_argv(plan, "vng")))
+    check_golden(f"kconfig-{arch}-{base}.steps", [shlex.join(step) for step in steps])
+
+
+@pytest.mark.parametrize("arch", [a for a in arches.ARCHES if a.tiny_kconfig], ids=lambda a: a.name)
+def test_tiny_fragment(arch: Arch, tmp_path: Path) -> None:
+    settings = resolve(DEFAULTS, {"arch": arch.name, "kconfig_base": "tiny"}, workspace=tmp_path)
+    (name, text), *_ = kconfig.fragments(settings)
+    assert name == "tiny.config"
+    check_golden(f"kconfig-tiny-{arch.name}.config", text.splitlines())
 
 
 @pytest.mark.parametrize("arch", [a for a in arches.ARCHES if a.probe_code], ids=lambda a: a.name)

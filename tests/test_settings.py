@@ -69,6 +69,9 @@ def test_valid_values(tmp_path: Path, flags: dict[str, object], expected: tuple[
         ("accel", "hvf"),
         ("network", "tap"),
         ("kconfig", "no-such-file"),
+        ("kconfig_base", "no-such.config"),
+        ("kconfig_base", "Tiny"),
+        ("kconfig_base", ""),
         ("kernel", "no-such-kernel"),
         ("llvm", "yes"),
         ("cc", "gcc; rm -rf /"),
@@ -85,6 +88,15 @@ def test_bad_value_names_its_input(tmp_path: Path, key: str, value: str) -> None
     with pytest.raises(InputError) as caught:
         make(tmp_path, **{key: value})
     assert str(caught.value).startswith(key.replace("_", "-") + ": ")
+
+
+def test_kconfig_base_is_vng_tiny_or_a_config_file(tmp_path: Path) -> None:
+    assert make(tmp_path).kconfig_base == "vng"
+    assert make(tmp_path, kconfig_base="tiny").kconfig_base == "tiny"
+    (tmp_path / "my.config").write_text("CONFIG_64BIT=y\n")
+    assert make(tmp_path, kconfig_base="my.config").kconfig_base == tmp_path / "my.config"
+    with pytest.raises(InputError, match=r"^kconfig-base: tiny is not available for s390x yet"):
+        make(tmp_path, kconfig_base="tiny", arch="s390x")
 
 
 def test_kconfig_is_relative_to_the_workspace(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Arch:
     name: str  # our canonical name (also the kernel cache key's arch part)
+    vng_name: str  # vng's --arch spelling
     aliases: tuple[str, ...]  # other spellings accepted on input (case-insensitive)
     kernel_arch: str  # make ARCH=
     uname_m: str  # `uname -m` inside a guest of this arch
@@ -43,11 +44,15 @@ class Arch:
     # one console, so a second UART cannot be one). Only x86_64 is verified; on
     # ppc64le hvc0 is the main console already, so the log stays empty there.
     log_console_bus: str = ""
+    # kconfig-base tiny: what this arch needs on top of tinyconfig, kvm_guest.config and
+    # templates/kconfig-tiny.config.j2 (empty: no tiny kernel for this arch yet).
+    tiny_kconfig: tuple[str, ...] = ()
 
 
 ARCHES: tuple[Arch, ...] = (
     Arch(
         name="x86_64",
+        vng_name="amd64",
         aliases=("amd64", "x64", "x86-64"),
         kernel_arch="x86",
         uname_m="x86_64",
@@ -64,6 +69,20 @@ ARCHES: tuple[Arch, ...] = (
         cross_compile="x86_64-linux-gnu-",
         tcg_memory_cap_mib=4096,
         log_console_bus="virtio-serial-pci",
+        tiny_kconfig=(
+            "CONFIG_64BIT=y",  # tinyconfig under ARCH=x86 would be a 32-bit kernel
+            # ACPI: the CPUs beyond the first (the MP table lists one) and power-off.
+            "CONFIG_ACPI=y",
+            "# CONFIG_ACPI_AC is not set",
+            "# CONFIG_ACPI_BATTERY is not set",
+            "# CONFIG_ACPI_BUTTON is not set",
+            "# CONFIG_ACPI_FAN is not set",
+            "# CONFIG_ACPI_PROCESSOR is not set",
+            "# CONFIG_ACPI_THERMAL is not set",
+            "# CONFIG_ACPI_TABLE_UPGRADE is not set",
+            "CONFIG_SERIAL_8250=y",
+            "CONFIG_SERIAL_8250_CONSOLE=y",
+        ),
         # Real mode at the reset vector: mov al,0x41; out 0xf4,al; hlt; jmp $-1.
         # isa-debug-exit turns the write into exit status (0x41 << 1) | 1 = 131.
         probe_code="b041e6f4f4ebfd",
@@ -74,6 +93,7 @@ ARCHES: tuple[Arch, ...] = (
     ),
     Arch(
         name="arm64",
+        vng_name="arm64",
         aliases=("aarch64",),
         kernel_arch="arm64",
         uname_m="aarch64",
@@ -99,6 +119,7 @@ ARCHES: tuple[Arch, ...] = (
     ),
     Arch(
         name="riscv64",
+        vng_name="riscv64",
         aliases=("riscv",),
         kernel_arch="riscv",
         uname_m="riscv64",
@@ -118,6 +139,7 @@ ARCHES: tuple[Arch, ...] = (
     ),
     Arch(
         name="s390x",
+        vng_name="s390x",
         aliases=("s390",),
         kernel_arch="s390",
         uname_m="s390x",
@@ -137,6 +159,7 @@ ARCHES: tuple[Arch, ...] = (
     ),
     Arch(
         name="ppc64le",
+        vng_name="ppc64el",
         aliases=("ppc64el", "powerpc64le"),
         kernel_arch="powerpc",
         uname_m="ppc64le",

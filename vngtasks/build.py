@@ -16,13 +16,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from invoke import Context
 
-from . import arches, cache, log, render, vm
+from . import arches, cache, kconfig, log, render, vm
 from .arches import Arch
 from .errors import Failure
 from .resolve import Resolved
@@ -35,17 +35,6 @@ BUILD_TIMESTAMP = "@0"
 # ccache hashes these four into every object's key (they change the compiler's messages): pinned, so a
 # build host whose SSH sessions set no locale hits what a terminal with LANG=C.UTF-8 compiled, and back.
 LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_CTYPE": "C", "LC_MESSAGES": "C"}
-# Debug info with BTF: what vmlinux.h is made from. The user's fragment comes after and wins.
-BTF_FRAGMENT = """\
-CONFIG_BPF_SYSCALL=y
-CONFIG_DEBUG_INFO=y
-CONFIG_DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT=y
-# CONFIG_DEBUG_INFO_NONE is not set
-# CONFIG_DEBUG_INFO_REDUCED is not set
-# CONFIG_DEBUG_INFO_SPLIT is not set
-CONFIG_DEBUG_INFO_BTF=y
-CONFIG_DEBUG_INFO_BTF_MODULES=y
-"""
 # Files of a build tree that a cache entry keeps (besides boot images and modules).
 KEPT_FILES = (
     ".config", "System.map", "Module.symvers", "modules.order", "modules.builtin",
@@ -63,8 +52,7 @@ class Plan:
     tree: str  # path on the build host (a string: it may be remote)
     host_arch: Arch
     jobs: int
-    tools_dir: str  # where the compiler wrapper goes, on the build host
-    fragments: tuple[str, ...] = field(default=())
+    tools_dir: str  # the compiler wrapper and the kconfig files, on the build host
 
     @property
     def sha12(self) -> str:
@@ -89,7 +77,6 @@ def vng_argv(plan: Plan, vng: str) -> list[str]:
         arch=s.arch,
         host_arch=plan.host_arch,
         jobs=plan.jobs,
-        config_fragments=plan.fragments,
         name=s.name,
         sha12=plan.sha12,
         build_timestamp=BUILD_TIMESTAMP,
@@ -149,13 +136,54 @@ def _progress() -> list[str]:
 
 
 def write_tools(c: Context, plan: Plan) -> None:
-    """The compiler wrapper (make takes one program as CC) and our BTF fragment."""
+    """The compiler wrapper: make takes one program as CC."""
     wrapper = f'#!/bin/sh\nexec ccache {shlex.quote(plan.compiler)} "$@"\n'
     cc = f"{plan.tools_dir}/cc"
-    c.run(f"mkdir -p {shlex.quote(plan.tools_dir)}", in_stream=False)
+    c.run(shlex.join(["mkdir", "-p", plan.tools_dir]), in_stream=False)
     _put(c, wrapper, cc)
-    c.run(f"chmod +x {shlex.quote(cc)}", in_stream=False)
-    _put(c, BTF_FRAGMENT, f"{plan.tools_dir}/btf.config")
+    c.run(shlex.join(["chmod", "+x", cc]), in_stream=False)
+
+
+def in_tree(tree: str, argv: list[str]) -> str:
+    """A command line that runs `argv` in `tree` (invoke's `cd` would quote spaces only)."""
+    return f"cd {shlex.quote(tree)} && {shlex.join(argv)}"
+
+
+def config_steps(plan: Plan, variables: list[str]) -> list[list[str]]:
+    """The commands that make the tree's .config, in the tree: the base, then the fragments merged."""
+    s = plan.settings
+    context = {"arch": s.arch, "host_arch": plan.host_arch, "variables": variables}
+    if s.kconfig_base == "vng":
+        steps = [render.argv("configkernel.argv.j2", **context)]
+    elif s.kconfig_base == "tiny":
+        steps = [render.argv("make.argv.j2", **context, targets=[target]) for target in kconfig.TINY_TARGETS]
+    else:
+        steps = [["cp", f"{plan.tools_dir}/{kconfig.BASE_FILE}", ".config"]]
+    merged = [f"{plan.tools_dir}/{name}" for name, _ in kconfig.fragments(s)]
+    if merged:
+        steps.append(render.argv("merge-config.argv.j2", fragments=merged))
+    return [*steps, render.argv("make.argv.j2", **context, targets=["olddefconfig"])]
+
+
+def configure(c: Context, plan: Plan, variables: list[str], env: dict[str, str]) -> None:
+    """The tree's .config, made afresh from the base and the fragments (see kconfig.py)."""
+    s = plan.settings
+    fragments = kconfig.fragments(s)
+    files = dict(fragments)
+    if isinstance(s.kconfig_base, Path):
+        files[kconfig.BASE_FILE] = s.kconfig_base.read_text()
+    for name, text in files.items():
+        _put(c, text, f"{plan.tools_dir}/{name}")
+    log.info(f"kconfig: base {s.kconfig_base}" + "".join(f" + {name}" for name, _ in fragments))
+    for argv in config_steps(plan, variables):
+        done = c.run(in_tree(plan.tree, argv), env=env, hide=True, warn=True, in_stream=False)
+        if not done.ok:
+            problem = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.exited}").splitlines()[-1]
+            raise Failure(f"kconfig: {shlex.join(argv[:2])} failed: {problem}", BUILD_FAILED)
+    config = c.run(shlex.join(["cat", f"{plan.tree}/.config"]), hide=True, in_stream=False).stdout
+    for name, text in fragments:
+        if name in kconfig.CHECKED:
+            kconfig.warn_dropped(kconfig.CHECKED[name], text, config)
 
 
 def _put(c: Context, text: str, path: str) -> None:
@@ -208,20 +236,9 @@ def group(title: str) -> Iterator[None]:
 def compile_kernel(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> None:
     argv = vng_argv(plan, vng)
     title = f"build {plan.settings.name} {plan.sha12} ({plan.settings.arch.name}, {plan.jobs} jobs)"
-    with group(title), c.cd(plan.tree):
-        c.run(shlex.join(argv), env=env, in_stream=False, out_stream=BuildProgress())
-        config = c.run("cat .config", hide=True, in_stream=False).stdout
-        if plan.settings.vmlinux_h and "CONFIG_DEBUG_INFO_BTF=y" not in config.splitlines():
-            # vng --force regenerates .config: turn BTF on again and rebuild what changed.
-            log.warn("vmlinux-h: CONFIG_DEBUG_INFO_BTF was dropped from .config; enabling it and rebuilding")
-            c.run(
-                "scripts/config --file .config -e DEBUG_INFO_BTF -e DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT"
-                " -d DEBUG_INFO_NONE -d DEBUG_INFO_REDUCED -d DEBUG_INFO_SPLIT",
-                in_stream=False,
-            )
-            make = ["make", f"-j{plan.jobs}", *make_variables(argv)]
-            c.run(shlex.join([*make, "olddefconfig"]), env=env, in_stream=False, hide=True)
-            c.run(shlex.join(make), env=env, in_stream=False, out_stream=BuildProgress())
+    with group(title):
+        configure(c, plan, make_variables(argv), env)
+        c.run(in_tree(plan.tree, argv), env=env, in_stream=False, out_stream=BuildProgress())
 
 
 def make_variables(argv: list[str]) -> list[str]:
@@ -286,6 +303,8 @@ def config_hash(c: Context, tree: str) -> str:
 def reproducer(settings: Settings, sha: str) -> str:
     argv = ["invoke", "build", "--kernel-url", settings.kernel_url, "--tag", sha, "--name", settings.name]
     argv += ["--arch", settings.arch.name, "--version", settings.version]
+    if settings.kconfig_base != "vng":
+        argv += ["--kconfig-base", str(settings.kconfig_base)]
     for flag, value in (("--cc", settings.cc), ("--llvm", settings.llvm), ("--kconfig", settings.kconfig)):
         if value:
             argv += [flag, str(value)]
@@ -295,9 +314,6 @@ def reproducer(settings: Settings, sha: str) -> str:
 def local_plan(settings: Settings, sha: str) -> Plan:
     """A build on this machine: a work tree per name and arch, reused (incremental, ccache-warm)."""
     work = settings.cache_dir / "work" / f"{settings.name}-{settings.arch.name}"
-    fragments = [str(work / "tools" / "btf.config")] if settings.vmlinux_h else []
-    if settings.kconfig:
-        fragments.append(str(settings.kconfig))
     return Plan(
         settings=settings,
         sha=sha,
@@ -305,14 +321,13 @@ def local_plan(settings: Settings, sha: str) -> Plan:
         host_arch=arches.host(),
         jobs=os.cpu_count() or 1,
         tools_dir=str(work / "tools"),
-        fragments=tuple(fragments),
     )
 
 
 def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.Entry:
     """The cache entry of the resolved commit: found, or built once (others wait on the lock)."""
     kernels = cache.KernelCache(cache.kernels_root(settings))
-    key = cache.key(settings.name, settings.arch.name, resolved.sha12, settings.version)
+    key = cache.key_for(settings, resolved.sha12)
     with kernels.lock(key):
         entry = kernels.lookup(key)
         if entry is not None:
@@ -383,6 +398,7 @@ def describe(c: Context, plan: Plan, resolved: Resolved, compiled: Compiled, has
         "ref": resolved.ref,
         "sha": plan.sha,
         "version": s.version,
+        "kconfig_base": str(s.kconfig_base),
         "kernel_release": release.stdout.strip(),
         "toolchain": toolchain(c, plan),
         "config_sha256": config_hash(c, plan.tree),

@@ -28,19 +28,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import log
+from .kconfig import key_tag
 from .settings import InputError, Settings
 
 KERNELS = "kernels"
 TEMP = ".tmp"
 LOCKS = ".locks"
 
-_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 _SIZE = re.compile(r"(0|[1-9][0-9]*)([KMGT]?)", re.IGNORECASE)
 _BYTES = {"K": 1024, "": 1024**2, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def key(name: str, arch: str, sha12: str, version: str) -> str:
-    return f"vng-kernel-{name}-{arch}-{sha12}-{version}"
+def key(name: str, arch: str, sha12: str, version: str, base: str = "") -> str:
+    """The seed's key; a kconfig base other than vng's follows a `+` (no name or version holds one)."""
+    return f"vng-kernel-{name}-{arch}-{sha12}-{version}" + (f"+{base}" if base else "")
+
+
+def key_for(settings: Settings, sha12: str) -> str:
+    return key(settings.name, settings.arch.name, sha12, settings.version, key_tag(settings.kconfig_base))
 
 
 def kernels_root(settings: Settings) -> Path:
@@ -86,8 +92,9 @@ class KernelCache:
         found = [entry for path in paths if not path.name.startswith(".") and (entry := _entry(path))]
         return sorted(found, key=lambda entry: (entry.created, entry.key))
 
-    def newest(self, name: str, arch: str, version: str | None = None) -> Entry | None:
-        """The newest entry built for this name and arch (never one of a name that merely starts alike)."""
+    def newest(self, name: str, arch: str, version: str | None = None, base: str = "") -> Entry | None:
+        """The newest entry built for this name and arch (never one of a name that merely starts alike),
+        and with `version`, of that version and kconfig base."""
         prefix = f"vng-kernel-{name}-{arch}-"
         mine = [
             entry
@@ -95,7 +102,7 @@ class KernelCache:
             if entry.key.startswith(prefix)
             and entry.metadata.get("name") == name
             and entry.metadata.get("arch") == arch
-            and (version is None or entry.key == key(name, arch, entry.key[len(prefix) :][:12], version))
+            and (version is None or entry.key == key(name, arch, entry.key[len(prefix) :][:12], version, base))
         ]
         return mine[-1] if mine else None
 

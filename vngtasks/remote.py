@@ -349,18 +349,13 @@ def push(c: Context, conn: BuildHost, host: Host, repo: Path, sha: str, bare: st
 
 
 def remote_plan(settings: Settings, sha: str, remote: Remote, work: str) -> build.Plan:
-    tools = f"{work}/tools"
-    fragments = [f"{tools}/btf.config"] if settings.vmlinux_h else []
-    if settings.kconfig:
-        fragments.append(f"{tools}/kconfig.config")
     return build.Plan(
         settings=settings,
         sha=sha,
         tree=f"{work}/linux",
         host_arch=remote.arch,
         jobs=remote.jobs,
-        tools_dir=tools,
-        fragments=tuple(fragments),
+        tools_dir=f"{work}/tools",
     )
 
 
@@ -493,9 +488,6 @@ def _build(
                 build.fetch(conn, s.kernel_url, s.tag, plan.sha, plan.tree)
     with stage(conn, host, "prepare"):
         build.write_tools(conn, plan)
-        if s.kconfig:
-            kconfig = f"{plan.tools_dir}/kconfig.config"
-            conn.run(f"cat > {shlex.quote(kconfig)}", in_stream=io.StringIO(s.kconfig.read_text()), hide=True)
     env = remote_env(plan, remote)
     with stage(conn, host, "build"):
         compiled = build.compile_measured(conn, plan, remote.vng, env)

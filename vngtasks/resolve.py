@@ -22,6 +22,7 @@ from invoke.exceptions import CommandTimedOut
 from . import log
 from .cache import KernelCache, kernels_root
 from .errors import Failure
+from .kconfig import key_tag
 from .settings import Settings
 
 RESOLVE_FAILED = 1  # the ref matches nothing, or the remote cannot be reached
@@ -150,7 +151,8 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def stale(settings: Settings) -> Resolved | None:
     """The newest cached kernel of this name, arch and version, to run when the remote is down."""
-    entry = KernelCache(kernels_root(settings)).newest(settings.name, settings.arch.name, settings.version)
+    base = key_tag(settings.kconfig_base)
+    entry = KernelCache(kernels_root(settings)).newest(settings.name, settings.arch.name, settings.version, base)
     sha = str(entry.metadata.get("sha", "")) if entry else ""
     if entry is None or not is_sha(sha):
         return None

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, str] = {
     "tag": "",
     "version": "v2",
     "kconfig": "",
+    "kconfig_base": "vng",
     "cpus": "",  # empty: all host CPUs
     "memory": "",  # empty: 90% of host RAM, capped under TCG per the arch table
     "network": "",
@@ -66,6 +67,7 @@ HELP: dict[str, str] = {
     "tag": "kernel git tag, branch or 40-hex commit to build and boot",
     "version": "cache version: bump it to force a rebuild",
     "kconfig": "kconfig fragment file, relative to the workspace",
+    "kconfig_base": "the .config the fragments go on: vng (its defconfig-based one), tiny, or a .config file",
     "cpus": "guest CPUs (default: all host CPUs)",
     "memory": "guest memory, e.g. 512M or 4G (default: 90 percent of host RAM, capped under TCG)",
     "network": "guest network: user, loop, bridge or bridge=NAME (default: none)",
@@ -98,6 +100,7 @@ HELP: dict[str, str] = {
 }
 
 ACCELS = ("auto", "kvm", "tcg")
+KCONFIG_BASES = ("vng", "tiny")  # or the path of a full .config
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _MEMORY = re.compile(r"([1-9][0-9]*)([MGT]?)", re.IGNORECASE)
@@ -128,6 +131,7 @@ class Settings:
     tag: str
     version: str
     kconfig: Path | None
+    kconfig_base: str | Path  # "vng", "tiny", or a full .config file
     cpus: int
     memory_mib: int | None  # None: the default, sized when the accelerator is known
     network: str
@@ -175,6 +179,9 @@ def resolve(
     workspace = (workspace or Path.cwd()).resolve()
     arch = _arch(raw["arch"])
     accel = _match("accel", raw["accel"], re.compile("|".join(ACCELS)), "auto, kvm or tcg")
+    kconfig_base = _kconfig_base(raw["kconfig_base"], workspace)
+    if kconfig_base == "tiny" and not arch.tiny_kconfig:
+        raise InputError("kconfig_base", f"tiny is not available for {arch.name} yet: use vng or a .config file")
     if accel == "kvm" and arch != arches.host():
         raise InputError("accel", f"kvm cannot run {arch.name} guests on a {arches.host().name} host: use tcg")
     return Settings(
@@ -183,6 +190,7 @@ def resolve(
         tag=_tag(raw["tag"]),
         version=_version(raw["version"]),
         kconfig=_existing_file("kconfig", raw["kconfig"], workspace),
+        kconfig_base=kconfig_base,
         cpus=_cpus(raw["cpus"]),
         memory_mib=_memory(raw["memory"]),
         network=_match("network", raw["network"], _NETWORK, "user, loop, bridge or bridge=NAME", empty_ok=True),
@@ -334,6 +342,15 @@ def _existing_file(key: str, value: str, workspace: Path) -> Path | None:
     path = _existing_path(key, value, workspace)
     if path is not None and not path.is_file():
         raise InputError(key, f"{value!r} is not a file")
+    return path
+
+
+def _kconfig_base(value: str, workspace: Path) -> str | Path:
+    if value in KCONFIG_BASES:
+        return value
+    path = _existing_file("kconfig_base", value, workspace) if value else None
+    if path is None:
+        raise InputError("kconfig_base", f"expected {' or '.join(KCONFIG_BASES)} or the path of a .config file")
     return path
 
 

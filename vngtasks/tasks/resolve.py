@@ -22,7 +22,7 @@ def resolve(c: Context, tag=None, kernel_url=None, name=None, arch=None, version
         raise Exit(f"vngtasks: {InputError('tag', 'required: a tag, branch or 40-hex commit')}", code=BAD_INPUT)
     with _common.exit_statuses():
         resolved = kernel_refs.resolve_kernel(c, s)
-    key = cache.key(s.name, s.arch.name, resolved.sha12, s.version)
+    key = cache.key_for(s, resolved.sha12)
     hit = cache.KernelCache(cache.kernels_root(s)).lookup(key) is not None
     lines = [
         f"sha12={resolved.sha12}",
