@@ -1,4 +1,4 @@
-"""nox sessions: `nox` runs lint and tests; `nox -s bench` prints the speed ratios."""
+"""nox sessions: `nox` runs lint and every test; `nox -s unit|integration|slow` one tier; `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -14,14 +14,39 @@ nox.options.reuse_existing_virtualenvs = True
 # qemu-system-arm: the arm64 KVM probe under TCG; linux-source-6.12: the kernel remote of the build
 # tests (tests/linux_remote.py); openssh-server: the build host of the remote-build tests.
 TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server"
+# The tiers (tests/conftest.py): what each session selects.
+TIERS = {"unit": "unit", "integration": "integration and not slow", "slow": "slow"}
+
+
+def _test(session: nox.Session, marks: str | None) -> None:
+    session.install("-e", ".[test]")
+    if marks != "unit":  # unit tests need no root and no host packages
+        session.run("invoke", "deps", "--packages", TEST_PACKAGES)
+    session.run("pytest", *(["-m", marks] if marks else []), *session.posargs)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """All tests, slow ones (real kernels, real VMs) included; `-- -m 'not slow'` skips those."""
-    session.install("-e", ".[test]")
-    session.run("invoke", "deps", "--packages", TEST_PACKAGES)
-    session.run("pytest", *session.posargs)
+    """Every tier: unit, integration (root, sshd, act, apt) and slow (real kernels built and booted)."""
+    _test(session, None)
+
+
+@nox.session(default=False)
+def unit(session: nox.Session) -> None:
+    """No root, no network, under 2 minutes."""
+    _test(session, TIERS["unit"])
+
+
+@nox.session(default=False)
+def integration(session: nox.Session) -> None:
+    """Root, real git, sshd and act; no kernel built or booted."""
+    _test(session, TIERS["integration"])
+
+
+@nox.session(default=False)
+def slow(session: nox.Session) -> None:
+    """Real kernels built (tiny, one of vng's base) and booted under QEMU."""
+    _test(session, TIERS["slow"])
 
 
 @nox.session

@@ -71,3 +71,11 @@ def cli(home: Path, workspace: Path):
         )
 
     return run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers: `slow` (builds or boots real kernels), `integration` (root, real sshd, act, apt; no kernel
+    build), and `unit` for everything else (no root, no network, under 2 minutes)."""
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in ("slow", "integration")):
+            item.add_marker(pytest.mark.unit)

@@ -336,6 +336,7 @@ def cli_error(**env: str) -> str:
     return line
 
 
+@pytest.mark.integration
 def test_f_bad_inputs_fail_before_any_install_or_build(act_env: Act, tmp_path: Path):
     jobs = {
         "memory": [action("vm", name="ok", memory="4X", run="true", **{"cache-dir": str(tmp_path / "c1")})],

@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from vngtasks import arches, deps
 from vngtasks.settings import DEFAULTS, resolve
 
@@ -37,6 +39,7 @@ def test_wanted_follows_arch_toolchain_and_distro(tmp_path: Path):
     assert {"linux-image-generic", "virtiofsd", "linux-tools-common"} <= set(names)
 
 
+@pytest.mark.integration
 def test_a_bad_package_is_named_after_its_retries(cli):
     done = cli("deps", "--packages", "no-such-pkg-xyz", "--deps-retries", "2")
     assert done.returncode == 1
@@ -46,6 +49,7 @@ def test_a_bad_package_is_named_after_its_retries(cli):
     )
 
 
+@pytest.mark.integration
 def test_deps_timeout_ends_an_attempt_stuck_on_the_dpkg_lock(cli):
     assert not installed(ABSENT)
     # Another apt holds dpkg's lock (as unattended-upgrades does on a fresh runner): apt waits.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ BOOT_LOG = [
 
 
 def make(tmp_path: Path, **flags: str):
-    return resolve(DEFAULTS, {"extra_rwdirs": "", **flags}, workspace=tmp_path)
+    return resolve(DEFAULTS, {"extra_rwdirs": "", "cache_dir": str(tmp_path / "cache"), **flags}, workspace=tmp_path)
 
 
 def outcome(status: int = 0, result: str = "workload", accel: str = "tcg") -> vm.Outcome:
@@ -143,6 +144,7 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
         "accel": "tcg",
         "boot_seconds": 41.2,
         "workload_seconds": 2.0,
+        "phases": {},
         "result": "workload",
         "workload_status": 0,
         "status": 123,
@@ -178,15 +180,57 @@ def test_run_retries_a_stuck_kvm_boot_once_with_tcg(tmp_path: Path, monkeypatch,
     host = vm.Host(arch=arches.host(), memory_mib=4096, vng="vng", environ={})
     tried: list[str] = []
 
-    def fake_attempt(settings, kernel, workload, host, accel_name):
+    def fake_attempt(settings, kernel, workload, host, accel_name, *probed):
         tried.append(accel_name)
         return outcome(NO_STATUS, "boot-timeout", accel_name) if accel_name == "kvm" else outcome(0)
 
     monkeypatch.setattr(vm.Host, "current", classmethod(lambda cls: host))
     monkeypatch.setattr(accel, "qemu_binary", lambda arch: "qemu")
-    monkeypatch.setattr(accel, "choose", lambda *args: accel.Choice("kvm", ""))
+    monkeypatch.setattr(accel, "choose", lambda *args, **kwargs: accel.Choice("kvm", ""))
     monkeypatch.setattr(vm, "attempt", fake_attempt)
     assert vm.run(s, Path("/boot/vmlinuz"), "true") == 0
     assert tried == ["kvm", "tcg"]
     assert "retrying once with TCG" in capsys.readouterr().err
     assert json.loads((s.log_dir / vm.RUN_JSON).read_text())["accel"] == "tcg"
+
+
+def test_guest_files_are_read_only_when_regular_never_through_links_and_capped(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / "status")  # a guest-made FIFO would block a plain read forever
+    assert vm.read_guest_file(run_dir / "status", 100) is None and vm.reported_status(run_dir) is None
+    secret = tmp_path / "host-secret"
+    secret.write_text("0\n")
+    (run_dir / "release").symlink_to(secret)
+    assert vm.read_guest_file(run_dir / "release", 100) is None
+    (run_dir / "dmesg").write_bytes(b"x" * 5000)
+    assert vm.read_guest_file(run_dir / "dmesg", 4096) == b"x" * 4096
+    (run_dir / "dir").mkdir()
+    assert vm.read_guest_file(run_dir / "dir", 100) is None
+    assert vm.read_guest_file(run_dir / "missing", 100) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "status"), [("0\n", 0), ("3", 3), ("255\n", 255), ("256", None), ("-1", None), ("x", None)]
+)
+def test_a_reported_status_is_an_exit_status_or_nothing(tmp_path: Path, text: str, status: int | None) -> None:
+    (tmp_path / "status").write_text(text)
+    assert vm.reported_status(tmp_path) == status
+
+
+def test_the_guest_clock_is_read_with_suspicion() -> None:
+    assert vm.guest_clock("12.34 231\n") == (12.34, 2.31)
+    assert vm.guest_clock("12.34") == (12.34, None)
+    assert vm.guest_clock("nan -5") == (None, None)
+    assert vm.guest_clock("1e300 x") == (None, None)
+    assert vm.guest_clock("") == (None, None)
+
+
+def test_phases_add_up_to_the_run() -> None:
+    marks = vm.Marks(probe=0.07, vng=100.0, started=112.0, status=113.5, ended=114.0, guest_uptime=9.0, guest_init=2.5)
+    phases = dict(marks.phases())
+    assert phases == {"probe": 0.07, "vng-start": 3.0, "kernel": 2.5, "init": 6.5, "workload": 1.5, "shutdown": 0.5}
+    assert sum(v for k, v in phases.items() if k != "probe") == pytest.approx(114.0 - 100.0)
+    # A guest clock that cannot be (init after the workload began, a kernel that started before vng) is left out.
+    odd = vm.Marks(probe=0.0, vng=100.0, started=101.0, status=102.0, ended=102.0, guest_uptime=9.0, guest_init=9.5)
+    assert dict(odd.phases()).keys() == {"probe", "workload", "shutdown"}

@@ -30,7 +30,10 @@ SSHD = Path("/usr/sbin/sshd")
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REMOTE_PATH = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-pytestmark = pytest.mark.skipif(not SSHD.exists() or os.geteuid() != 0, reason="needs root and openssh-server")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not SSHD.exists() or os.geteuid() != 0, reason="needs root and openssh-server"),
+]
 
 
 def free_port() -> int:

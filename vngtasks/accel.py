@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +39,21 @@ def qemu_binary(arch: Arch) -> str:
     return found
 
 
-def choose(requested: str, arch: Arch, host: Arch, device: Path = KVM_DEVICE) -> Choice:
-    """The accelerator to boot with; raises Failure when `kvm` was asked for and is broken."""
+def choose(
+    requested: str,
+    arch: Arch,
+    host: Arch,
+    device: Path = KVM_DEVICE,
+    problem_of: Callable[[Arch], str | None] | None = None,
+) -> Choice:
+    """The accelerator to boot with; raises Failure when `kvm` was asked for and is broken.
+
+    `problem_of` answers for KVM (default: probe `device` now), e.g. from the host's cached probes."""
     if requested == "tcg":
         return Choice("tcg", "")
     if arch != host:
         return Choice("tcg", "")
-    problem = kvm_problem(arch, device)
+    problem = problem_of(arch) if problem_of else kvm_problem(arch, device)
     if problem is None:
         return Choice("kvm", "")
     if requested == "kvm":

@@ -34,9 +34,16 @@ from typing import IO
 from . import accel, arches, log, render
 from .arches import Arch
 from .errors import BAD_INPUT, MISSING_TOOL, NO_STATUS, SPLAT, TIMEOUT, Failure
+from .hostprobe import HostProbes
 from .settings import Settings
 
 POLL_SECONDS = 0.1
+GUEST_LINE_BYTES = 4096  # the most read of `started`, `status` and `release`
+GUEST_DMESG_BYTES = 16 * 1024 * 1024
+USER_HZ = 100  # clock ticks per second in /proc/<pid>/stat, on every arch we boot
+# After the workload's status, the guest powers off; a kernel that cannot (no ACPI on x86) or a
+# shutdown that hangs is stopped after this long: the run is over, and its files are synced.
+SHUTDOWN_GRACE_SECONDS = 10.0
 # GitHub's step files: the workload may write them, so their folders are shared rw.
 GITHUB_FILES = ("GITHUB_OUTPUT", "GITHUB_ENV", "GITHUB_PATH", "GITHUB_STEP_SUMMARY")
 # Not carried into the guest: they describe this shell, or bash refuses to set them.
@@ -82,6 +89,7 @@ class Boot:
     kernel: Path
     accel: str
     run_dir: Path
+    force_9p: bool = False  # vng's virtiofsd cannot start here (see hostprobe.py)
 
     @property
     def guest_script(self) -> Path:
@@ -102,6 +110,46 @@ class Outcome:
     boot_seconds: float | None  # vng start to workload start; None: never started
     workload_seconds: float | None
     release: str = ""  # the guest's `uname -r`, when it got that far
+    phases: tuple[tuple[str, float], ...] = ()  # where the time went (PHASES), as far as known
+
+
+@dataclass
+class Marks:
+    """Moments of one run on the host's monotonic clock, and the guest's clock at workload start."""
+
+    probe: float  # seconds spent deciding the accelerator and the shared-directory transport
+    vng: float  # vng started
+    started: float | None = None  # the guest's `started` appeared
+    status: float | None = None  # the guest's `status` appeared
+    ended: float | None = None  # vng ended
+    guest_uptime: float | None = None  # guest seconds since its kernel started, at workload start
+    guest_init: float | None = None  # guest seconds at which its init (pid 1) started
+    reported: int | None = None  # the workload's exit status, as the guest wrote it
+
+    @property
+    def boot_seconds(self) -> float | None:
+        """vng start to workload start; None: the workload never started."""
+        return None if self.started is None else self.started - self.vng
+
+    def phases(self) -> tuple[tuple[str, float], ...]:
+        """PHASES, each where both its ends are known; the guest's two numbers only when they fit."""
+        kernel_at = None
+        if self.started is not None and self.guest_uptime is not None:
+            kernel_at = self.started - self.guest_uptime
+        init = self.guest_init if self.guest_init is not None and self.guest_init <= (self.guest_uptime or 0) else None
+        spans = {
+            "probe": (0.0, self.probe),
+            "vng-start": (self.vng, kernel_at if kernel_at is not None and kernel_at >= self.vng else None),
+            "kernel": (0.0, init),
+            "init": (init, self.guest_uptime),
+            "workload": (self.started, self.status),
+            "shutdown": (self.status, self.ended),
+        }
+        return tuple(
+            (name, round(end - start, 2))
+            for name, (start, end) in spans.items()
+            if start is not None and end is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -193,6 +241,7 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         workdir=s.workspace,
         qemu_opts=qemu_options(s, boot.accel),
         guest_script=boot.guest_script,
+        force_9p=boot.force_9p,
     )
 
 
@@ -227,14 +276,18 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
             BAD_INPUT,
         )
     accel.qemu_binary(settings.arch)
-    choice = accel.choose(settings.accel, settings.arch, host.arch)
+    probing = time.monotonic()
+    probes = HostProbes(settings.cache_dir)
+    choice = accel.choose(settings.accel, settings.arch, host.arch, problem_of=probes.kvm_problem)
+    force_9p = probes.force_9p(child_environment(host.environ)["PATH"])
+    probe_seconds = time.monotonic() - probing
     if choice.why:
         log.warn(choice.why)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
-    outcome = attempt(settings, kernel, workload, host, choice.accel)
+    outcome = attempt(settings, kernel, workload, host, choice.accel, force_9p, probe_seconds)
     if retry_with_tcg(settings.accel, choice.accel, outcome):
         log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
-        outcome = attempt(settings, kernel, workload, host, "tcg")
+        outcome = attempt(settings, kernel, workload, host, "tcg", force_9p, 0.0)
     return conclude(settings, kernel, outcome, host.environ)
 
 
@@ -243,25 +296,57 @@ def retry_with_tcg(requested: str, used: str, outcome: Outcome) -> bool:
     return requested == "auto" and used == "kvm" and outcome.result == "boot-timeout"
 
 
-def attempt(settings: Settings, kernel: Path, workload: str, host: Host, accel_name: str) -> Outcome:
-    boot = Boot(settings=settings, kernel=kernel, accel=accel_name, run_dir=new_run_dir(settings))
+def attempt(
+    settings: Settings,
+    kernel: Path,
+    workload: str,
+    host: Host,
+    accel_name: str,
+    force_9p: bool = False,
+    probe_seconds: float = 0.0,
+) -> Outcome:
+    boot = Boot(settings=settings, kernel=kernel, accel=accel_name, run_dir=new_run_dir(settings), force_9p=force_9p)
     prepare(boot, workload, host.environ)
     try:
-        outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ))
+        outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ), probe_seconds)
         keep_dmesg(boot.run_dir, settings.log_dir)
-        release = boot.run_dir / "release"
-        return dataclasses.replace(outcome, release=release.read_text().strip()) if release.is_file() else outcome
+        release = read_guest_file(boot.run_dir / "release", GUEST_LINE_BYTES)
+        return (
+            dataclasses.replace(outcome, release=_printable(release.decode(errors="replace"))) if release else outcome
+        )
     finally:
         shutil.rmtree(boot.run_dir, ignore_errors=True)
 
 
+def read_guest_file(path: Path, limit: int) -> bytes | None:
+    """A file the guest wrote: only a regular one, never through a link, at most `limit` bytes; else None.
+
+    The guest can put anything in its run directory (a FIFO would block a plain read forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], limit
+        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def keep_dmesg(run_dir: Path, log_dir: Path) -> None:
     """The guest's dmesg beside the console log; none left from an earlier run."""
-    dmesg = log_dir / DMESG_LOG
-    if (run_dir / "dmesg").is_file():
-        shutil.copyfile(run_dir / "dmesg", dmesg)
+    dmesg = read_guest_file(run_dir / "dmesg", GUEST_DMESG_BYTES)
+    if dmesg is None:
+        (log_dir / DMESG_LOG).unlink(missing_ok=True)
     else:
-        dmesg.unlink(missing_ok=True)
+        (log_dir / DMESG_LOG).write_bytes(dmesg)
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -270,8 +355,7 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {**environ, "PATH": f"{bindir}{os.pathsep}{environ.get('PATH', os.defpath)}"}
 
 
-def supervise(boot: Boot, argv: list[str], env: Mapping[str, str]) -> Outcome:
-    s = boot.settings
+def supervise(boot: Boot, argv: list[str], env: Mapping[str, str], probe_seconds: float = 0.0) -> Outcome:
     boot.console_log.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -280,41 +364,93 @@ def supervise(boot: Boot, argv: list[str], env: Mapping[str, str]) -> Outcome:
     except FileNotFoundError:
         raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
     relays = relay(process)
-    started_at = time.monotonic()
-    workload_at: float | None = None
+    marks = Marks(probe=probe_seconds, vng=time.monotonic())
     console = ConsoleWatch(boot.console_log)
     try:
         while process.poll() is None:
             time.sleep(POLL_SECONDS)
             now = time.monotonic()
-            if workload_at is None and (boot.run_dir / "started").exists():
-                workload_at = now
-                log.info(f"booted in {now - started_at:.1f} s ({boot.accel}); workload running")
-            boot_seconds = None if workload_at is None else workload_at - started_at
-            if console.panicked_for(now) > PANIC_GRACE_SECONDS:
+            note_progress(boot, marks, now)
+            why = overdue(boot.settings, marks, console, now)
+            if why is not None:
                 stop_session(process)
-                message = "the guest kernel panicked and the VM did not end; VM stopped"
-                return failed(boot, "panic", message, boot_seconds)
-            if workload_at is None and s.boot_timeout and now - started_at > s.boot_timeout:
-                stop_session(process)
-                message = f"boot-timeout: the guest did not start the workload within {s.boot_timeout} s; VM stopped"
-                return failed(boot, "boot-timeout", message, None)
-            if workload_at is not None and s.run_timeout and now - workload_at > s.run_timeout:
-                log.warn(f"run-timeout: the workload ran over {s.run_timeout} s; VM stopped")
-                return Outcome(boot.accel, TIMEOUT, "run-timeout", boot_seconds, now - workload_at)
-        ended = time.monotonic()
-        boot_seconds = None if workload_at is None else workload_at - started_at
-        status = reported_status(boot.run_dir)
-        if status is not None:
-            return Outcome(boot.accel, status, "workload", boot_seconds, ended - (workload_at or ended))
-        if console.panicked():
-            return failed(boot, "panic", "the guest kernel panicked", boot_seconds)
-        message = f"the VM ended without reporting a workload status (vng exit {process.returncode})"
-        return failed(boot, "no-status", message, boot_seconds)
+                return stopped(boot, marks, why, now)
+            if marks.status is not None and now - marks.status > SHUTDOWN_GRACE_SECONDS:
+                log.info(f"the guest did not power off within {SHUTDOWN_GRACE_SECONDS:g} s of its status: VM stopped")
+                break
+        marks.ended = time.monotonic()
+        return ended(boot, marks, console, process.returncode)
     finally:
         stop_session(process)
         for thread in relays:
             thread.join(timeout=5)
+
+
+def note_progress(boot: Boot, marks: Marks, now: float) -> None:
+    """Mark the workload's start, then its end, as the guest reports them in the run directory."""
+    if marks.started is None:
+        started = read_guest_file(boot.run_dir / "started", GUEST_LINE_BYTES)
+        if started is not None:
+            marks.started = now
+            marks.guest_uptime, marks.guest_init = guest_clock(started.decode(errors="replace"))
+            log.info(f"booted in {now - marks.vng:.1f} s ({boot.accel}); workload running")
+    elif marks.status is None:
+        marks.reported = reported_status(boot.run_dir)
+        marks.status = now if marks.reported is not None else None
+
+
+def overdue(s: Settings, marks: Marks, console: ConsoleWatch, now: float) -> str | None:
+    """Why the VM must be stopped now, if it must: "panic", "boot-timeout" or "run-timeout"."""
+    if console.panicked_for(now) > PANIC_GRACE_SECONDS:
+        return "panic"
+    if marks.started is None and s.boot_timeout and now - marks.vng > s.boot_timeout:
+        return "boot-timeout"
+    if marks.started is not None and marks.status is None and s.run_timeout and now - marks.started > s.run_timeout:
+        return "run-timeout"
+    return None
+
+
+def stopped(boot: Boot, marks: Marks, why: str, now: float) -> Outcome:
+    """The outcome of a VM that `overdue` had stopped."""
+    s = boot.settings
+    if why == "run-timeout" and marks.started is not None:
+        log.warn(f"run-timeout: the workload ran over {s.run_timeout} s; VM stopped")
+        return Outcome(boot.accel, TIMEOUT, why, marks.boot_seconds, now - marks.started)
+    if why == "panic":
+        return failed(boot, why, "the guest kernel panicked and the VM did not end; VM stopped", marks.boot_seconds)
+    message = f"boot-timeout: the guest did not start the workload within {s.boot_timeout} s; VM stopped"
+    return failed(boot, why, message, None)
+
+
+def ended(boot: Boot, marks: Marks, console: ConsoleWatch, vng_status: int | None) -> Outcome:
+    """The outcome of a VM that ended (or was stopped after its status): the workload's status if reported."""
+    if marks.reported is None and marks.started is not None:
+        marks.reported = reported_status(boot.run_dir)
+        marks.status = marks.ended if marks.reported is not None else None
+    if marks.reported is not None and marks.started is not None and marks.status is not None:
+        workload = marks.status - marks.started
+        return Outcome(boot.accel, marks.reported, "workload", marks.boot_seconds, workload, phases=marks.phases())
+    if console.panicked():
+        return failed(boot, "panic", "the guest kernel panicked", marks.boot_seconds)
+    message = f"the VM ended without reporting a workload status (vng exit {vng_status})"
+    return failed(boot, "no-status", message, marks.boot_seconds)
+
+
+def guest_clock(text: str) -> tuple[float | None, float | None]:
+    """(guest uptime at workload start, when its init started) from `started`: seconds, or None
+    for a field that is missing or not a plausible number (the guest wrote it)."""
+    fields = text.split()
+    uptime = _plausible(fields[0], 1.0) if fields else None
+    init = _plausible(fields[1], 1.0 / USER_HZ) if len(fields) > 1 else None
+    return uptime, init
+
+
+def _plausible(field: str, scale: float) -> float | None:
+    try:
+        value = float(field) * scale
+    except ValueError:
+        return None
+    return value if 0.0 <= value < 1e6 else None
 
 
 # virtme-ng gives QEMU /proc/self/fd/1 and /2 as `file` chardevs (the guest's stdout and stderr),
@@ -391,10 +527,13 @@ class ConsoleWatch:
 
 
 def reported_status(run_dir: Path) -> int | None:
+    """The workload's exit status as the guest wrote it, when it is one (0 to 255)."""
+    text = read_guest_file(run_dir / "status", GUEST_LINE_BYTES)
     try:
-        return int((run_dir / "status").read_text())
-    except (FileNotFoundError, ValueError):
+        status = int(text or b"")
+    except ValueError:
         return None
+    return status if 0 <= status <= 255 else None
 
 
 def read_lines(path: Path) -> list[str]:
@@ -490,6 +629,7 @@ def record_json(record: Record) -> dict[str, object]:
         "accel": outcome.accel,
         "boot_seconds": _rounded(outcome.boot_seconds),
         "workload_seconds": _rounded(outcome.workload_seconds),
+        "phases": dict(outcome.phases),
         "result": outcome.result,
         "workload_status": outcome.status if outcome.result == "workload" else None,
         "status": record.status,

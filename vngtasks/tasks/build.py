@@ -5,26 +5,19 @@ from __future__ import annotations
 from invoke import Context
 from invoke.exceptions import Exit
 
-from .. import build as kernel_build
-from .. import resolve as kernel_refs
 from ..errors import BAD_INPUT
 from . import _common
 
 
-@_common.settings_task
-def build(
-    c: Context,
-    tag=None, kernel_url=None, name=None, version=None, kconfig=None, arch=None, cc=None, llvm=None,
-    kernel_compile_cache=None, vmlinux_h=None, cache_dir=None, build_host=None, build_host_accept_new=None,
-):  # fmt: skip
+@_common.settings_task(*_common.BUILD_SETTINGS)
+def build(c: Context, **flags: str | None):
     """Build --tag of --kernel-url with vng, unless the cache has it; prints the kernel directory."""
-    s = _common.settings(
-        c, tag=tag, kernel_url=kernel_url, name=name, version=version, kconfig=kconfig, arch=arch, cc=cc,
-        llvm=llvm, kernel_compile_cache=kernel_compile_cache, vmlinux_h=vmlinux_h, cache_dir=cache_dir,
-        build_host=build_host, build_host_accept_new=build_host_accept_new,
-    )  # fmt: skip
+    s = _common.settings(c, **flags)
     if not s.tag:
         raise Exit("vngtasks: tag: required: a tag, branch or 40-hex commit", code=BAD_INPUT)
+    from .. import build as kernel_build  # here: tasks that build nothing start without it
+    from .. import resolve as kernel_refs
+
     with _common.exit_statuses():
         entry = kernel_build.ensure_kernel(c, s, kernel_refs.resolve_kernel(c, s))
     print(entry.path)

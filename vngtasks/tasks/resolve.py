@@ -14,10 +14,10 @@ from ..settings import InputError
 from . import _common
 
 
-@_common.settings_task
-def resolve(c: Context, tag=None, kernel_url=None, name=None, arch=None, version=None, cache_dir=None):
+@_common.settings_task("tag", "kernel_url", "name", "arch", "version", "kconfig_base", "cache_dir")
+def resolve(c: Context, **flags: str | None):
     """Resolve --tag on --kernel-url to a commit: prints sha, sha12, key, cache-hit, remote-failed."""
-    s = _common.settings(c, tag=tag, kernel_url=kernel_url, name=name, arch=arch, version=version, cache_dir=cache_dir)
+    s = _common.settings(c, **flags)
     if not s.tag:
         raise Exit(f"vngtasks: {InputError('tag', 'required: a tag, branch or 40-hex commit')}", code=BAD_INPUT)
     with _common.exit_statuses():

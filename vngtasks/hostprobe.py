@@ -1,0 +1,134 @@
+"""What this host can run, probed once per boot of the host and kept in `cache-dir/host-probes.json`.
+
+- KVM, per guest arch: `accel.kvm_problem` (a firmware-sized probe guest).
+- virtiofsd: vng shares directories through the first virtiofsd on its list (VIRTIOFSD_PATHS) that
+  answers `--version`, started with the Rust daemon's flags. Where that is QEMU's old C daemon
+  (Debian 12's /usr/lib/qemu/virtiofsd, which answers `--version` to root), it never starts and vng
+  sleeps 0.1+0.2+0.4+0.8+1.6 s per shared directory before falling back to 9p; vngtasks then asks
+  for 9p at once (`--force-9p`).
+
+The file is ours, but only trusted for the boot it names (`/proc/sys/kernel/random/boot_id`) and
+re-probed when it cannot be read; a probe is cheap, the file only saves doing it on every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .arches import Arch
+
+PROBES_FILE = "host-probes.json"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# Where vng looks for virtiofsd, in its order (virtme/commands/run.py, VirtioFS._get_virtiofsd_path);
+# `None` stands for `virtiofsd` on the PATH, after the copy shipped with virtme-ng's guest tools.
+VIRTIOFSD_PATHS: tuple[str | None, ...] = (
+    None,
+    "/usr/libexec/virtiofsd",
+    "/usr/lib/virtiofsd/virtiofsd",
+    "/usr/lib/virtiofsd",
+    "/usr/lib/qemu/virtiofsd",
+)
+RUST_VIRTIOFSD_FLAG = "--shared-dir"  # in the Rust daemon's --help; the C one takes `-o source=`
+PROBE_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class Virtiofsd:
+    path: str  # empty: none found
+    usable: bool  # vng can start it (the Rust daemon)
+
+
+def virtiofsd_candidates(guest_tools: Path | None, path_env: str) -> list[str]:
+    found = [str(guest_tools / "bin" / "virtiofsd")] if guest_tools else []
+    for candidate in VIRTIOFSD_PATHS:
+        where = shutil.which("virtiofsd", path=path_env) if candidate is None else candidate
+        if where:
+            found.append(where)
+    return found
+
+
+def vng_virtiofsd(candidates: list[str]) -> Virtiofsd:
+    """The virtiofsd vng would pick from `candidates`, and whether vng can start it."""
+    for path in candidates:
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            continue
+        if _answers(path, "--version") is None:
+            continue
+        return Virtiofsd(path, RUST_VIRTIOFSD_FLAG in (_answers(path, "--help") or ""))
+    return Virtiofsd("", False)
+
+
+def _answers(path: str, flag: str) -> str | None:
+    """What `path flag` prints, or None when it fails."""
+    try:
+        done = subprocess.run(
+            [path, flag], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_SECONDS, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout + done.stderr if done.returncode == 0 else None
+
+
+def guest_tools() -> Path | None:
+    """virtme-ng's guest tools directory, found without importing virtme-ng."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("virtme")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return next((Path(p) / "guest" for p in locations if (Path(p) / "guest").is_dir()), None)
+
+
+class HostProbes:
+    """The probes' answers for this boot of the host, read from and written to one JSON file."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / PROBES_FILE
+        self.boot_id = _boot_id()
+        self.answers = self._load()
+
+    def _load(self) -> dict[str, object]:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(self.path.read_text())
+            if isinstance(data, dict) and data.get("boot_id") == self.boot_id and self.boot_id:
+                return data
+        return {"boot_id": self.boot_id}
+
+    def kvm_problem(self, arch: Arch) -> str | None:
+        from . import accel
+
+        key = f"kvm-{arch.name}"
+        if key not in self.answers or not isinstance(self.answers[key], str | None):
+            self._remember(key, accel.kvm_problem(arch))
+        answer = self.answers[key]
+        return answer if isinstance(answer, str) else None
+
+    def force_9p(self, path_env: str) -> bool:
+        """True when vng would wait for a virtiofsd that cannot start (or has none to try)."""
+        if not isinstance(self.answers.get("virtiofsd"), dict):
+            found = vng_virtiofsd(virtiofsd_candidates(guest_tools(), path_env))
+            self._remember("virtiofsd", {"path": found.path, "usable": found.usable})
+        answer = self.answers["virtiofsd"]
+        return not (isinstance(answer, dict) and answer.get("usable") is True)
+
+    def _remember(self, key: str, value: object) -> None:
+        self.answers[key] = value
+        with contextlib.suppress(OSError):  # a cache we cannot write only costs a probe next time
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix=".host-probes-", dir=self.path.parent)
+            with os.fdopen(fd, "w") as out:
+                json.dump(self.answers, out, indent=2, sort_keys=True)
+            os.replace(temp, self.path)
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
