@@ -1,4 +1,9 @@
-"""Speed goals, measured and printed (never asserted): `nox -s bench [-- --build] [--remote | --remote-push]`."""
+"""Speed goals, measured and printed (never asserted).
+
+`nox -s bench [-- [--no-boot] [--build] [--remote | --remote-push]]`: by default the quick figures and the
+boot ratios (about 5 min); `--build` adds the kernel-build ratios of the tiny and vng bases (about 60 min
+on 2 cores), `--remote` a remote build against a local one.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 from invoke import Context
 from linux_remote import CCACHE_DIR, KCONFIG, LINUX_REMOTE_HOME, TAG, git, linux_remote, without_rustup
 
-from vngtasks import accel, arches, kernels
+from vngtasks import accel, arches, kernels, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,9 +44,7 @@ def resolve_propagated() -> None:
     """`invoke resolve` in a later job of a run: the SHA file answers, the network is never used."""
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as listener:
         workspace = Path(tmp)
-        (workspace / ".vng-sha-bench").mkdir()
-        (workspace / ".vng-sha-bench" / "sha").write_text("0123456789abcdef0123456789abcdef01234567\n")
-        (workspace / ".vng-sha-bench" / "tag").write_text("v6.12\n")
+        resolve.propagate(workspace, "bench", "v6.12", "0123456789abcdef0123456789abcdef01234567")
         # kernel-url points here: every connection git makes is accepted, counted and dropped.
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -136,6 +139,7 @@ def boot_ratio(kernel: Path, label: str, pairs: int = 5) -> None:
 def tiny_kernel() -> Path:
     """The tests' tiny v6.12 (kconfig-base tiny, their fragment), built or found in a bench cache."""
     cache_dir = LINUX_REMOTE_HOME / "bench-cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
     argv = build_argv(TAG, f"file://{linux_remote()}", cache_dir, cache_dir, "--kconfig-base", "tiny")
     done = subprocess.run(
         argv, cwd=cache_dir, env=make_env(CCACHE_DIR=str(CCACHE_DIR)), check=True, capture_output=True

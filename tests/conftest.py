@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from linux_remote import tagged_commit, without_rustup
+from linux_remote import CCACHE_DIR, KCONFIG, TAG, tagged_commit, without_rustup
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every kernel-building test builds through the one ccache the tests keep on this machine.
+CCACHE_ENV = {"CCACHE_DIR": str(CCACHE_DIR)}
 
 
 def path_for_tests(path: str) -> str:
@@ -46,31 +49,82 @@ def workspace(tmp_path: Path) -> Path:
     return path
 
 
+def run_invoke(
+    args: tuple[str, ...],
+    *,
+    home: Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    output=None,
+) -> subprocess.CompletedProcess:
+    """`invoke -r <checkout> ARGS...` as a user would run it in `cwd`, with a HOME of its own and none of
+    this shell's INVOKE_/GITHUB_/XDG_ settings. `output`: an open file that takes stdout and stderr
+    (`> file 2>&1`) instead of capturing them."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("INVOKE_", "GITHUB_", "XDG_")) and key != "HOME"
+    }
+    environ.update({"HOME": str(home), "PATH": path_for_tests(environ["PATH"])})
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
+        cwd=cwd,
+        env=environ,
+        stdout=output or subprocess.PIPE,
+        stderr=subprocess.STDOUT if output else subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 @pytest.fixture
 def cli(home: Path, workspace: Path):
     """Run `invoke -r <checkout> ARGS...` as a user would, in `workspace`."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None, output=None):
-        """`output`: an open file that takes stdout and stderr (`> file 2>&1`) instead of capturing them."""
-        environ = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("INVOKE_", "GITHUB_", "XDG_")) and key != "HOME"
-        }
-        environ.update({"HOME": str(home), "PATH": path_for_tests(environ["PATH"])})
-        environ.update(env or {})
-        return subprocess.run(
-            [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
-            cwd=cwd or workspace,
-            env=environ,
-            stdout=output or subprocess.PIPE,
-            stderr=subprocess.STDOUT if output else subprocess.PIPE,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        return run_invoke(args, home=home, cwd=cwd or workspace, env=env, timeout=timeout, output=output)
 
     return run
+
+
+@dataclass(frozen=True)
+class TinyBuild:
+    """The session's one tiny kernel, and how `invoke build` made it."""
+
+    done: subprocess.CompletedProcess
+    entry: Path  # the cache entry
+    args: tuple[str, ...]  # the flags that name it (tag, url, name, kconfig, cache-dir)
+    workspace: Path  # holds ci/kernel.config
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]) -> TinyBuild:
+    """v6.12 with kconfig-base tiny and the tests' fragment, built once per session through the CLI,
+    with the tests' ccache: test_build checks how it went; the boot tests boot it."""
+    url, _ = remote
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "home").mkdir()
+    (root / "workspace" / "ci").mkdir(parents=True)
+    (root / "workspace" / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+    args = (
+        "--tag",
+        TAG,
+        "--kernel-url",
+        url,
+        "--name",
+        "ci",
+        "--kconfig-base",
+        "tiny",
+        "--kconfig",
+        "ci/kernel.config",
+    )
+    args += ("--cache-dir", str(root / "cache"))
+    done = run_invoke(("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -238,7 +238,7 @@ def built(act_env: Act, remote, tmp_path_factory: pytest.TempPathFactory):
     cache_dir = tmp_path_factory.mktemp("cache-a")
     steps = [
         action("vm", name="act", kconfig="ci/kernel.config", run="uname -r", verbose="false",
-               **{"kernel-url": url, "kernel-tag": TAG, "cache-dir": str(cache_dir)}),
+               **{"kernel-url": url, "kernel-tag": TAG, "cache-dir": str(cache_dir), "kconfig-base": "tiny"}),
         shell(
             'echo "OUT sha=$SHA hit=$HIT dir=$DIR"; test -f linux/vmlinux.h && echo VMLINUX_H_OK;'
             ' echo "LINK $(readlink linux)"; command -v rustc || echo NO_RUSTC',
@@ -265,7 +265,7 @@ def test_a_builds_the_kernel_and_boots_it(built):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
     assert f"__act__{sha[:12]}" in out
-    key = f"vng-kernel-act-x86_64-{sha[:12]}-v2"
+    key = f"vng-kernel-act-x86_64-{sha[:12]}-v2+tiny"
     assert "cache: miss" in out and f"OUT sha={sha[:12]} hit=false dir={cache_dir}/kernels/{key}" in out
     assert "VMLINUX_H_OK" in out and "NO_RUSTC" in out
     assert f"LINK {cache_dir}/kernels/{key}\n" in out
@@ -280,7 +280,7 @@ def test_b_d_second_run_hits_the_kernel_cache_and_boots_two_kernels(built, act_e
     fresh = fresh_runner(built[3])  # the kernel can only come from the actions cache
     steps = [
         action("built", name="act", **{"kernel-url": url, "kernel-tag": TAG, "cache-dir": str(fresh)},
-               run='echo "GUEST1 $(uname -r)"', verbose="false"),
+               run='echo "GUEST1 $(uname -r)"', verbose="false", **{"kconfig-base": "tiny"}),
         action("distro", name="distro", kernel=str(distro), **{"cache-dir": str(fresh)},
                run='echo "GUEST2 $(uname -r)"', verbose="false"),
         shell('echo "OUT hit=$HIT sha=$SHA"', HIT="${{ steps.built.outputs.cache-hit }}",
@@ -293,7 +293,7 @@ def test_b_d_second_run_hits_the_kernel_cache_and_boots_two_kernels(built, act_e
     assert "cache: miss" not in out and "::group::build" not in out and "Build kernel" not in out
     assert re.search(rf"GUEST1 \S*__act__{sha[:12]}", out)
     assert f"GUEST2 {distro.name.removeprefix('vmlinuz-')}" in out
-    assert (fresh / "kernels" / f"vng-kernel-act-x86_64-{sha[:12]}-v2" / "vmlinux.h").is_file()
+    assert (fresh / "kernels" / f"vng-kernel-act-x86_64-{sha[:12]}-v2+tiny" / "vmlinux.h").is_file()
 
 
 @pytest.mark.slow
@@ -367,7 +367,7 @@ def test_g_unreachable_remote_falls_back_to_the_newest_cached_kernel(built, act_
     steps = [
         action("vm", name="act", verbose="false", run='echo "GUEST $(uname -r)"', **{
             "kernel-url": f"file://{tmp_path}/no-such-remote", "kernel-tag": "v6.12-unreachable",
-            "cache-dir": str(cache_dir),
+            "cache-dir": str(cache_dir), "kconfig-base": "tiny",
         }),
         shell('echo "OUT hit=$HIT sha=$SHA"', HIT="${{ steps.vm.outputs.cache-hit }}",
               SHA="${{ steps.vm.outputs.kernel-sha }}"),

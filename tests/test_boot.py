@@ -32,14 +32,23 @@ def distro_kernel() -> Path:
     return kernels.host_kernel()  # fails (not skips) where no distro kernel is installed
 
 
-def test_status_files_and_environment_cross_the_vm(cli, tmp_path: Path, workspace: Path, distro_kernel: Path):
+@pytest.fixture(params=["distro", "tiny"])
+def any_kernel(request: pytest.FixtureRequest) -> Path:
+    """The distro kernel (modules in an initramfs), then the tests' tiny build (all built in, no ACPI
+    extras): what every health check must work on."""
+    if request.param == "distro":
+        return request.getfixturevalue("distro_kernel")
+    return request.getfixturevalue("tiny_build").entry
+
+
+def test_status_files_and_environment_cross_the_vm(cli, tmp_path: Path, workspace: Path, any_kernel: Path):
     github = tmp_path / "runner-files"
     github.mkdir()
     output = github / "output"
     output.touch()
     workload = 'echo hi > out.txt; echo "answer=$VNGTASKS_TEST_VALUE" >> "$GITHUB_OUTPUT"; exit 3'
     done = cli(
-        "boot", "--kernel", str(distro_kernel), *QUIET, "--", workload,
+        "boot", "--kernel", str(any_kernel), *QUIET, "--", workload,
         env={"GITHUB_OUTPUT": str(output), "VNGTASKS_TEST_VALUE": "a b $c 'd'"},
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
@@ -99,8 +108,8 @@ def run_record(workspace: Path) -> dict:
     return json.loads((workspace / "vng-run.json").read_text())
 
 
-def test_a_panic_ends_the_run_at_once_with_its_console_lines(cli, home: Path, workspace: Path, distro_kernel: Path):
-    done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--", "echo c > /proc/sysrq-trigger")
+def test_a_panic_ends_the_run_at_once_with_its_console_lines(cli, home: Path, workspace: Path, any_kernel: Path):
+    done = cli("boot", "--kernel", str(any_kernel), *QUIET, "--", "echo c > /proc/sysrq-trigger")
     assert done.returncode == 125, done.stderr
     assert "the guest kernel panicked" in done.stderr
     assert "Kernel panic - not syncing: sysrq triggered crash" in done.stderr
@@ -111,8 +120,8 @@ def test_a_panic_ends_the_run_at_once_with_its_console_lines(cli, home: Path, wo
     assert qemu_processes_under(home) == []
 
 
-def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, distro_kernel: Path):
-    done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--", WARN_WORKLOAD)
+def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, any_kernel: Path):
+    done = cli("boot", "--kernel", str(any_kernel), *QUIET, "--", WARN_WORKLOAD)
     assert done.returncode == 123, done.stderr
     assert "splat-check" in done.stderr and FAKE_WARNING in done.stderr
     assert FAKE_WARNING in (workspace / "vng-console.log").read_text()

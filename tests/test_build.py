@@ -1,4 +1,9 @@
-"""Real kernels from git: Debian's linux-source-6.12 as a remote with tag v6.12, built with vng."""
+"""Real kernels from git: Debian's linux-source-6.12 as a remote with tag v6.12, built with vng.
+
+Every build here but one is the session's tiny kernel (conftest.tiny_build) and its ccache; the one
+other keeps vng's own kconfig base, the users' default, without BTF (a cold build of it with debug
+info would take most of an hour on 2 cores).
+"""
 
 from __future__ import annotations
 
@@ -6,41 +11,58 @@ import json
 from pathlib import Path
 
 import pytest
-from linux_remote import CCACHE_DIR, KCONFIG, TAG
+from conftest import CCACHE_ENV, TinyBuild
+from linux_remote import KCONFIG, TAG
 
 pytestmark = pytest.mark.slow
 
-# ccache survives between runs on one machine (the tests' HOME does not).
-CCACHE = {"CCACHE_DIR": str(CCACHE_DIR)}
 
-
-def test_boot_tag_builds_once_then_boots_from_the_cache(cli, tmp_path: Path, workspace: Path, remote):
+def test_a_tiny_build_is_stored_once_then_booted_from_the_cache(cli, workspace: Path, tiny_build: TinyBuild, remote):
     url, sha = remote
-    (workspace / "ci").mkdir()
-    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())  # CONFIG_IKCONFIG_PROC=y
-    cache_dir = tmp_path / "cache"
-    args = ["boot", "--tag", TAG, "--kernel-url", url, "--name", "ci", "--kconfig", "ci/kernel.config"]
-    args += ["--cache-dir", str(cache_dir), "--verbose", "false", "--"]
-    workload = "uname -r; test -e /proc/config.gz && echo config.gz-present"
-
-    first = cli(*args, workload, env=CCACHE, timeout=3600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert f"__ci__{sha[:12]}" in first.stdout and "config.gz-present" in first.stdout, first.stdout
-
-    (entry,) = (cache_dir / "kernels").glob("vng-kernel-ci-*")
-    assert entry.name == f"vng-kernel-ci-x86_64-{sha[:12]}-v2"
+    key = f"vng-kernel-ci-x86_64-{sha[:12]}-v2+tiny"
+    assert f"cache: miss {key}: building" in tiny_build.done.stderr
+    assert "kconfig: base tiny + tiny.config + btf.config + kconfig.config" in tiny_build.done.stderr
+    assert "did not survive" not in tiny_build.done.stderr  # every line of BTF's and the tests' fragment
+    entry = tiny_build.entry
+    assert entry.name == key
     metadata = json.loads((entry / "metadata.json").read_text())
     assert metadata["sha"] == sha and metadata["tag"] == TAG and metadata["url"] == url
-    assert f"__ci__{sha[:12]}" in metadata["kernel_release"]
+    assert metadata["kconfig_base"] == "tiny" and f"__ci__{sha[:12]}" in metadata["kernel_release"]
+    config = (entry / ".config").read_text().splitlines()
+    assert {"CONFIG_DEBUG_INFO_BTF=y", "CONFIG_IKCONFIG_PROC=y", "CONFIG_9P_FS=y", "CONFIG_SMP=y"} <= set(config)
+    assert "# CONFIG_MODULES is not set" in config
     assert (entry / "vmlinux.h").stat().st_size > 1_000_000
     assert "struct task_struct {" in (entry / "vmlinux.h").read_text()
     assert not [p for p in entry.rglob("*") if p.is_symlink() and not p.resolve().is_relative_to(entry)]
 
-    tree = cache_dir / "work" / "ci-x86_64" / "linux"
+    tree = entry.parent.parent / "work" / "ci-x86_64" / "linux"
     marks = {p: p.stat().st_mtime_ns for p in (tree / ".git" / "FETCH_HEAD", tree / "vmlinux")}
-    second = cli(*args, workload, env=CCACHE, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"cache: hit vng-kernel-ci-x86_64-{sha[:12]}-v2" in second.stderr
-    assert f"__ci__{sha[:12]}" in second.stdout
+    (workspace / "ci").mkdir()
+    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+    workload = "uname -r; test -e /proc/config.gz && echo config.gz-present; nproc"
+    again = cli("boot", *tiny_build.args, "--cpus", "2", "--verbose", "false", "--", workload, env=CCACHE_ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"cache: hit {key}" in again.stderr
+    assert f"__ci__{sha[:12]}" in again.stdout and "config.gz-present" in again.stdout
+    assert again.stdout.splitlines()[-1] == "2", again.stdout  # SMP: both CPUs came up
     # No clone and no make: neither the fetch head nor the linked kernel of the work tree moved.
     assert {p: p.stat().st_mtime_ns for p in marks} == marks
+
+
+def test_vngs_own_kconfig_base_builds_and_boots(cli, tmp_path: Path, workspace: Path, remote):
+    """The users' default kconfig base (vng's defconfig-based config), proven by a real build and boot."""
+    url, sha = remote
+    (workspace / "ci").mkdir()
+    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+    args = ["boot", "--tag", TAG, "--kernel-url", url, "--name", "vng", "--kconfig", "ci/kernel.config"]
+    args += ["--vmlinux-h", "false", "--cache-dir", str(tmp_path / "cache"), "--verbose", "false", "--"]
+    done = cli(*args, "uname -r; test -e /proc/config.gz && echo config.gz-present", env=CCACHE_ENV, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"__vng__{sha[:12]}" in done.stdout and "config.gz-present" in done.stdout
+    (entry,) = (tmp_path / "cache" / "kernels").glob("vng-kernel-vng-*")
+    assert entry.name == f"vng-kernel-vng-x86_64-{sha[:12]}-v2"  # the seed's key: no base suffix
+    config = set((entry / ".config").read_text().splitlines())
+    # virtme-ng's own additions to the defconfig, and the tests' fragment on top.
+    assert {"CONFIG_VIRTIO_FS=y", "CONFIG_OVERLAY_FS=y", "CONFIG_9P_FS=y", "CONFIG_IKCONFIG_PROC=y"} <= config
+    assert json.loads((entry / "metadata.json").read_text())["kconfig_base"] == "vng"
+    assert not (entry / "vmlinux.h").exists()

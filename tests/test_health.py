@@ -219,11 +219,12 @@ def test_a_reported_status_is_an_exit_status_or_nothing(tmp_path: Path, text: st
 
 
 def test_the_guest_clock_is_read_with_suspicion() -> None:
-    assert vm.guest_clock("12.34 231\n") == (12.34, 2.31)
-    assert vm.guest_clock("12.34") == (12.34, None)
-    assert vm.guest_clock("nan -5") == (None, None)
-    assert vm.guest_clock("1e300 x") == (None, None)
-    assert vm.guest_clock("") == (None, None)
+    assert vm.guest_seconds("12.34") == 12.34
+    assert [vm.guest_seconds(t) for t in ("nan", "-5", "1e300", "", "12 s")] == [None] * 5
+    dmesg = b"[    0.000000] Linux version 6.12\n[    2.311646] Run /usr/lib/virtme-ng-init as init process\n"
+    assert vm.init_started(dmesg) == 2.311646
+    assert vm.init_started(b"[ 1.0] Run /x as init process; and more\n") is None
+    assert vm.init_started(b"\xff\xfe not a log") is None
 
 
 def test_phases_add_up_to_the_run() -> None:

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import TinyBuild
 from invoke import Context
 from linux_remote import CCACHE_DIR, KCONFIG
 
-from vngtasks import arches, build, remote
+from vngtasks import arches, build, remote, untar
 from vngtasks.errors import Failure
 from vngtasks.settings import DEFAULTS, resolve
 
@@ -305,6 +306,24 @@ def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_
     assert len(image) < received < len(image) + 64 * 1024
 
 
+def test_a_link_the_build_host_sends_back_is_refused(start_sshd, home: Path, tmp_path: Path, monkeypatch):
+    """A hostile build host: `System.map` is a symlink to the build host's /etc/passwd in the stream."""
+    monkeypatch.setenv("HOME", str(home))
+    sshd = start_sshd()
+    sshd.trust(home)
+    tree = sshd.remote_home / "tree"
+    (tree / "arch" / "x86" / "boot").mkdir(parents=True)
+    (tree / "arch" / "x86" / "boot" / "bzImage").write_bytes(b"kernel")
+    (tree / "System.map").symlink_to("/etc/passwd")
+    dest = tmp_path / "entry"
+    dest.mkdir()
+    conn = remote.connect(remote.Host("root", "127.0.0.1", sshd.port), accept_new=False)
+    with pytest.raises(untar.UnsafeMember, match=r"^'System.map': a symlink to '/etc/passwd'"):
+        remote.download(conn, str(tree), ["System.map", "arch/x86/boot/bzImage"], dest)
+    conn.close()
+    assert list(dest.iterdir()) == []
+
+
 def test_builds_of_one_key_on_one_host_take_turns(start_sshd, home: Path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
@@ -453,7 +472,10 @@ def test_killing_the_session_mid_build_leaves_nothing(cli, start_sshd, home: Pat
 
 
 @pytest.mark.slow
-def test_build_on_the_host_then_boot_here(cli, start_sshd, home: Path, tmp_path: Path, workspace: Path, kernel_tree):
+def test_build_on_the_host_then_boot_here(
+    cli, start_sshd, home: Path, tmp_path: Path, workspace: Path, kernel_tree, tiny_build: TinyBuild
+):
+    """The session's tiny kernel filled the tests' ccache here: the build host, sharing it, hits it."""
     repo, sha = kernel_tree
     sshd = start_sshd()
     sshd.trust(home)
@@ -461,7 +483,17 @@ def test_build_on_the_host_then_boot_here(cli, start_sshd, home: Path, tmp_path:
     # The fragment every kernel-building test uses: one config, one ccache (and the upload path is tested).
     (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
     args = ["boot", "--tag", "v6.12", "--kernel-url", str(repo), "--name", "far", "--build-host", sshd.target]
-    args += ["--kconfig", "ci/kernel.config", "--cache-dir", str(tmp_path / "c"), "--verbose", "false", "--"]
+    args += [
+        "--kconfig-base",
+        "tiny",
+        "--kconfig",
+        "ci/kernel.config",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--verbose",
+        "false",
+        "--",
+    ]
     done = cli(*args, "uname -r; test -e /proc/config.gz && echo config.gz-present", timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"__far__{sha[:12]}" in done.stdout and "config.gz-present" in done.stdout
@@ -469,6 +501,8 @@ def test_build_on_the_host_then_boot_here(cli, start_sshd, home: Path, tmp_path:
     metadata = json.loads((entry / "metadata.json").read_text())
     assert metadata["built_on"] == f"127.0.0.1:{sshd.port}" and metadata["sha"] == sha
     assert metadata["pushed_bytes"] > 100_000_000  # the first push ships the whole tree
+    hits, misses = metadata["ccache"]["hits"], metadata["ccache"]["misses"]
+    assert hits > 20 * misses, metadata["ccache"]  # the objects the local tiny build compiled
     assert "struct task_struct {" in (entry / "vmlinux.h").read_text()
     # The work tree is gone; the key's empty lock file stays (removing a flock file races the next locker).
     left = list((sshd.remote_home / ".cache" / "vngtasks" / "remote-work").iterdir())

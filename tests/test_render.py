@@ -13,7 +13,7 @@ import pytest
 
 from vngtasks import arches, build, kconfig, render, vm
 from vngtasks.arches import Arch
-from vngtasks.settings import DEFAULTS, resolve
+from vngtasks.settings import DEFAULTS, InputError, resolve
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("VNGTASKS_REGEN_GOLDEN") == "1"
@@ -137,9 +137,11 @@ def test_cpu_host_is_dropped_without_kvm() -> None:
 
 @pytest.mark.parametrize("arch", arches.ARCHES, ids=lambda a: a.name)
 def test_console_log_is_a_virtconsole_of_its_own(arch: Arch) -> None:
-    settings = resolve(DEFAULTS, {"arch": arch.name, "log_dir": "/logs/a,b"}, workspace=WORKSPACE)
+    settings = resolve(DEFAULTS, {"arch": arch.name, "log_dir": "/logs/a"}, workspace=WORKSPACE)
     opts = vm.qemu_options(settings, "tcg")
-    assert "file,id=vngtasks-log,path=/logs/a,,b/vng-console.log" in opts  # QEMU's comma escape
+    assert "file,id=vngtasks-log,path=/logs/a/vng-console.log" in opts
+    with pytest.raises(InputError, match=r"^log-dir: '/logs/a,b': vng pastes this path"):  # "," is QEMU's separator
+        resolve(DEFAULTS, {"arch": arch.name, "log_dir": "/logs/a,b"}, workspace=WORKSPACE)
     assert "virtconsole,chardev=vngtasks-log,bus=vngtasks-log-bus.0" in opts
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,7 +142,7 @@ def test_refs_that_only_end_in_the_name_never_match(url: str, remote: Remote):
     with pytest.raises(Failure) as raised:
         resolve.remote(Context(), url, "deep")  # only foo/deep and x/deep exist
     assert not isinstance(raised.value, resolve.RemoteFailed)
-    assert raised.value.code == resolve.RESOLVE_FAILED
+    assert raised.value.code == resolve.FAILED
     assert str(raised.value).startswith("tag: 'deep'") and url in str(raised.value)
 
 
@@ -165,7 +167,7 @@ def test_unreachable_remote_is_tried_three_times(closed_url: str, capsys: pytest
         resolve.remote(Context(), closed_url, "v6.12")
     assert time.monotonic() - start >= 3  # backoff: 1 s, then 2 s
     assert attempts(capsys.readouterr().err) == 3
-    assert raised.value.code == resolve.RESOLVE_FAILED and "after 3 attempts" in str(raised.value)
+    assert raised.value.code == resolve.FAILED and "after 3 attempts" in str(raised.value)
 
 
 def test_unreachable_remote_and_empty_cache_fails(tmp_path: Path, closed_url: str):
@@ -198,8 +200,8 @@ def test_remote_answer_is_propagated_then_used_without_network(
     s = make_settings(tmp_path / "ws", tmp_path / "cache", tag="light", kernel_url=daemon_url, name="nightly")
     assert resolve.resolve_kernel(Context(), s).source == "remote"
     shared = resolve.sha_file(s.workspace, "nightly")
-    assert shared.read_text() == remote.commits["light"] + "\n"
-    assert sorted(p.name for p in shared.parent.iterdir()) == ["sha", "tag"]  # no temp file left behind
+    assert json.loads(shared.read_text()) == {"tag": "light", "sha": remote.commits["light"]}
+    assert [p.name for p in shared.parent.iterdir()] == ["resolved.json"]  # no temp file left behind
     # Another job of the run: the remote is now unreachable, the file answers alone.
     later = make_settings(tmp_path / "ws", tmp_path / "cache", tag="light", kernel_url=closed_url, name="nightly")
     start = time.monotonic()
@@ -211,12 +213,12 @@ def test_remote_answer_is_propagated_then_used_without_network(
 def test_bad_propagated_file_is_ignored(tmp_path: Path, url: str, remote: Remote, capsys: pytest.CaptureFixture[str]):
     s = make_settings(tmp_path / "ws", tmp_path / "cache", tag="feature", kernel_url=url)
     resolve.sha_file(s.workspace, s.name).parent.mkdir()
-    resolve.sha_file(s.workspace, s.name).write_text("not a sha\n")
-    (resolve.sha_file(s.workspace, s.name).parent / "tag").write_text("feature\n")
-    resolved = resolve.resolve_kernel(Context(), s)
-    assert (resolved.sha, resolved.source) == (remote.commits["feature"], "remote")
-    assert "not a 40-hex commit" in capsys.readouterr().err
-    assert resolve.sha_file(s.workspace, s.name).read_text().strip() == remote.commits["feature"]
+    for bad in ('{"tag": "feature", "sha": "not a sha"}', "not json", '["a list"]'):
+        resolve.sha_file(s.workspace, s.name).write_text(bad)
+        resolved = resolve.resolve_kernel(Context(), s)
+        assert (resolved.sha, resolved.source) == (remote.commits["feature"], "remote")
+        assert "ignoring" in capsys.readouterr().err
+        assert json.loads(resolve.sha_file(s.workspace, s.name).read_text())["sha"] == remote.commits["feature"]
 
 
 def test_propagated_sha_of_another_tag_is_not_used(tmp_path: Path, url: str, remote: Remote):
@@ -241,7 +243,7 @@ def test_cli_writes_github_outputs(cli, tmp_path: Path, workspace: Path, daemon_
     expected = {"sha12": sha[:12], "sha": sha, "key": key, "remote-failed": "false", "cache-hit": "false"}
     assert outputs(out) == {**expected, "kernel-sha": sha[:12]}
     assert dict(line.split("=", 1) for line in done.stdout.splitlines()) == expected
-    assert resolve.sha_file(workspace, "default").read_text().strip() == sha
+    assert json.loads(resolve.sha_file(workspace, "default").read_text())["sha"] == sha
     # The kernel gets cached: the next resolve (propagated, no network) reports a hit.
     store = cache.KernelCache(tmp_path / "c" / "kernels")
     with store.create(key, {"name": "default", "arch": arches.host().name, "sha": sha}):
@@ -272,3 +274,36 @@ def test_cli_without_tag_is_bad_input(cli, home: Path):
     done = cli("resolve")
     assert done.returncode == 2 and done.stderr.startswith("vngtasks: tag: required"), done.stderr
     assert list(home.iterdir()) == []
+
+
+def test_a_reader_never_gets_one_tags_sha_for_another(tmp_path: Path):
+    """A writer process flips the record between two tags while this one reads it: never a mixed pair."""
+    shas = {"v1": "1" * 40, "v2": "2" * 40}
+    resolve.propagate(tmp_path, "race", "v1", shas["v1"])
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path), json.dumps(shas)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+    seen: dict[str, int] = {"v1": 0, "v2": 0}
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for tag, sha in shas.items():
+            found = resolve.propagated(tmp_path, "race", tag)
+            if found is not None:
+                assert found.sha == sha, (tag, found.sha)
+                seen[tag] += 1
+    writer.kill()
+    writer.wait()
+    assert min(seen.values()) > 10, seen  # both answers were read, many times
+
+
+WRITER = """
+import json, sys
+from pathlib import Path
+from vngtasks import resolve
+shas = json.loads(sys.argv[2])
+print("writing", flush=True)
+while True:
+    for tag, sha in shas.items():
+        resolve.propagate(Path(sys.argv[1]), "race", tag, sha)
+"""

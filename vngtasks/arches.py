@@ -81,7 +81,6 @@ ARCHES: tuple[Arch, ...] = (
             "# CONFIG_ACPI_TABLE_UPGRADE is not set",
             "# CONFIG_SCHED_MC is not set",  # it selects cpufreq, hence ACPI's processor driver
             "# CONFIG_X86_MCE is not set",
-            "# CONFIG_MICROCODE is not set",
             "CONFIG_PROCESSOR_SELECT=y",
             "# CONFIG_CPU_SUP_HYGON is not set",
             "# CONFIG_CPU_SUP_CENTAUR is not set",

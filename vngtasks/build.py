@@ -24,11 +24,10 @@ from invoke import Context
 
 from . import arches, cache, kconfig, log, render, vm
 from .arches import Arch
-from .errors import Failure
+from .errors import FAILED, Failure
 from .resolve import Resolved
-from .settings import Settings
+from .settings import Settings, make_directory
 
-BUILD_FAILED = 1
 CCACHE_MAX_SIZE = "5G"
 # Fixed build identity: the same sources give the same objects, so ccache hits across trees.
 BUILD_TIMESTAMP = "@0"
@@ -123,11 +122,11 @@ def fetch(c: Context, url: str, tag: str, sha: str, tree: str) -> None:
             break
         log.warn(f"tag: {tag} now points at {got.stdout.strip()[:12]}, not the resolved {sha[:12]}; fetching that")
     else:
-        raise Failure(f"tag: cannot fetch commit {sha[:12]} of {tag} from {url}", BUILD_FAILED)
+        raise Failure(f"tag: cannot fetch commit {sha[:12]} of {tag} from {url}", FAILED)
     c.run(shlex.join([*git, "checkout", "-q", "--force", "--detach", sha]), in_stream=False)
     head = c.run(shlex.join([*git, "rev-parse", "HEAD"]), hide=True, in_stream=False).stdout.strip()
     if head != sha:
-        raise Failure(f"tag: checked out {head[:12]}, expected {sha[:12]}", BUILD_FAILED)
+        raise Failure(f"tag: checked out {head[:12]}, expected {sha[:12]}", FAILED)
 
 
 def _progress() -> list[str]:
@@ -179,7 +178,7 @@ def configure(c: Context, plan: Plan, variables: list[str], env: dict[str, str])
         done = c.run(in_tree(plan.tree, argv), env=env, hide=True, warn=True, in_stream=False)
         if not done.ok:
             problem = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.exited}").splitlines()[-1]
-            raise Failure(f"kconfig: {shlex.join(argv[:2])} failed: {problem}", BUILD_FAILED)
+            raise Failure(f"kconfig: {shlex.join(argv[:2])} failed: {problem}", FAILED)
     config = c.run(shlex.join(["cat", f"{plan.tree}/.config"]), hide=True, in_stream=False).stdout
     for name, text in fragments:
         if name in kconfig.CHECKED:
@@ -326,6 +325,7 @@ def local_plan(settings: Settings, sha: str) -> Plan:
 
 def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.Entry:
     """The cache entry of the resolved commit: found, or built once (others wait on the lock)."""
+    make_directory("cache_dir", settings.cache_dir)
     kernels = cache.KernelCache(cache.kernels_root(settings))
     key = cache.key_for(settings, resolved.sha12)
     with kernels.lock(key):
@@ -334,7 +334,7 @@ def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.E
             log.info(f"cache: hit {key}")
             return entry
         if resolved.source == "stale":
-            raise Failure(f"cache: {key} vanished while the remote is unreachable", BUILD_FAILED)
+            raise Failure(f"cache: {key} vanished while the remote is unreachable", FAILED)
         log.info(f"cache: miss {key}: building")
         if settings.build_host:
             from . import remote  # remote builds reuse this module's steps
@@ -364,7 +364,7 @@ def build_entry(c: Context, plan: Plan, kernels: cache.KernelCache, key: str, re
         prepare_modules(temp)
     entry = kernels.lookup(key)
     if entry is None:
-        raise Failure(f"cache: {key} missing right after it was stored", BUILD_FAILED)
+        raise Failure(f"cache: {key} missing right after it was stored", FAILED)
     log.info(f"build: {key} stored ({cache.human_size(entry.size_bytes)}) in {metadata['build_seconds']} s")
     return entry
 

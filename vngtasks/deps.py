@@ -17,10 +17,9 @@ from invoke import Context
 
 from . import log
 from .arches import Arch
-from .errors import Failure
+from .errors import FAILED, Failure
 from .settings import Settings
 
-DEPS_FAILED = 1
 RETRY_DELAY_SECONDS = 5.0
 LOCK_WAIT_SECONDS = 600
 KILL_AFTER_SECONDS = 10
@@ -135,7 +134,7 @@ def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None
         if attempt < settings.deps_retries:
             c.run(f"{sudo}dpkg --configure -a", warn=True, hide=True, in_stream=False, env=env)
             time.sleep(RETRY_DELAY_SECONDS * attempt)
-    raise Failure(f"deps: apt-get failed {settings.deps_retries} times: {problem}", DEPS_FAILED)
+    raise Failure(f"deps: apt-get failed {settings.deps_retries} times: {problem}", FAILED)
 
 
 def _attempt(c: Context, command: str, env: dict[str, str], timeout: int) -> str | None:

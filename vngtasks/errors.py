@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+FAILED = 1  # deps could not install, a ref did not resolve, a build failed
 BAD_INPUT = 2  # a setting or flag is wrong; nothing was touched
 SPLAT = 123  # the workload passed but the guest kernel logged a splat (splat-check)
 TIMEOUT = 124  # run-timeout expired; the VM was killed

@@ -34,8 +34,8 @@ from fabric import Config, Connection
 from invoke import Context
 from invoke.exceptions import UnexpectedExit
 
-from . import arches, build, cache, deps, log
-from .errors import BAD_INPUT, MISSING_TOOL, Failure
+from . import arches, build, cache, deps, log, untar
+from .errors import BAD_INPUT, FAILED, MISSING_TOOL, Failure
 from .resolve import Resolved
 from .settings import InputError, Settings
 
@@ -93,7 +93,7 @@ class Host:
         """How known_hosts names this host (OpenSSH and paramiko agree)."""
         return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
 
-    def failure(self, stage: str, reason: str, code: int = build.BUILD_FAILED) -> Failure:
+    def failure(self, stage: str, reason: str, code: int = FAILED) -> Failure:
         return Failure(f"build-host: {self.label}: {stage}: {reason}", code)
 
 
@@ -404,8 +404,7 @@ def download(conn: BuildHost, tree: str, paths: list[str], dest: Path) -> int:
         channel.sendall(("\n".join(paths) + "\n").encode())
         channel.shutdown_write()
         stream = _Counted(channel.makefile("rb"))
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
-            archive.extractall(dest, filter="data")
+        untar.unpack(stream, dest)
         while stream.read(65536):  # tar's trailing padding
             pass
         status = channel.recv_exit_status()
@@ -508,7 +507,7 @@ def _build(
             build.prepare_modules(temp)
     entry = kernels.lookup(key)
     if entry is None:
-        raise Failure(f"cache: {key} missing right after it was stored", build.BUILD_FAILED)
+        raise Failure(f"cache: {key} missing right after it was stored", FAILED)
     log.info(
         f"build: {key} built on {host.label} and stored ({cache.human_size(entry.size_bytes)},"
         f" {cache.human_size(received)} received) in {round(time.monotonic() - started, 1)} s"

@@ -2,12 +2,13 @@
 
 Matching is exact: for tag T, `refs/tags/T^{}` (an annotated tag peeled to its commit), else
 `refs/tags/T`, else `refs/heads/T`; refs that merely end in T never match. Jobs of one workflow
-run share the answer through `<workspace>/.vng-sha-{name}/sha`, read with no network at all.
+run share the answer through `<workspace>/.vng-sha-{name}/resolved.json`, read with no network at all.
 When the remote cannot be reached, the newest cached kernel of the same name and arch stands in.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -21,11 +22,10 @@ from invoke.exceptions import CommandTimedOut
 
 from . import log
 from .cache import KernelCache, kernels_root
-from .errors import Failure
+from .errors import BAD_INPUT, FAILED, Failure
 from .kconfig import key_tag
 from .settings import Settings
 
-RESOLVE_FAILED = 1  # the ref matches nothing, or the remote cannot be reached
 ATTEMPTS = 3
 RETRY_DELAY_SECONDS = 1.0  # backoff: 1 s, then 2 s
 ATTEMPT_TIMEOUT_SECONDS = 60
@@ -48,7 +48,7 @@ class RemoteFailed(Failure):
     """The remote could not be reached (as opposed to a ref it does not have)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, RESOLVE_FAILED)
+        super().__init__(message, FAILED)
 
 
 def is_sha(text: str) -> bool:
@@ -103,38 +103,45 @@ def remote(c: Context, url: str, tag: str, *, retry_delay: float = RETRY_DELAY_S
     if found is None:
         raise Failure(
             f"tag: {tag!r} is no tag or branch of {url} (exact names only; a commit needs all 40 hex digits)",
-            RESOLVE_FAILED,
+            FAILED,
         )
     return Resolved(sha=found[0], ref=found[1], source="remote")
 
 
+PROPAGATED = "resolved.json"  # in `.vng-sha-{name}/`: what the action's SHA cache layer carries
+
+
 def sha_file(workspace: Path, name: str) -> Path:
-    return workspace / f".vng-sha-{name}" / "sha"
+    return workspace / f".vng-sha-{name}" / PROPAGATED
 
 
 def propagated(workspace: Path, name: str, tag: str) -> Resolved | None:
     """The SHA an earlier job of this run resolved for `tag`, if its file is here and valid."""
     path = sha_file(workspace, name)
     try:
-        text = path.read_text().strip()
-        recorded_tag = (path.parent / "tag").read_text().strip()
+        record = json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
-    if recorded_tag != tag:
-        log.info(f"tag: {path} was resolved for {recorded_tag!r}, not {tag!r}: asking the remote")
+    except (OSError, ValueError) as error:
+        log.warn(f"ignoring {path}: {error}")
         return None
-    if not is_sha(text):
-        log.warn(f"ignoring {path}: not a 40-hex commit")
+    if not isinstance(record, dict) or not is_sha(str(record.get("sha", ""))):
+        log.warn(f"ignoring {path}: no 40-hex commit in it")
         return None
-    return Resolved(sha=text.lower(), ref="", source="propagated")
+    if record.get("tag") != tag:
+        log.info(f"tag: {path} was resolved for {record.get('tag')!r}, not {tag!r}: asking the remote")
+        return None
+    return Resolved(sha=str(record["sha"]).lower(), ref="", source="propagated")
 
 
 def propagate(workspace: Path, name: str, tag: str, sha: str) -> Path:
-    """Write the SHA (and the tag it answers) for later jobs, atomically: old files or whole new ones."""
+    """Record the SHA and the tag it answers for later jobs, in one file replaced at once: a reader
+    sees the old pair or the new one, never one's tag with the other's SHA."""
     path = sha_file(workspace, name)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise Failure(f"{path.parent.name}: exists in the workspace and is not a directory", BAD_INPUT)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path.parent / "tag", tag + "\n")
-    _write_atomically(path, sha + "\n")
+    _write_atomically(path, json.dumps({"tag": tag, "sha": sha}) + "\n")
     return path
 
 

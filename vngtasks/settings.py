@@ -102,15 +102,20 @@ HELP: dict[str, str] = {
 ACCELS = ("auto", "kvm", "tcg")
 KCONFIG_BASES = ("vng", "tiny")  # or the path of a full .config
 
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _MEMORY = re.compile(r"([1-9][0-9]*)([MGT]?)", re.IGNORECASE)
 _NETWORK = re.compile(r"user|loop|bridge(=[A-Za-z0-9_.-]+)?")
 _TOOL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+/-]*")
 _LLVM = re.compile(r"1|-[0-9]+")
-_PACKAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+:=~_-]*")
-_BUILD_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]{1,5})?")
-# vng pastes directory names into a string it re-splits itself: keep them plain.
-_VNG_UNSAFE_PATH = re.compile(r"[\s'\"\\=]")
+# Debian's package names (lower case, digits, + - .), with apt's :arch and =version; never a
+# trailing '-', which apt reads as "remove this package".
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]*[a-z0-9+.](:[a-z0-9-]+)?(=[A-Za-z0-9.+:~-]+)?")
+_BUILD_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*(?::(?P<port>[0-9]{1,5}))?")
+# vng pastes paths and QEMU options into a command line its shell parses (and virtme-run paths into
+# virtiofsd's, and QEMU options): only characters no shell, `=`-splitting or QEMU `,` gives a meaning.
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@%:~-]*")
+_PLAIN_QEMU_OPT = re.compile(r"[A-Za-z0-9._/+@%:~=,-]+")
+PLAIN = "letters, digits and . _ / + @ % : ~ -"
 _MIB = {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
 # Settings whose items may hold spaces: one item per line (a YAML list works too).
 _LINE_LISTS = frozenset(["splat_allow"])
@@ -174,6 +179,9 @@ def resolve(
     unknown = sorted(set(flags) - set(DEFAULTS))
     if unknown:
         raise InputError(unknown[0], "not a known setting")
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:  # a misspelt key in invoke.yaml must not be a silent no-op
+        raise InputError(unknown[0], "not a known setting (in the `vng` section of an invoke.yaml)")
     raw = {key: _text(key, config.get(key, default)) for key, default in DEFAULTS.items()}
     raw.update({key: _text(key, value) for key, value in flags.items() if value is not None})
     workspace = (workspace or Path.cwd()).resolve()
@@ -198,25 +206,25 @@ def resolve(
         cc=_match("cc", raw["cc"], _TOOL, "a compiler name such as clang or gcc-12", empty_ok=True),
         llvm=_match("llvm", raw["llvm"], _LLVM, "1 or a version suffix such as -14", empty_ok=True),
         kernel_compile_cache=_bool("kernel_compile_cache", raw["kernel_compile_cache"]),
-        append=_one_line("append", raw["append"]),
+        append=_append(raw["append"]),
         qemu_opts=_qemu_opts(raw["qemu_opts"]),
         deps_timeout=_count("deps_timeout", raw["deps_timeout"], minimum=0),
         deps_retries=_count("deps_retries", raw["deps_retries"], minimum=1),
         run_timeout=_count("run_timeout", raw["run_timeout"], minimum=0),
         packages=_packages(raw["packages"]),
         install_recommends=_bool("install_recommends", raw["install_recommends"]),
-        extra_rwdirs=_rwdirs(raw["extra_rwdirs"]),
+        extra_rwdirs=_rwdirs(raw["extra_rwdirs"], workspace),
         vmlinux_h=_bool("vmlinux_h", raw["vmlinux_h"]),
         workspace_rw=_bool("workspace_rw", raw["workspace_rw"]),
         apt_cache=_bool("apt_cache", raw["apt_cache"]),
         arch=arch,
         accel=accel,
-        kernel=_existing_path("kernel", raw["kernel"], workspace),
+        kernel=_kernel(raw["kernel"], workspace, arch),
         cache_dir=_cache_dir(raw["cache_dir"]),
         boot_timeout=_count("boot_timeout", raw["boot_timeout"], minimum=0),
-        build_host=_match("build_host", raw["build_host"], _BUILD_HOST, "[user@]host[:port]", empty_ok=True),
+        build_host=_build_host(raw["build_host"]),
         run=raw["run"],
-        workspace=_vng_path("workspace", workspace),
+        workspace=plain_path("workspace", workspace),
         log_dir=_log_dir(raw["log_dir"], workspace),
         splat_check=_bool("splat_check", raw["splat_check"]),
         splat_allow=_regexes("splat_allow", raw["splat_allow"]),
@@ -295,12 +303,32 @@ def _memory(value: str) -> int | None:
     return int(found[1]) * _MIB[found[2].upper()]
 
 
-def _qemu_opts(value: str) -> tuple[str, ...]:
-    _one_line("qemu_opts", value)
+def _split(key: str, value: str) -> list[str]:
+    _one_line(key, value)
     try:
-        return tuple(shlex.split(value))
+        return shlex.split(value)
     except ValueError as error:
-        raise InputError("qemu_opts", f"cannot split {value!r}: {error}") from None
+        raise InputError(key, f"cannot split {value!r}: {error}") from None
+
+
+def _qemu_opts(value: str) -> tuple[str, ...]:
+    opts = _split("qemu_opts", value)
+    for opt in opts:
+        if not _PLAIN_QEMU_OPT.fullmatch(opt):
+            raise InputError("qemu_opts", f"{opt!r}: vng pastes QEMU options into a shell command: only {PLAIN} = ,")
+    return tuple(opts)
+
+
+def _append(value: str) -> str:
+    _split("append", value)  # vng splits it the same way: it must split cleanly
+    return value
+
+
+def _build_host(value: str) -> str:
+    found = _BUILD_HOST.fullmatch(value)
+    if value and (not found or not 1 <= int(found["port"] or 22) <= 65535):
+        raise InputError("build_host", f"{value!r} is not valid: expected [user@]host[:port], port 1 to 65535")
+    return value
 
 
 def _packages(value: str) -> tuple[str, ...]:
@@ -310,14 +338,16 @@ def _packages(value: str) -> tuple[str, ...]:
     return names
 
 
-def _vng_path(key: str, path: Path) -> Path:
-    if _VNG_UNSAFE_PATH.search(str(path)):
-        raise InputError(key, f"{str(path)!r}: vng cannot share a path with spaces, quotes, '\\' or '='")
+def plain_path(key: str, path: Path) -> Path:
+    """`path` (absolute), when vng may paste it into a shell command: only PLAIN characters."""
+    if not _PLAIN_PATH.fullmatch(str(path)):
+        raise InputError(key, f"{str(path)!r}: vng pastes this path into a shell command: only {PLAIN} are allowed")
     return path
 
 
-def _rwdirs(value: str) -> tuple[Path, ...]:
-    return tuple(_vng_path("extra_rwdirs", Path(item).expanduser()) for item in value.split())
+def _rwdirs(value: str, workspace: Path) -> tuple[Path, ...]:
+    """Each directory, ~ expanded and relative to the workspace."""
+    return tuple(plain_path("extra_rwdirs", (workspace / Path(item).expanduser()).resolve()) for item in value.split())
 
 
 def _arch(value: str) -> Arch:
@@ -335,7 +365,7 @@ def _existing_path(key: str, value: str, workspace: Path) -> Path | None:
     path = (workspace / Path(value).expanduser()).resolve()
     if not path.exists():
         raise InputError(key, f"{value!r} does not exist")
-    return _vng_path(key, path)
+    return plain_path(key, path)
 
 
 def _existing_file(key: str, value: str, workspace: Path) -> Path | None:
@@ -343,6 +373,14 @@ def _existing_file(key: str, value: str, workspace: Path) -> Path | None:
     if path is not None and not path.is_file():
         raise InputError(key, f"{value!r} is not a file")
     return path
+
+
+def _kernel(value: str, workspace: Path, arch: Arch) -> Path | None:
+    """A kernel image (a regular file), or a build directory (or cache entry) that holds the arch's."""
+    path = _existing_path("kernel", value, workspace)
+    if path is None or path.is_file() or (path.is_dir() and any((path / i).is_file() for i in arch.boot_images)):
+        return path
+    raise InputError("kernel", f"{value!r} is neither a kernel image nor a build directory with {arch.boot_images[0]}")
 
 
 def _kconfig_base(value: str, workspace: Path) -> str | Path:
@@ -355,10 +393,12 @@ def _kconfig_base(value: str, workspace: Path) -> str | Path:
 
 
 def _cache_dir(value: str) -> Path:
+    _one_line("cache_dir", value)
     if value:
-        return Path(value).expanduser().resolve()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "vngtasks"
+        path = Path(value).expanduser().resolve()
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")).resolve() / "vngtasks"
+    return _directory("cache_dir", value or str(path), plain_path("cache_dir", path))
 
 
 def _log_dir(value: str, workspace: Path) -> Path:
@@ -366,9 +406,23 @@ def _log_dir(value: str, workspace: Path) -> Path:
     if value == "":
         return workspace
     path = (workspace / Path(value).expanduser()).resolve()
-    if path.exists() and not path.is_dir():
-        raise InputError("log_dir", f"{value!r} is not a directory")
+    return _directory("log_dir", value, plain_path("log_dir", path))
+
+
+def _directory(key: str, value: str, path: Path) -> Path:
+    """`path` when it is a directory or could be made one: its nearest existing ancestor is a directory."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(key, f"{value!r} is not a directory" if existing == path else f"{existing} is not a directory")
     return path
+
+
+def make_directory(key: str, path: Path) -> None:
+    """Make the directory of setting `key`, or fail as bad input naming it (e.g. under /proc)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(key, f"cannot make {path}: {error.strerror}") from None
 
 
 def _regexes(key: str, value: str) -> tuple[str, ...]:

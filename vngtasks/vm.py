@@ -35,12 +35,11 @@ from . import accel, arches, log, render
 from .arches import Arch
 from .errors import BAD_INPUT, MISSING_TOOL, NO_STATUS, SPLAT, TIMEOUT, Failure
 from .hostprobe import HostProbes
-from .settings import Settings
+from .settings import Settings, make_directory
 
 POLL_SECONDS = 0.1
 GUEST_LINE_BYTES = 4096  # the most read of `started`, `status` and `release`
 GUEST_DMESG_BYTES = 16 * 1024 * 1024
-USER_HZ = 100  # clock ticks per second in /proc/<pid>/stat, on every arch we boot
 # After the workload's status, the guest powers off; a kernel that cannot (no ACPI on x86) or a
 # shutdown that hangs is stopped after this long: the run is over, and its files are synced.
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -64,6 +63,7 @@ SPLAT_PATTERN = re.compile(
     r"|rcu: INFO: rcu_\w+ detected stalls|detected stalls on CPUs/tasks|\bOops\b"
 )
 _TIMESTAMP = re.compile(r"^\[\s*[0-9]+\.[0-9]+\]\s?")
+_RUN_INIT = re.compile(r"^\[\s*([0-9]+\.[0-9]+)\] Run \S+ as init process$", re.MULTILINE)
 SUMMARY_HEADER = "| kernel | accel | boot (s) | workload (s) | status | splats |\n|---|---|---|---|---|---|\n"
 
 
@@ -118,12 +118,12 @@ class Marks:
     """Moments of one run on the host's monotonic clock, and the guest's clock at workload start."""
 
     probe: float  # seconds spent deciding the accelerator and the shared-directory transport
-    vng: float  # vng started
+    vng: float = 0.0  # vng started
     started: float | None = None  # the guest's `started` appeared
     status: float | None = None  # the guest's `status` appeared
     ended: float | None = None  # vng ended
     guest_uptime: float | None = None  # guest seconds since its kernel started, at workload start
-    guest_init: float | None = None  # guest seconds at which its init (pid 1) started
+    guest_init: float | None = None  # guest seconds at which its kernel ran init (from its dmesg)
     reported: int | None = None  # the workload's exit status, as the guest wrote it
 
     @property
@@ -191,8 +191,7 @@ def qemu_options(settings: Settings, accel_name: str) -> list[str]:
     user = list(settings.qemu_opts)
     if accel_name != "kvm":
         user = _without_cpu_host(user)
-    # QEMU reads "," as an option separator: a path spells it ",,".
-    console_log = str(settings.log_dir / CONSOLE_LOG).replace(",", ",,")
+    console_log = str(settings.log_dir / CONSOLE_LOG)  # a plain path (settings.plain_path): no "," for QEMU
     return render.argv("qemu.argv.j2", arch=settings.arch, accel=accel_name, user_opts=user, console_log=console_log)
 
 
@@ -276,6 +275,8 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
             BAD_INPUT,
         )
     accel.qemu_binary(settings.arch)
+    make_directory("log_dir", settings.log_dir)
+    make_directory("cache_dir", settings.cache_dir)
     probing = time.monotonic()
     probes = HostProbes(settings.cache_dir)
     choice = accel.choose(settings.accel, settings.arch, host.arch, problem_of=probes.kvm_problem)
@@ -283,7 +284,6 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
     probe_seconds = time.monotonic() - probing
     if choice.why:
         log.warn(choice.why)
-    settings.log_dir.mkdir(parents=True, exist_ok=True)
     outcome = attempt(settings, kernel, workload, host, choice.accel, force_9p, probe_seconds)
     if retry_with_tcg(settings.accel, choice.accel, outcome):
         log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
@@ -307,13 +307,13 @@ def attempt(
 ) -> Outcome:
     boot = Boot(settings=settings, kernel=kernel, accel=accel_name, run_dir=new_run_dir(settings), force_9p=force_9p)
     prepare(boot, workload, host.environ)
+    marks = Marks(probe=probe_seconds)
     try:
-        outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ), probe_seconds)
-        keep_dmesg(boot.run_dir, settings.log_dir)
-        release = read_guest_file(boot.run_dir / "release", GUEST_LINE_BYTES)
-        return (
-            dataclasses.replace(outcome, release=_printable(release.decode(errors="replace"))) if release else outcome
-        )
+        outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ), marks)
+        marks.guest_init = init_started(keep_dmesg(boot.run_dir, settings.log_dir))
+        release = read_guest_file(boot.run_dir / "release", GUEST_LINE_BYTES) or b""
+        phases = marks.phases() if outcome.result == "workload" else ()
+        return dataclasses.replace(outcome, release=_printable(release.decode(errors="replace")), phases=phases)
     finally:
         shutil.rmtree(boot.run_dir, ignore_errors=True)
 
@@ -340,13 +340,14 @@ def read_guest_file(path: Path, limit: int) -> bytes | None:
         os.close(fd)
 
 
-def keep_dmesg(run_dir: Path, log_dir: Path) -> None:
-    """The guest's dmesg beside the console log; none left from an earlier run."""
+def keep_dmesg(run_dir: Path, log_dir: Path) -> bytes:
+    """The guest's dmesg beside the console log (none left from an earlier run); its bytes."""
     dmesg = read_guest_file(run_dir / "dmesg", GUEST_DMESG_BYTES)
     if dmesg is None:
         (log_dir / DMESG_LOG).unlink(missing_ok=True)
     else:
         (log_dir / DMESG_LOG).write_bytes(dmesg)
+    return dmesg or b""
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -355,7 +356,8 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {**environ, "PATH": f"{bindir}{os.pathsep}{environ.get('PATH', os.defpath)}"}
 
 
-def supervise(boot: Boot, argv: list[str], env: Mapping[str, str], probe_seconds: float = 0.0) -> Outcome:
+def supervise(boot: Boot, argv: list[str], env: Mapping[str, str], marks: Marks) -> Outcome:
+    """Run vng until the VM ends, is over its time or panics; `marks` notes when each thing happened."""
     boot.console_log.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -364,7 +366,7 @@ def supervise(boot: Boot, argv: list[str], env: Mapping[str, str], probe_seconds
     except FileNotFoundError:
         raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
     relays = relay(process)
-    marks = Marks(probe=probe_seconds, vng=time.monotonic())
+    marks.vng = time.monotonic()
     console = ConsoleWatch(boot.console_log)
     try:
         while process.poll() is None:
@@ -392,7 +394,7 @@ def note_progress(boot: Boot, marks: Marks, now: float) -> None:
         started = read_guest_file(boot.run_dir / "started", GUEST_LINE_BYTES)
         if started is not None:
             marks.started = now
-            marks.guest_uptime, marks.guest_init = guest_clock(started.decode(errors="replace"))
+            marks.guest_uptime = guest_seconds(started.decode(errors="replace").strip())
             log.info(f"booted in {now - marks.vng:.1f} s ({boot.accel}); workload running")
     elif marks.status is None:
         marks.reported = reported_status(boot.run_dir)
@@ -429,28 +431,26 @@ def ended(boot: Boot, marks: Marks, console: ConsoleWatch, vng_status: int | Non
         marks.status = marks.ended if marks.reported is not None else None
     if marks.reported is not None and marks.started is not None and marks.status is not None:
         workload = marks.status - marks.started
-        return Outcome(boot.accel, marks.reported, "workload", marks.boot_seconds, workload, phases=marks.phases())
+        return Outcome(boot.accel, marks.reported, "workload", marks.boot_seconds, workload)
     if console.panicked():
         return failed(boot, "panic", "the guest kernel panicked", marks.boot_seconds)
     message = f"the VM ended without reporting a workload status (vng exit {vng_status})"
     return failed(boot, "no-status", message, marks.boot_seconds)
 
 
-def guest_clock(text: str) -> tuple[float | None, float | None]:
-    """(guest uptime at workload start, when its init started) from `started`: seconds, or None
-    for a field that is missing or not a plausible number (the guest wrote it)."""
-    fields = text.split()
-    uptime = _plausible(fields[0], 1.0) if fields else None
-    init = _plausible(fields[1], 1.0 / USER_HZ) if len(fields) > 1 else None
-    return uptime, init
-
-
-def _plausible(field: str, scale: float) -> float | None:
+def guest_seconds(field: str) -> float | None:
+    """A number of seconds the guest wrote, when it is a plausible one."""
     try:
-        value = float(field) * scale
+        value = float(field)
     except ValueError:
         return None
     return value if 0.0 <= value < 1e6 else None
+
+
+def init_started(dmesg: bytes) -> float | None:
+    """When the guest kernel ran init, from its `Run /... as init process` line."""
+    found = _RUN_INIT.search(dmesg.decode(errors="replace"))
+    return guest_seconds(found[1]) if found else None
 
 
 # virtme-ng gives QEMU /proc/self/fd/1 and /2 as `file` chardevs (the guest's stdout and stderr),

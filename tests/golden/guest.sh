@@ -1,8 +1,7 @@
 #!/bin/bash
 # Rendered by vngtasks (templates/guest.sh.j2); runs as the VM's init command.
-# The host watches /cache/vngtasks/runs/golden: "started" ends the boot (it holds the guest's uptime and the
-# clock tick its init started at, for the run's timings), "status" ends the run;
-# "release" and "dmesg" are for the run's record.
+# The host watches /cache/vngtasks/runs/golden: "started" ends the boot (it holds the guest's uptime, for
+# the run's timings), "status" ends the run; "release" and "dmesg" are for the run's record.
 run_dir=/cache/vngtasks/runs/golden
 while IFS= read -r -d '' assignment; do
     export "$assignment" 2>/dev/null || true
@@ -10,9 +9,7 @@ done < "$run_dir/environ"
 cd '/work/my project' || exit 125
 uname -r > "$run_dir/release"
 read -r uptime _ < /proc/uptime
-init_stat=$(< /proc/1/stat)
-read -r -a init_fields <<< "${init_stat##*) }"
-echo "$uptime ${init_fields[19]}" > "$run_dir/started.partial" && mv "$run_dir/started.partial" "$run_dir/started"
+echo "$uptime" > "$run_dir/started.partial" && mv "$run_dir/started.partial" "$run_dir/started"
 bash "$run_dir/workload.sh"
 status=$?
 dmesg > "$run_dir/dmesg" 2>&1 || true

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from invoke import Context, Task, task
-from invoke.exceptions import Exit
+from invoke import Context, Program, Task, task
+from invoke.exceptions import Exit, ParseError, UnexpectedExit
 
-from ..errors import BAD_INPUT, Failure
-from ..settings import HELP, InputError, Settings, resolve
+from ..errors import BAD_INPUT, FAILED, Failure
+from ..settings import DEFAULTS, HELP, InputError, Settings, resolve
+
+ENV_PREFIX = "INVOKE_VNG_"
 
 # The settings each task takes as flags (all of them are read from config and env either way).
 BUILD_SETTINGS = (
@@ -40,9 +43,18 @@ def settings_task(*names: str) -> Callable[[Callable[..., object]], Task]:
 def settings(c: Context, **flags: object) -> Settings:
     """Settings from invoke's layered config (`vng.*`) with this task's flags on top."""
     try:
+        check_environment(os.environ)
         return resolve(c.config.vng, flags)
     except InputError as error:
         raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """invoke reads INVOKE_VNG_NAME only for a declared setting: a misspelt one must not pass unnoticed."""
+    for name in sorted(environ):
+        key = name.removeprefix(ENV_PREFIX).lower()
+        if name.startswith(ENV_PREFIX) and key not in DEFAULTS:
+            raise InputError(key, f"not a known setting ({name} in the environment)")
 
 
 def remainder(argv: Sequence[str] = sys.argv) -> str:
@@ -53,7 +65,34 @@ def remainder(argv: Sequence[str] = sys.argv) -> str:
 
 @contextlib.contextmanager
 def exit_statuses() -> Iterator[None]:
+    """Failures as one line and their status; a command of ours that failed (say make, which exits 2,
+    the status of bad input here) as one line and status 1."""
     try:
         yield
     except Failure as failure:
         raise Exit(f"vngtasks: {failure}", code=failure.code) from None
+    except UnexpectedExit as error:
+        command = error.result.command if len(error.result.command) < 200 else error.result.command[:197] + "..."
+        raise Exit(f"vngtasks: `{command}` failed with exit status {error.result.exited}", code=FAILED) from None
+    except InputError as error:
+        raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
+
+
+def parse_errors_are_bad_input() -> None:
+    """invoke exits 1 on a flag it cannot parse, the status of a failed build here: make it 2, bad input.
+
+    invoke loads this collection before it parses the tasks' flags, so wrapping the two parse steps
+    that follow (task flags, then `--help TASK`) from here covers every flag a task is given."""
+    for step in ("parse_tasks", "parse_cleanup"):
+        original = getattr(Program, step)
+        if getattr(original, "vngtasks_wrapped", False):
+            continue
+
+        def parse(self: Program, _original: Callable[[Program], None] = original) -> None:
+            try:
+                _original(self)
+            except ParseError as error:
+                raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
+
+        parse.vngtasks_wrapped = True  # type: ignore[attr-defined]
+        setattr(Program, step, parse)

@@ -6,6 +6,7 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from ..errors import BAD_INPUT
+from ..settings import make_directory
 from . import _common
 
 
@@ -18,6 +19,7 @@ def boot(c: Context, **flags: str | None):
     from .. import build, kernels, resolve, vm  # here: `invoke resolve` and `invoke settings` start without them
 
     with _common.exit_statuses():
+        make_directory("log_dir", s.log_dir)  # before any build: a log-dir that cannot be is bad input
         if s.tag:
             image = build.ensure_kernel(c, s, resolve.resolve_kernel(c, s)).path
         else:
