@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vngtasks import cache
+from vngtasks.errors import Failure
 
 KEY = cache.key("foo", "x86_64", "0123456789ab", "v2")
 
@@ -179,6 +180,48 @@ def test_prune_skips_an_entry_in_use(tmp_path: Path):
     with store.lock(entries[0].key):
         assert store.prune(keep_per_name=0) == [entries[1]]
     assert store.entries() == [entries[0]]
+
+
+def test_a_kernel_in_use_by_another_process_survives_a_prune(cli, tmp_path: Path):
+    """A boot holds its entry (a shared lock) while the VM runs: `invoke cache --keep 0` keeps it."""
+    store = cache.KernelCache(tmp_path / "c" / "kernels")
+    entry = add(store, "foo", "1" * 40)
+    booting = python(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from vngtasks import cache
+        with cache.KernelCache(Path(sys.argv[1])).using({entry.key!r}):
+            print("in use", flush=True)
+            time.sleep(60)
+        """,
+        store.root,
+    )
+    assert booting.stdout is not None and booting.stdout.readline() == "in use\n"
+    pruned = cli("cache", "--cache-dir", str(tmp_path / "c"), "--keep", "0")
+    assert pruned.returncode == 0 and f"{entry.key} is being built or used: kept" in pruned.stderr
+    assert store.entries() == [entry]
+    booting.kill()
+    booting.wait()
+    assert cli("cache", "--cache-dir", str(tmp_path / "c"), "--keep", "0").returncode == 0
+    assert store.entries() == []
+
+
+def test_using_a_removed_entry_fails(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    with pytest.raises(Failure, match="was removed before it could be used"), store.using(KEY):
+        pass
+
+
+def test_prune_removes_entries_moved_in_without_a_temp_dir(tmp_path: Path):
+    """The action moves restored entries into `kernels/` with mv: no `.tmp` there yet."""
+    made = cache.KernelCache(tmp_path / "made")
+    entry = add(made, "foo", "1" * 40)
+    (tmp_path / "c").mkdir()
+    entry.path.rename(tmp_path / "c" / entry.key)
+    store = cache.KernelCache(tmp_path / "c")
+    assert [e.key for e in store.prune(keep_per_name=0)] == [entry.key]
+    assert store.entries() == [] and not (tmp_path / "c" / entry.key).exists()
 
 
 @pytest.mark.parametrize(("text", "size"), [("0", 0), ("512", 512 << 20), ("20G", 20 << 30), ("1t", 1 << 40)])

@@ -128,17 +128,25 @@ def test_summary_header_is_written_once(tmp_path: Path) -> None:
     assert text.startswith("## earlier step output\n| kernel")
 
 
+def attempted(result: vm.Outcome, console: list[str], dmesg: list[str] | None) -> vm.Attempt:
+    text = None if dmesg is None else ("\n".join(dmesg) + "\n").encode()
+    return vm.Attempt(result, ("\n".join(console) + "\n").encode(), text)
+
+
 def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
     s = make(tmp_path, log_dir="logs", splat_allow="circular")
     s.log_dir.mkdir()
-    (s.log_dir / vm.CONSOLE_LOG).write_text("\n".join(BOOT_LOG[:4]) + "\n")
-    (s.log_dir / vm.DMESG_LOG).write_text("\n".join(BOOT_LOG[:4] + BOOT_LOG[6:7]) + "\n")
     summary = tmp_path / "step-summary"
-    status = vm.conclude(s, Path("/boot/vmlinuz"), outcome(0), {"GITHUB_STEP_SUMMARY": str(summary)})
+    run = attempted(outcome(0), BOOT_LOG[:4], BOOT_LOG[:4] + BOOT_LOG[6:7])
+    status = vm.conclude(s, Path("/boot/vmlinuz"), run, {"GITHUB_STEP_SUMMARY": str(summary)})
     assert status == SPLAT
+    assert (s.log_dir / vm.CONSOLE_LOG).read_bytes() == run.console and (
+        s.log_dir / vm.DMESG_LOG
+    ).read_bytes() == run.dmesg
     record = json.loads((s.log_dir / vm.RUN_JSON).read_text())
     assert record == {
         "kernel": "/boot/vmlinuz",
+        "console": str(s.log_dir / vm.CONSOLE_LOG),
         "release": "6.1.0-56-amd64",  # from the banner when the guest wrote none
         "arch": s.arch.name,
         "accel": "tcg",
@@ -155,8 +163,19 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
 
 def test_splat_check_false_never_scans(tmp_path: Path) -> None:
     s = make(tmp_path, splat_check="false")
+    assert vm.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), [], BOOT_LOG[3:4]), {}) == 0
+
+
+def test_a_run_is_judged_on_its_own_console_never_another_runs(tmp_path: Path) -> None:
+    """Two runs sharing a log-dir: the one that splatted fails whatever the other left in log-dir."""
+    s = make(tmp_path)
+    (s.log_dir / vm.CONSOLE_LOG).write_text(BOOT_LOG[3] + "\n")  # another run's WARNING
     (s.log_dir / vm.DMESG_LOG).write_text(BOOT_LOG[3] + "\n")
-    assert vm.conclude(s, Path("/boot/vmlinuz"), outcome(0), {}) == 0
+    assert vm.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), BOOT_LOG[:3], BOOT_LOG[:3]), {}) == 0
+    assert BOOT_LOG[3] not in (s.log_dir / vm.CONSOLE_LOG).read_text()
+    warned = attempted(outcome(0), BOOT_LOG[:4], None)
+    assert vm.conclude(s, Path("/boot/vmlinuz"), warned, {}) == SPLAT
+    assert not (s.log_dir / vm.DMESG_LOG).exists()  # none from this run: the other's is not left beside it
 
 
 @pytest.mark.parametrize(
@@ -182,7 +201,8 @@ def test_run_retries_a_stuck_kvm_boot_once_with_tcg(tmp_path: Path, monkeypatch,
 
     def fake_attempt(settings, kernel, workload, host, accel_name, *probed):
         tried.append(accel_name)
-        return outcome(NO_STATUS, "boot-timeout", accel_name) if accel_name == "kvm" else outcome(0)
+        ended = outcome(NO_STATUS, "boot-timeout", accel_name) if accel_name == "kvm" else outcome(0)
+        return attempted(ended, [], None)
 
     monkeypatch.setattr(vm.Host, "current", classmethod(lambda cls: host))
     monkeypatch.setattr(accel, "qemu_binary", lambda arch: "qemu")

@@ -130,16 +130,17 @@ def test_default_memory_is_capped_under_tcg_only() -> None:
 
 def test_cpu_host_is_dropped_without_kvm() -> None:
     settings = resolve(DEFAULTS, {"qemu_opts": "-cpu host,pmu=off -smp 2"}, workspace=WORKSPACE)
-    assert "host,pmu=off" in vm.qemu_options(settings, "kvm")
-    assert vm.qemu_options(settings, "tcg")[:2] == ["-cpu", settings.arch.tcg_cpu]
-    assert vm.qemu_options(settings, "tcg")[-2:] == ["-smp", "2"]
+    console = RUN_DIR / "console.log"
+    assert "host,pmu=off" in vm.qemu_options(settings, "kvm", console)
+    assert vm.qemu_options(settings, "tcg", console)[:2] == ["-cpu", settings.arch.tcg_cpu]
+    assert vm.qemu_options(settings, "tcg", console)[-2:] == ["-smp", "2"]
 
 
 @pytest.mark.parametrize("arch", arches.ARCHES, ids=lambda a: a.name)
 def test_console_log_is_a_virtconsole_of_its_own(arch: Arch) -> None:
-    settings = resolve(DEFAULTS, {"arch": arch.name, "log_dir": "/logs/a"}, workspace=WORKSPACE)
-    opts = vm.qemu_options(settings, "tcg")
-    assert "file,id=vngtasks-log,path=/logs/a/vng-console.log" in opts
+    settings = resolve(DEFAULTS, {"arch": arch.name}, workspace=WORKSPACE)
+    opts = vm.qemu_options(settings, "tcg", RUN_DIR / "console.log")
+    assert f"file,id=vngtasks-log,path={RUN_DIR}/console.log" in opts
     with pytest.raises(InputError, match=r"^log-dir: '/logs/a,b': vng pastes this path"):  # "," is QEMU's separator
         resolve(DEFAULTS, {"arch": arch.name, "log_dir": "/logs/a,b"}, workspace=WORKSPACE)
     assert "virtconsole,chardev=vngtasks-log,bus=vngtasks-log-bus.0" in opts

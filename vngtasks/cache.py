@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import log
+from .errors import FAILED, Failure
 from .kconfig import key_tag
 from .settings import InputError, Settings
 
@@ -113,6 +114,16 @@ class KernelCache:
             yield
 
     @contextlib.contextmanager
+    def using(self, key: str) -> Iterator[Entry]:
+        """The entry of `key`, held in use (a shared lock: other boots share it, prune and builds wait
+        or skip it) until the block ends; Failure when it is gone."""
+        with _flock(self.root / LOCKS / f"{_checked(key)}.lock", wait=True, shared=True):
+            entry = self.lookup(key)
+            if entry is None:
+                raise Failure(f"cache: {key} was removed before it could be used", FAILED)
+            yield entry
+
+    @contextlib.contextmanager
     def create(self, key: str, metadata: dict) -> Iterator[Path]:
         """A temp directory to fill; on success it becomes the entry `key` in one rename."""
         temp = self.root / TEMP / f"{_checked(key)}-{uuid.uuid4().hex[:12]}"
@@ -163,6 +174,7 @@ class KernelCache:
                 log.info(f"cache: {entry.key} is being built or used: kept")
                 return False
             grave = self.root / TEMP / f"{entry.key}-{uuid.uuid4().hex[:12]}-removed"
+            grave.parent.mkdir(exist_ok=True)  # entries moved in by hand (the action's restore) come without it
             try:
                 os.rename(entry.path, grave)  # readers now see no entry at all
             except FileNotFoundError:
@@ -205,13 +217,14 @@ def _marker(temp: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, *, wait: bool) -> Iterator[bool]:
-    """An exclusive flock of `path` (created if need be); yields False when busy and not waiting."""
+def _flock(path: Path, *, wait: bool, shared: bool = False) -> Iterator[bool]:
+    """An exclusive (or shared) flock of `path`, created if need be; yields False when busy and not waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
         else:

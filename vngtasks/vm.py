@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -53,6 +54,8 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 CONSOLE_LOG = "vng-console.log"
 DMESG_LOG = "vng-dmesg.log"
+LOGS_LOCK = ".vng-logs.lock"  # held while a run publishes its logs into log-dir
+CONSOLE_BYTES = 64 * 1024 * 1024  # the most of a console kept and judged (its end)
 RUN_JSON = "vng-run.json"
 TAIL_LINES = 50  # console lines shown when the VM failed
 PANIC_GRACE_SECONDS = 5.0  # panic=-1 ends the VM at once; stop it ourselves after this
@@ -92,12 +95,27 @@ class Boot:
     force_9p: bool = False  # vng's virtiofsd cannot start here (see hostprobe.py)
 
     @property
+    def shared(self) -> Path:
+        """The part of the run directory the guest may write (the rest is the host's alone)."""
+        return self.run_dir / "shared"
+
+    @property
     def guest_script(self) -> Path:
-        return self.run_dir / "guest.sh"
+        return self.shared / "guest.sh"
 
     @property
     def console_log(self) -> Path:
-        return self.settings.log_dir / CONSOLE_LOG
+        """This run's console, written by QEMU: judged, then published to log-dir (see publish)."""
+        return self.run_dir / "console.log"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One VM run as it ended, with its own console and dmesg (none of another run's)."""
+
+    outcome: Outcome
+    console: bytes
+    dmesg: bytes | None  # None: the guest wrote none (it never got to the end of its workload)
 
 
 @dataclass(frozen=True)
@@ -187,11 +205,11 @@ def memory_mib(settings: Settings, accel_name: str, host_mib: int) -> int:
     return default
 
 
-def qemu_options(settings: Settings, accel_name: str) -> list[str]:
+def qemu_options(settings: Settings, accel_name: str, console_log: Path) -> list[str]:
+    """Our QEMU options, then the user's; `console_log` is a plain path (settings.plain_path): no "," for QEMU."""
     user = list(settings.qemu_opts)
     if accel_name != "kvm":
         user = _without_cpu_host(user)
-    console_log = str(settings.log_dir / CONSOLE_LOG)  # a plain path (settings.plain_path): no "," for QEMU
     return render.argv("qemu.argv.j2", arch=settings.arch, accel=accel_name, user_opts=user, console_log=console_log)
 
 
@@ -210,7 +228,7 @@ def _without_cpu_host(opts: list[str]) -> list[str]:
 
 
 def shared_dirs(settings: Settings, run_dir: Path, environ: Mapping[str, str]) -> list[Path]:
-    """Host directories the guest may write: workspace, extra-rwdirs, GitHub files, run dir."""
+    """Host directories the guest may write: workspace, extra-rwdirs, GitHub files, the run's shared dir."""
     wanted: list[Path] = [settings.workspace] if settings.workspace_rw else []
     for extra in settings.extra_rwdirs:
         if extra.is_dir():
@@ -236,9 +254,9 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         network=s.network,
         verbose=s.verbose,
         append=s.append,
-        rwdirs=shared_dirs(s, boot.run_dir, host.environ),
+        rwdirs=shared_dirs(s, boot.shared, host.environ),
         workdir=s.workspace,
-        qemu_opts=qemu_options(s, boot.accel),
+        qemu_opts=qemu_options(s, boot.accel, boot.console_log),
         guest_script=boot.guest_script,
         force_9p=boot.force_9p,
     )
@@ -255,10 +273,13 @@ def guest_environment(environ: Mapping[str, str]) -> bytes:
 
 
 def prepare(boot: Boot, workload: str, environ: Mapping[str, str]) -> None:
-    boot.run_dir.mkdir(parents=True)
-    (boot.run_dir / "workload.sh").write_text(workload + "\n")
-    (boot.run_dir / "environ").write_bytes(guest_environment(environ))
-    boot.guest_script.write_text(render.text("guest.sh.j2", run_dir=boot.run_dir, workdir=boot.settings.workspace))
+    """The run directory, the host's user's alone (0700): the environment in it may hold secrets."""
+    boot.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    boot.run_dir.mkdir(mode=0o700)
+    boot.shared.mkdir(mode=0o700)
+    (boot.shared / "workload.sh").write_text(workload + "\n")
+    (boot.shared / "environ").write_bytes(guest_environment(environ))
+    boot.guest_script.write_text(render.text("guest.sh.j2", run_dir=boot.shared, workdir=boot.settings.workspace))
 
 
 def new_run_dir(settings: Settings) -> Path:
@@ -284,11 +305,11 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
     probe_seconds = time.monotonic() - probing
     if choice.why:
         log.warn(choice.why)
-    outcome = attempt(settings, kernel, workload, host, choice.accel, force_9p, probe_seconds)
-    if retry_with_tcg(settings.accel, choice.accel, outcome):
+    attempted = attempt(settings, kernel, workload, host, choice.accel, force_9p, probe_seconds)
+    if retry_with_tcg(settings.accel, choice.accel, attempted.outcome):
         log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
-        outcome = attempt(settings, kernel, workload, host, "tcg", force_9p, 0.0)
-    return conclude(settings, kernel, outcome, host.environ)
+        attempted = attempt(settings, kernel, workload, host, "tcg", force_9p, 0.0)
+    return conclude(settings, kernel, attempted, host.environ)
 
 
 def retry_with_tcg(requested: str, used: str, outcome: Outcome) -> bool:
@@ -304,18 +325,30 @@ def attempt(
     accel_name: str,
     force_9p: bool = False,
     probe_seconds: float = 0.0,
-) -> Outcome:
+) -> Attempt:
     boot = Boot(settings=settings, kernel=kernel, accel=accel_name, run_dir=new_run_dir(settings), force_9p=force_9p)
     prepare(boot, workload, host.environ)
     marks = Marks(probe=probe_seconds)
     try:
         outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ), marks)
-        marks.guest_init = init_started(keep_dmesg(boot.run_dir, settings.log_dir))
-        release = read_guest_file(boot.run_dir / "release", GUEST_LINE_BYTES) or b""
+        dmesg = read_guest_file(boot.shared / "dmesg", GUEST_DMESG_BYTES)
+        marks.guest_init = init_started(dmesg or b"")
+        release = read_guest_file(boot.shared / "release", GUEST_LINE_BYTES) or b""
         phases = marks.phases() if outcome.result == "workload" else ()
-        return dataclasses.replace(outcome, release=_printable(release.decode(errors="replace")), phases=phases)
+        outcome = dataclasses.replace(outcome, release=_printable(release.decode(errors="replace")), phases=phases)
+        return Attempt(outcome, read_console(boot.console_log), dmesg)
     finally:
         shutil.rmtree(boot.run_dir, ignore_errors=True)
+
+
+def read_console(path: Path, limit: int = CONSOLE_BYTES) -> bytes:
+    """The run's console log as QEMU wrote it, its last `limit` bytes at most."""
+    try:
+        with open(path, "rb") as console:
+            console.seek(max(console.seek(0, os.SEEK_END) - limit, 0))
+            return console.read()
+    except FileNotFoundError:
+        return b""
 
 
 def read_guest_file(path: Path, limit: int) -> bytes | None:
@@ -338,16 +371,6 @@ def read_guest_file(path: Path, limit: int) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-def keep_dmesg(run_dir: Path, log_dir: Path) -> bytes:
-    """The guest's dmesg beside the console log (none left from an earlier run); its bytes."""
-    dmesg = read_guest_file(run_dir / "dmesg", GUEST_DMESG_BYTES)
-    if dmesg is None:
-        (log_dir / DMESG_LOG).unlink(missing_ok=True)
-    else:
-        (log_dir / DMESG_LOG).write_bytes(dmesg)
-    return dmesg or b""
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -391,13 +414,13 @@ def supervise(boot: Boot, argv: list[str], env: Mapping[str, str], marks: Marks)
 def note_progress(boot: Boot, marks: Marks, now: float) -> None:
     """Mark the workload's start, then its end, as the guest reports them in the run directory."""
     if marks.started is None:
-        started = read_guest_file(boot.run_dir / "started", GUEST_LINE_BYTES)
+        started = read_guest_file(boot.shared / "started", GUEST_LINE_BYTES)
         if started is not None:
             marks.started = now
             marks.guest_uptime = guest_seconds(started.decode(errors="replace").strip())
             log.info(f"booted in {now - marks.vng:.1f} s ({boot.accel}); workload running")
     elif marks.status is None:
-        marks.reported = reported_status(boot.run_dir)
+        marks.reported = reported_status(boot.shared)
         marks.status = now if marks.reported is not None else None
 
 
@@ -427,7 +450,7 @@ def stopped(boot: Boot, marks: Marks, why: str, now: float) -> Outcome:
 def ended(boot: Boot, marks: Marks, console: ConsoleWatch, vng_status: int | None) -> Outcome:
     """The outcome of a VM that ended (or was stopped after its status): the workload's status if reported."""
     if marks.reported is None and marks.started is not None:
-        marks.reported = reported_status(boot.run_dir)
+        marks.reported = reported_status(boot.shared)
         marks.status = marks.ended if marks.reported is not None else None
     if marks.reported is not None and marks.started is not None and marks.status is not None:
         workload = marks.status - marks.started
@@ -584,10 +607,12 @@ def guest_release(outcome: Outcome, console_lines: list[str]) -> str:
     return ""
 
 
-def conclude(settings: Settings, kernel: Path, outcome: Outcome, environ: Mapping[str, str]) -> int:
-    """Splat check, vng-run.json and the step summary: the run's final status."""
-    console_lines = read_lines(settings.log_dir / CONSOLE_LOG)
-    dmesg_lines = read_lines(settings.log_dir / DMESG_LOG)
+def conclude(settings: Settings, kernel: Path, attempted: Attempt, environ: Mapping[str, str]) -> int:
+    """Splat check of this run's own console and dmesg, its logs and vng-run.json published together,
+    the step summary: the run's final status."""
+    outcome = attempted.outcome
+    console_lines = attempted.console.decode(errors="replace").splitlines()
+    dmesg_lines = (attempted.dmesg or b"").decode(errors="replace").splitlines()
     splats: list[str] = []
     if settings.splat_check:
         # dmesg is the whole ring buffer; the console also holds what came after it.
@@ -601,11 +626,24 @@ def conclude(settings: Settings, kernel: Path, outcome: Outcome, environ: Mappin
         status=status,
         splats=tuple(splats),
     )
-    (settings.log_dir / RUN_JSON).write_text(json.dumps(record_json(record), indent=2) + "\n")
+    publish(settings.log_dir, attempted, record)
     summary = environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         append_summary(Path(summary), record)
     return status
+
+
+def publish(log_dir: Path, attempted: Attempt, record: Record) -> None:
+    """The run's console, dmesg and vng-run.json into log-dir, under one lock: another run sharing the
+    log-dir may replace them, but the three always belong to one run."""
+    with open(log_dir / LOGS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (log_dir / CONSOLE_LOG).write_bytes(attempted.console)
+        if attempted.dmesg is None:
+            (log_dir / DMESG_LOG).unlink(missing_ok=True)
+        else:
+            (log_dir / DMESG_LOG).write_bytes(attempted.dmesg)
+        (log_dir / RUN_JSON).write_text(json.dumps(record_json(record, log_dir), indent=2) + "\n")
 
 
 def judge(outcome: Outcome, splats: list[str]) -> int:
@@ -620,10 +658,11 @@ def judge(outcome: Outcome, splats: list[str]) -> int:
     return SPLAT if outcome.status == 0 else outcome.status
 
 
-def record_json(record: Record) -> dict[str, object]:
+def record_json(record: Record, log_dir: Path) -> dict[str, object]:
     outcome = record.outcome
     return {
         "kernel": str(record.kernel),
+        "console": str(log_dir / CONSOLE_LOG),  # the console this record judged, published with it
         "release": record.release,
         "arch": record.arch,
         "accel": outcome.accel,

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Rendered by vngtasks (templates/guest.sh.j2); runs as the VM's init command.
-# The host watches /cache/vngtasks/runs/golden: "started" ends the boot (it holds the guest's uptime, for
-# the run's timings), "status" ends the run; "release" and "dmesg" are for the run's record.
+# The host watches /cache/vngtasks/runs/golden, shared with this guest: "started" ends the boot (it holds the
+# guest's uptime, for the run's timings), "status" ends the run; "release" and "dmesg" are for
+# the run's record.
 run_dir=/cache/vngtasks/runs/golden
 while IFS= read -r -d '' assignment; do
     export "$assignment" 2>/dev/null || true

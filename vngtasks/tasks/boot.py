@@ -16,14 +16,15 @@ def boot(c: Context, **flags: str | None):
     s = _common.settings(c, **flags, run=_common.remainder() or None)
     if not s.run:
         raise Exit("vngtasks: run: nothing to run: put the command after `--`", code=BAD_INPUT)
-    from .. import build, kernels, resolve, vm  # here: `invoke resolve` and `invoke settings` start without them
+    from .. import build, cache, kernels, resolve, vm  # here: `invoke resolve` and `invoke settings` start without them
 
     with _common.exit_statuses():
         make_directory("log_dir", s.log_dir)  # before any build: a log-dir that cannot be is bad input
         if s.tag:
-            image = build.ensure_kernel(c, s, resolve.resolve_kernel(c, s)).path
+            entry = build.ensure_kernel(c, s, resolve.resolve_kernel(c, s))
+            with cache.KernelCache(cache.kernels_root(s)).using(entry.key) as in_use:  # prune leaves it be
+                status = vm.run(s, in_use.path, s.run)
         else:
-            image = s.kernel or kernels.host_kernel()
-        status = vm.run(s, image, s.run)
+            status = vm.run(s, s.kernel or kernels.host_kernel(), s.run)
     if status:
         raise Exit(code=status)
