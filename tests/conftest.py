@@ -49,6 +49,17 @@ def workspace(tmp_path: Path) -> Path:
     return path
 
 
+def user_environment(home: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """A user's environment for a run under test: a HOME of its own, and none of this shell's
+    INVOKE_/GITHUB_/XDG_ settings."""
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("INVOKE_", "GITHUB_", "XDG_")) and key != "HOME"
+    }
+    return {**environ, "HOME": str(home), "PATH": path_for_tests(environ["PATH"]), **(env or {})}
+
+
 def run_invoke(
     args: tuple[str, ...],
     *,
@@ -58,20 +69,12 @@ def run_invoke(
     timeout: float = 600,
     output=None,
 ) -> subprocess.CompletedProcess:
-    """`invoke -r <checkout> ARGS...` as a user would run it in `cwd`, with a HOME of its own and none of
-    this shell's INVOKE_/GITHUB_/XDG_ settings. `output`: an open file that takes stdout and stderr
-    (`> file 2>&1`) instead of capturing them."""
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("INVOKE_", "GITHUB_", "XDG_")) and key != "HOME"
-    }
-    environ.update({"HOME": str(home), "PATH": path_for_tests(environ["PATH"])})
-    environ.update(env or {})
+    """`invoke -r <checkout> ARGS...` as a user would run it in `cwd` (see user_environment). `output`: an
+    open file that takes stdout and stderr (`> file 2>&1`) instead of capturing them."""
     return subprocess.run(
         [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
         cwd=cwd,
-        env=environ,
+        env=user_environment(home, env),
         stdout=output or subprocess.PIPE,
         stderr=subprocess.STDOUT if output else subprocess.PIPE,
         text=True,

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, user_environment
 
 from vngtasks import kernels
 
@@ -15,16 +20,21 @@ pytestmark = pytest.mark.slow
 QUIET = ("--verbose", "false")
 
 
-def qemu_processes_under(path: Path) -> list[str]:
+def processes_under(path: Path) -> list[str]:
+    """Command lines of the processes that name `path` (a run's vng, virtme-run and QEMU do)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "qemu-system" in text and str(path) in text:
+        if str(path) in text:
             found.append(text)
     return found
+
+
+def qemu_processes_under(path: Path) -> list[str]:
+    return [text for text in processes_under(path) if "qemu-system" in text]
 
 
 @pytest.fixture(scope="session")
@@ -154,3 +164,25 @@ def test_a_kernel_that_cannot_boot_fails_fast(cli, home: Path, tmp_path: Path, w
     assert time.monotonic() - started < 120 + 30
     assert run_record(workspace)["result"] in ("no-status", "boot-timeout", "panic")
     assert qemu_processes_under(home) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stopping_signal_ends_the_vm_and_leaves_no_run_behind(home: Path, workspace: Path, distro_kernel: Path, sig):
+    argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "boot", "--kernel", str(distro_kernel), *QUIET, "--"]
+    running = subprocess.Popen(
+        [*argv, "sleep 600"], cwd=workspace, env=user_environment(home), stderr=subprocess.PIPE, text=True
+    )
+    runs = home / ".cache" / "vngtasks" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/shared/started")):  # the workload is running: vng, QEMU and all are up
+        assert running.poll() is None and time.monotonic() < deadline, running.communicate()[1][-3000:]
+        time.sleep(0.2)
+    assert stat.S_IMODE(next(runs.iterdir()).stat().st_mode) == 0o700  # it holds the host's environment
+    running.send_signal(sig)
+    _, err = running.communicate(timeout=60)
+    assert running.returncode == 128 + sig, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"vngtasks: stopped by {sig.name}; the VM and its run directory are gone"
+    deadline = time.monotonic() + 5
+    while processes_under(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_under(home) == [] and list(runs.iterdir()) == []  # no vng, virtme-run or QEMU of the run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -96,3 +97,36 @@ def parse_errors_are_bad_input() -> None:
 
         parse.vngtasks_wrapped = True  # type: ignore[attr-defined]
         setattr(Program, step, parse)
+
+
+class Stopped(BaseException):
+    """A stopping signal arrived (BaseException: no `except Exception` on the way out may keep it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGTERM, SIGHUP and SIGINT unwind the task, so every `finally` on the way runs (the VM session is
+    stopped, the run directory removed), then exit 128+signal with one line. Later signals are ignored
+    while that cleanup runs."""
+
+    def stop(signum: int, frame: object) -> None:
+        for sig in STOPPING_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOPPING_SIGNALS}
+    try:
+        yield
+    except Stopped as stopped:
+        message = f"vngtasks: stopped by {signal.Signals(stopped.signum).name}; the VM and its run directory are gone"
+        raise Exit(message, code=128 + stopped.signum) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

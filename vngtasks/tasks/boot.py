@@ -18,7 +18,7 @@ def boot(c: Context, **flags: str | None):
         raise Exit("vngtasks: run: nothing to run: put the command after `--`", code=BAD_INPUT)
     from .. import build, cache, kernels, resolve, vm  # here: `invoke resolve` and `invoke settings` start without them
 
-    with _common.exit_statuses():
+    with _common.stopped_by_signals(), _common.exit_statuses():
         make_directory("log_dir", s.log_dir)  # before any build: a log-dir that cannot be is bad input
         if s.tag:
             entry = build.ensure_kernel(c, s, resolve.resolve_kernel(c, s))

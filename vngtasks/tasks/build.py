@@ -18,6 +18,6 @@ def build(c: Context, **flags: str | None):
     from .. import build as kernel_build  # here: tasks that build nothing start without it
     from .. import resolve as kernel_refs
 
-    with _common.exit_statuses():
+    with _common.stopped_by_signals(), _common.exit_statuses():
         entry = kernel_build.ensure_kernel(c, s, kernel_refs.resolve_kernel(c, s))
     print(entry.path)
