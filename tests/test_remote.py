@@ -196,6 +196,35 @@ def test_accept_new_records_the_key_then_it_is_known(cli, start_sshd, home: Path
     assert no_entries(tmp_path)
 
 
+def test_known_hosts_markers_are_read_as_openssh_does(cli, start_sshd, home: Path, tmp_path: Path):
+    """`@cert-authority` lines are skipped with a notice, a line paramiko cannot read with a warning; the
+    plain line of the host's key still lets the build go on (to the fetch, which fails: nothing listens)."""
+    sshd = start_sshd()
+    (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
+    (home / ".ssh" / "known_hosts").write_text(
+        f"@cert-authority *.example.org {keygen(tmp_path / 'ca')}\n"
+        "[127.0.0.1]:1 ssh-ed25519 not-base64!\n"
+        f"[127.0.0.1]:{sshd.port} {sshd.host_key}\n"
+    )
+    done = cli(*build_args(sshd.target, tmp_path))
+    assert done.returncode == 1 and f"127.0.0.1:{sshd.port}: fetch: " in error_line(done.stderr), done.stderr
+    assert "@cert-authority lines are not used by vngtasks: skipped" in done.stderr
+    assert "known_hosts:2: skipped, not a known_hosts line" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("accept_new", ["false", "true"])
+def test_a_revoked_host_key_is_refused(cli, start_sshd, home: Path, tmp_path: Path, accept_new: str):
+    sshd = start_sshd()
+    sshd.trust(home)  # listed as known, and revoked too: revoked wins, as in OpenSSH
+    with (home / ".ssh" / "known_hosts").open("a") as known:
+        known.write(f"@revoked * {sshd.host_key}\n")
+    done = cli(*build_args(sshd.target, tmp_path), "--build-host-accept-new", accept_new)
+    assert done.returncode == 1
+    line = error_line(done.stderr)
+    assert f"127.0.0.1:{sshd.port}: host-key: host key ssh-ed25519 {fingerprint(sshd.host_key)} is REVOKED" in line
+    assert no_entries(tmp_path) and not list(sshd.remote_home.iterdir())
+
+
 def test_a_changed_host_key_is_refused_even_with_accept_new(cli, start_sshd, home: Path, tmp_path: Path):
     sshd = start_sshd()
     (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {keygen(tmp_path / 'old')}\n")

@@ -112,20 +112,68 @@ class UnknownHostKey(paramiko.SSHException):
         self.key = key
 
 
+class RevokedHostKey(paramiko.SSHException):
+    def __init__(self, key: paramiko.PKey) -> None:
+        super().__init__("host key revoked in known_hosts")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class KnownHosts:
+    """known_hosts as OpenSSH reads it: plain entries, and the keys its `@revoked` lines name.
+    `@cert-authority` lines are skipped with a notice (paramiko checks no certificates)."""
+
+    entries: tuple[paramiko.hostkeys.HostKeyEntry, ...]
+    revoked: tuple[bytes, ...]  # the revoked keys, as their wire bytes
+
+    @classmethod
+    def read(cls, path: Path) -> KnownHosts:
+        entries, revoked = [], []
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for number, line in enumerate(text.splitlines(), 1):
+            marker, _, rest = line.strip().partition(" ") if line.strip().startswith("@") else ("", "", line)
+            if not rest.strip() or rest.strip().startswith("#"):
+                continue
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(rest.strip(), number)
+            except Exception as error:  # paramiko raises several kinds for a line it cannot read
+                log.warn(f"host-key: {path}:{number}: skipped, not a known_hosts line ({_describe(error)})")
+                continue
+            if entry is None or entry.key is None:
+                continue
+            if marker == "@revoked":
+                revoked.append(entry.key.asbytes())
+            elif marker:
+                log.info(f"host-key: {path}:{number}: {marker} lines are not used by vngtasks: skipped")
+            else:
+                entries.append(entry)
+        return cls(tuple(entries), tuple(revoked))
+
+    def refuse_revoked(self, key: paramiko.PKey) -> None:
+        if key.asbytes() in self.revoked:
+            raise RevokedHostKey(key)
+
+
 class _Refuse(paramiko.MissingHostKeyPolicy):
     """paramiko's RejectPolicy, keeping the key so the message can show its fingerprint."""
 
+    def __init__(self, known: KnownHosts) -> None:
+        self.known = known
+
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        self.known.refuse_revoked(key)
         raise UnknownHostKey(key)
 
 
 class _AcceptNew(paramiko.MissingHostKeyPolicy):
-    """OpenSSH's `accept-new`: a host with no key on record gets this one, appended to known_hosts."""
+    """OpenSSH's `accept-new`: a host with no key on record gets this one, appended to known_hosts
+    (never a key that known_hosts revokes)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, known: KnownHosts) -> None:
+        self.path, self.known = path, known
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        self.known.refuse_revoked(key)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self.path.open("a") as out:
             out.write(paramiko.hostkeys.HostKeyEntry([hostname], key).to_line())
@@ -168,13 +216,18 @@ def connect(host: Host, accept_new: bool) -> BuildHost:
     conn = BuildHost(host.hostname, user=host.user, port=host.port, config=config)
     path = known_hosts_file()
     try:
-        if path.exists():
-            conn.client.load_host_keys(str(path))
-    except (OSError, paramiko.SSHException, ValueError) as error:
-        raise host.failure("host-key", f"cannot read {path}: {error}") from None
-    conn.client.set_missing_host_key_policy(_AcceptNew(path) if accept_new else _Refuse())
+        known = KnownHosts.read(path)
+    except OSError as error:
+        raise host.failure("host-key", f"cannot read {path}: {error.strerror}") from None
+    for entry in known.entries:  # a revoked key is in no entry: it can only be refused as unknown
+        if entry.key.asbytes() not in known.revoked:
+            for name in entry.hostnames:
+                conn.client.get_host_keys().add(name, entry.key.get_name(), entry.key)
+    conn.client.set_missing_host_key_policy(_AcceptNew(path, known) if accept_new else _Refuse(known))
     try:
         conn.open()
+    except RevokedHostKey as error:
+        raise host.failure("host-key", f"host key {fingerprint(error.key)} is REVOKED in {path}: refused") from None
     except UnknownHostKey as error:
         scan = shlex.join(["ssh-keyscan", "-p", str(host.port), "-t", error.key.get_name(), host.hostname])
         raise host.failure(

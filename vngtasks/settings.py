@@ -327,7 +327,7 @@ def _append(value: str) -> str:
 def _build_host(value: str) -> str:
     found = _BUILD_HOST.fullmatch(value)
     if value and (not found or not 1 <= int(found["port"] or 22) <= 65535):
-        raise InputError("build_host", f"{value!r} is not valid: expected [user@]host[:port], port 1 to 65535")
+        raise InputError("build_host", f"{value!r} is not valid: expected [user@]host[:port]")
     return value
 
 
