@@ -1,31 +1,111 @@
-"""The real `invoke` command line: bad input stops before anything is touched."""
+"""The real `invoke` command line: bad input stops before anything is touched, and no shell ever runs
+what a path or value holds."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from conftest import run_invoke
+from linux_remote import git
+
+# (arguments after `invoke`, the setting the one line must name). Every row exits 2.
+BAD_INPUT = [
+    (["boot", "--memory", "4X"], "memory"),
+    (["boot", "--memory", "0"], "memory"),
+    (["boot", "--cpus", "0"], "cpus"),
+    (["boot", "--cpus", "two"], "cpus"),
+    (["boot", "--name", "../x"], "name"),
+    (["boot", "--name", "-x"], "name"),
+    (["boot", "--name", "a" * 250], "name"),
+    (["boot", "--version", "v2/../../x"], "version"),
+    (["boot", "--kconfig", "no-such-file"], "kconfig"),
+    (["boot", "--kconfig-base", "huge"], "kconfig-base"),
+    (["boot", "--kconfig-base", "tiny", "--arch", "s390x"], "kconfig-base"),
+    (["boot", "--arch", "sparc"], "arch"),
+    (["boot", "--accel", "fast"], "accel"),
+    (["boot", "--arch", "s390x", "--accel", "kvm"], "accel"),
+    (["boot", "--verbose", "maybe"], "verbose"),
+    (["boot", "--workspace-rw", "yes"], "workspace-rw"),
+    (["boot", "--splat-check", "True"], "splat-check"),
+    (["boot", "--splat-allow", "(unclosed"], "splat-allow"),
+    (["boot", "--run-timeout", "-1"], "run-timeout"),
+    (["boot", "--boot-timeout", "soon"], "boot-timeout"),
+    (["boot", "--network", "tap"], "network"),
+    (["boot", "--append", "quiet foo='bar"], "append"),
+    (["boot", "--qemu-opts", "-device 'unterminated"], "qemu-opts"),
+    (["boot", "--qemu-opts", "-device virtio-rng-pci,id=$(reboot)"], "qemu-opts"),
+    (["boot", "--kernel", "/etc"], "kernel"),
+    (["boot", "--kernel", "/dev/null"], "kernel"),
+    (["boot", "--kernel", "no-such-kernel"], "kernel"),
+    (["boot", "--cache-dir", "/etc/passwd"], "cache-dir"),
+    (["boot", "--cache-dir", "/etc/passwd/below"], "cache-dir"),
+    (["boot", "--log-dir", "/proc/nope"], "log-dir"),
+    (["boot", "--extra-rwdirs", "/tmp/a=b"], "extra-rwdirs"),
+    (["boot", "--cc", "gcc; rm -rf /"], "cc"),
+    (["boot", "--llvm", "yes"], "llvm"),
+    (["boot", "--kernel-compile-cache", "no"], "kernel-compile-cache"),
+    (["boot", "--vmlinux-h", "0"], "vmlinux-h"),
+    (["boot", "--tag", "--upload-pack=evil"], "tag"),
+    (["boot", "--kernel-url", "-oProxyCommand=evil"], "kernel-url"),
+    (["boot", "--build-host", "host; id"], "build-host"),
+    (["boot", "--build-host", "builder:99999"], "build-host"),
+    (["boot", "--build-host", "builder:0"], "build-host"),
+    (["boot", "--build-host-accept-new", "Y"], "build-host-accept-new"),
+    (["deps", "--packages", "openssh-server-"], "packages"),
+    (["deps", "--packages", "--allow-unauthenticated"], "packages"),
+    (["deps", "--packages", "Upper"], "packages"),
+    (["deps", "--deps-retries", "0"], "deps-retries"),
+    (["deps", "--deps-timeout", "1.5"], "deps-timeout"),
+    (["deps", "--install-recommends", "maybe"], "install-recommends"),
+    (["deps", "--apt-cache", "1"], "apt-cache"),
+    (["build", "--tag", "v6.12", "--name", ".hidden"], "name"),
+    (["resolve", "--tag", "v6.12", "--version", ""], "version"),
+    (["cache", "--keep", "-1"], "keep"),
+    (["cache", "--max-size", "20X"], "max-size"),
+]
 
 
-@pytest.mark.parametrize(
-    ("flag", "value", "named"),
-    [
-        ("--memory", "4X", "memory"),
-        ("--cpus", "0", "cpus"),
-        ("--name", "../x", "name"),
-        ("--kconfig", "no-such-file", "kconfig"),
-        ("--arch", "sparc", "arch"),
-        ("--verbose", "maybe", "verbose"),
-        ("--run-timeout", "-1", "run-timeout"),
-        ("--accel", "fast", "accel"),
-    ],
-)
-def test_bad_flag_exits_2_and_touches_nothing(cli, home: Path, workspace: Path, flag: str, value: str, named: str):
-    done = cli("boot", flag, value, "--", "touch", "ran")
+@pytest.mark.parametrize(("args", "named"), BAD_INPUT, ids=[" ".join(a)[:60] for a, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line_naming_it_and_touches_nothing(cli, home, workspace, args, named):
+    done = cli(*args, *(["--", "touch ran"] if args[0] == "boot" else []))
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith(f"vngtasks: {named}: "), done.stderr
     assert list(home.iterdir()) == [] and list(workspace.iterdir()) == []
+
+
+def test_invokes_own_parse_errors_are_bad_input_too(cli, home, workspace):
+    for args in (["boot", "--nope", "1"], ["boot", "--memory"], ["no-such-task"], ["--help", "no-such-task"]):
+        done = cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.strip().splitlines()[-1].startswith("vngtasks: "), done.stderr
+    assert list(home.iterdir()) == [] and list(workspace.iterdir()) == []
+
+
+def test_a_misspelt_setting_in_env_or_invoke_yaml_is_named(cli, home: Path, workspace: Path):
+    done = cli("settings", env={"INVOKE_VNG_MEMROY": "1G"})
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "vngtasks: memroy: not a known setting (INVOKE_VNG_MEMROY in the environment)"
+    )
+    (home / ".invoke.yaml").write_text("vng:\n  memroy: 1G\n")
+    done = cli("settings")
+    assert done.returncode == 2 and done.stderr.startswith("vngtasks: memroy: not a known setting"), done.stderr
+
+
+def test_a_file_where_the_propagated_sha_goes_is_bad_input(cli, tmp_path: Path, workspace: Path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "one")
+    git(repo, "tag", "v1")
+    (workspace / ".vng-sha-default").write_text("not a directory")
+    done = cli("resolve", "--tag", "v1", "--kernel-url", str(repo), "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "vngtasks: .vng-sha-default: exists in the workspace and is not a directory"
+    ), done.stderr
 
 
 def test_env_feeds_the_same_validation(cli, home: Path):
@@ -54,11 +134,37 @@ def test_no_workload_is_bad_input(cli):
     assert done.returncode == 2 and done.stderr.startswith("vngtasks: run: ")
 
 
-def test_kvm_for_a_foreign_arch_is_bad_input(cli):
-    done = cli("boot", "--arch", "s390x", "--accel", "kvm", "--", "true")
-    assert done.returncode == 2 and done.stderr.startswith("vngtasks: accel: "), done.stderr
-
-
 def test_tasks_are_listed(cli):
     listed = cli("--list").stdout
     assert "boot" in listed and "settings" in listed
+
+
+# ---- no shell parses a path: vng pastes paths into a command line its shell runs, so every path that
+# reaches it (and the workspace's own name) holds plain characters only; the rest is refused as bad input.
+
+PAYLOADS = ["$(touch${IFS}pwned)", "`touch${IFS}pwned`", ";touch${IFS}pwned;", "|touch${IFS}pwned"]
+PATH_SETTINGS = ["workspace", "cache-dir", "log-dir", "extra-rwdirs", "kernel", "kconfig", "kconfig-base"]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("setting", PATH_SETTINGS)
+def test_no_shell_runs_what_a_path_holds(home: Path, tmp_path: Path, setting: str, payload: str):
+    where = tmp_path / f"w{payload}x"  # exists, so only its characters can be wrong
+    where.mkdir()
+    (where / "kernel.config").write_text("CONFIG_IKCONFIG=y\n")
+    workspace = where if setting == "workspace" else tmp_path
+    value = {"kernel": str(where / "kernel.config"), "kconfig": str(where / "kernel.config")}
+    value["kconfig-base"] = value["kconfig"]
+    flags = [] if setting == "workspace" else [f"--{setting}", value.get(setting, str(where))]
+    done = run_invoke(("boot", *flags, "--", "true"), home=home, cwd=workspace)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"vngtasks: {setting}: ") and "shell command" in done.stderr, done.stderr
+    assert not [p for p in tmp_path.rglob("pwned")] and not Path("pwned").exists()
+
+
+def test_a_github_file_in_an_unplain_directory_is_refused(cli, tmp_path: Path, home: Path):
+    odd = tmp_path / "runner$(touch pwned)"
+    odd.mkdir()
+    done = cli("boot", "--", "true", env={"GITHUB_OUTPUT": str(odd / "output")})
+    assert done.returncode == 2 and done.stderr.startswith("vngtasks: GITHUB_OUTPUT: "), done.stderr
+    assert not list(tmp_path.rglob("pwned")) and not os.path.exists("pwned")

@@ -125,7 +125,7 @@ class InputError(ValueError):
     """A bad input: the message names it and says what is wrong."""
 
     def __init__(self, key: str, message: str) -> None:
-        self.input = key.replace("_", "-")
+        self.input = key if key.isupper() else key.replace("_", "-")  # GITHUB_OUTPUT stays as it is
         super().__init__(f"{self.input}: {message}")
 
 

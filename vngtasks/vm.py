@@ -36,7 +36,7 @@ from . import accel, arches, log, render
 from .arches import Arch
 from .errors import BAD_INPUT, MISSING_TOOL, NO_STATUS, SPLAT, TIMEOUT, Failure
 from .hostprobe import HostProbes
-from .settings import Settings, make_directory
+from .settings import Settings, make_directory, plain_path
 
 POLL_SECONDS = 0.1
 GUEST_LINE_BYTES = 4096  # the most read of `started`, `status` and `release`
@@ -235,9 +235,14 @@ def shared_dirs(settings: Settings, run_dir: Path, environ: Mapping[str, str]) -
             wanted.append(extra)
         else:
             log.info(f"extra-rwdirs: skipping {extra}: not a directory")
-    wanted += [Path(environ[name]).parent for name in GITHUB_FILES if environ.get(name)]
+    wanted += github_dirs(environ)
     wanted.append(run_dir)
     return list(dict.fromkeys(path.resolve() for path in wanted))
+
+
+def github_dirs(environ: Mapping[str, str]) -> list[Path]:
+    """The directories of GitHub's step files that are set: plain paths, as vng shares them."""
+    return [plain_path(name, Path(environ[name]).parent.resolve()) for name in GITHUB_FILES if environ.get(name)]
 
 
 def vng_argv(boot: Boot, host: Host) -> list[str]:
@@ -296,6 +301,7 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
             BAD_INPUT,
         )
     accel.qemu_binary(settings.arch)
+    github_dirs(host.environ)  # refused now, before anything is made, if vng could not share them
     make_directory("log_dir", settings.log_dir)
     make_directory("cache_dir", settings.cache_dir)
     probing = time.monotonic()
