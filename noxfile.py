@@ -1,4 +1,5 @@
-"""nox sessions: `nox` runs lint and every test; `nox -s unit|integration|slow` one tier; `nox -s bench`."""
+"""nox sessions: `nox` runs lint, the unit tier on Python 3.10 and every test; `nox -s unit|integration|slow`
+one tier; `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "unit-3.10", "tests"]
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
@@ -34,6 +35,18 @@ def tests(session: nox.Session) -> None:
 @nox.session(default=False)
 def unit(session: nox.Session) -> None:
     """No root, no network, under 2 minutes."""
+    _test(session, TIERS["unit"])
+
+
+def _oldest_python() -> str:
+    """Python 3.10, the oldest vngtasks supports: pyenv's when it has one (its shim may refuse), else `python3.10`."""
+    found = sorted(Path.home().glob(".pyenv/versions/3.10.*/bin/python3.10"))
+    return str(found[-1]) if found else "3.10"
+
+
+@nox.session(name="unit-3.10", python=_oldest_python())
+def unit_oldest_python(session: nox.Session) -> None:
+    """The unit tier on Python 3.10 (ubuntu-22.04's), the oldest vngtasks supports."""
     _test(session, TIERS["unit"])
 
 

@@ -298,15 +298,20 @@ def test_b_d_second_run_hits_the_kernel_cache_and_boots_two_kernels(built, act_e
 
 @pytest.mark.slow
 def test_c_workspace_read_only_keeps_guest_writes_off_the_host(act_env: Act, tmp_path: Path):
+    """Also: a multi-line `run` whose middle line fails fails the step, as GitHub's own `run:` steps do."""
     steps = [
         action("vm", name="ro", **{"workspace-rw": "false", "cache-dir": str(tmp_path / "cache")},
                run="echo guest > guest-wrote-this && echo GUEST_WROTE", verbose="false"),
         shell("if test -e guest-wrote-this; then echo HOST_SEES_IT; else echo HOST_CLEAN; fi"),
+        {**action("fails", name="ro", **{"cache-dir": str(tmp_path / "cache")}, verbose="false",
+                  run="echo FIRST_LINE\nfalse\necho THIRD_LINE_RAN"), "continue-on-error": True},
+        shell('echo "OUTCOME=$OUTCOME"', OUTCOME="${{ steps.fails.outcome }}"),
     ]  # fmt: skip
     done, _, _ = act_env.run("c-ro", {"ro": steps}, timeout=1200)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
     assert "GUEST_WROTE" in out and "HOST_CLEAN" in out
+    assert "FIRST_LINE" in out and "THIRD_LINE_RAN" not in out and "OUTCOME=failure" in out
 
 
 @pytest.mark.slow

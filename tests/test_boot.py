@@ -186,3 +186,44 @@ def test_a_stopping_signal_ends_the_vm_and_leaves_no_run_behind(home: Path, work
     while processes_under(home) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_under(home) == [] and list(runs.iterdir()) == []  # no vng, virtme-run or QEMU of the run
+
+
+def test_a_hostile_guest_cannot_hang_the_host(cli, workspace: Path, tiny_build):
+    """The guest makes its status a FIFO and its release a link to a host file, then kills the script
+    that would report: the host reads neither, says the guest never reported (125), and ends."""
+    hostile = 'd=$(dirname "$0"); mkfifo "$d/status"; ln -s /etc/shadow "$d/release"; kill -9 $PPID'
+    started = time.monotonic()
+    done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--", hostile, timeout=300)
+    assert done.returncode == 125, done.stderr
+    assert "the VM ended without reporting a workload status" in done.stderr
+    record = run_record(workspace)
+    assert record["result"] == "no-status" and "root:" not in json.dumps(record)
+    assert time.monotonic() - started < 240
+
+
+def test_two_runs_sharing_a_log_dir_are_each_judged_on_their_own_console(home: Path, tmp_path: Path, tiny_build):
+    """Run A logs a kernel warning, run B does not, both at once with one log-dir: A fails (123), B passes."""
+    logs = tmp_path / "logs"
+    runs = {}
+    for name, workload in (("warns", f"sleep 2; {WARN_WORKLOAD}; sleep 4"), ("clean", "sleep 6")):
+        (tmp_path / name).mkdir()
+        argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "boot", "--kernel", str(tiny_build.entry), *QUIET]
+        argv += ["--log-dir", str(logs), "--", workload]
+        env = user_environment(home)
+        runs[name] = subprocess.Popen(argv, cwd=tmp_path / name, env=env, stderr=subprocess.PIPE, text=True)
+    errors = {name: run.communicate(timeout=600)[1] for name, run in runs.items()}
+    assert runs["warns"].returncode == 123, errors["warns"][-3000:]
+    assert runs["clean"].returncode == 0, errors["clean"][-3000:]
+    record = json.loads((logs / "vng-run.json").read_text())  # the last to finish: its three files agree
+    console = (logs / "vng-console.log").read_text()
+    assert record["console"] == str(logs / "vng-console.log")
+    assert (FAKE_WARNING in console) == (record["status"] == 123)
+
+
+def test_the_workload_stops_at_its_first_failure(cli, tiny_build):
+    """`bash -eo pipefail`, as GitHub runs a `run:` step: a failing pipeline skips what depends on it,
+    a failing command ends the script with its status."""
+    workload = "(false | true) && echo pipefail-is-off; echo reached; false; echo not-reached"
+    done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--", workload)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.split() == ["reached"], done.stdout

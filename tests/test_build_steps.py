@@ -156,3 +156,13 @@ def test_the_kconfig_base_is_part_of_the_cache_key(tmp_path: Path) -> None:
     (tmp_path / "a.config").write_text("CONFIG_64BIT=y\nCONFIG_SMP=y\n")
     changed = cache.key_for(resolve(DEFAULTS, {"kconfig_base": "a.config"}, workspace=tmp_path), "0" * 12)
     assert changed != keys["a.config"]
+
+
+def test_a_relative_kernel_url_is_fetched_too(cli, tmp_path: Path, workspace: Path, remote) -> None:
+    """`../k` names a repository beside the workspace, for the fetch in the work tree as for resolve."""
+    repo, _ = remote
+    repo.rename(workspace.parent / "k")
+    done = cli("build", "--tag", "v1", "--kernel-url", "../k", "--cache-dir", str(tmp_path / "c"))
+    # Fetched and checked out; the build itself then fails: this repository holds no kernel.
+    assert done.returncode == 1 and "kconfig: virtme-configkernel --defconfig failed" in done.stderr, done.stderr
+    assert (tmp_path / "c" / "work" / "default-x86_64" / "linux" / "file").read_text() == "first"

@@ -168,3 +168,15 @@ def test_a_github_file_in_an_unplain_directory_is_refused(cli, tmp_path: Path, h
     done = cli("boot", "--", "true", env={"GITHUB_OUTPUT": str(odd / "output")})
     assert done.returncode == 2 and done.stderr.startswith("vngtasks: GITHUB_OUTPUT: "), done.stderr
     assert not list(tmp_path.rglob("pwned")) and not os.path.exists("pwned")
+
+
+def test_a_command_of_ours_that_fails_exits_1_whatever_its_own_status():
+    """make exits 2 when it fails: that must not read as bad input (2) here."""
+    from invoke import Context
+    from invoke.exceptions import Exit
+
+    from vngtasks.tasks import _common
+
+    with pytest.raises(Exit) as stopped, _common.exit_statuses():
+        Context().run("exit 2", hide=True, in_stream=False)
+    assert stopped.value.code == 1 and stopped.value.message == "vngtasks: `exit 2` failed with exit status 2"

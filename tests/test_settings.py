@@ -121,3 +121,12 @@ def test_flags_beat_config(tmp_path: Path) -> None:
 def test_cache_dir_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert make(tmp_path).cache_dir == tmp_path / "xdg" / "vngtasks"
+
+
+def test_a_relative_kernel_url_is_relative_to_the_workspace(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    assert make(workspace, kernel_url="../linux").kernel_url == str(tmp_path / "linux")
+    assert make(workspace, kernel_url="~/linux").kernel_url == str(Path.home() / "linux")
+    for url in ("https://git.kernel.org/x/linux.git", "git@github.com:torvalds/linux.git", "file:///srv/linux"):
+        assert make(workspace, kernel_url=url).kernel_url == url

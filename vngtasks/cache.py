@@ -24,7 +24,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import log
@@ -133,7 +133,7 @@ class KernelCache:
             try:
                 yield temp
                 size = disk_usage(temp)
-                created = datetime.now(UTC).isoformat(timespec="microseconds")
+                created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
                 full = {**metadata, "key": key, "created": created, "size_bytes": size}
                 (temp / "metadata.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
                 try:

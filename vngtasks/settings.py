@@ -116,6 +116,7 @@ _BUILD_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@%:~-]*")
 _PLAIN_QEMU_OPT = re.compile(r"[A-Za-z0-9._/+@%:~=,-]+")
 PLAIN = "letters, digits and . _ / + @ % : ~ -"
+_SCP_LIKE = re.compile(r"[^/]+:")  # git's [user@]host:path
 _MIB = {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
 # Settings whose items may hold spaces: one item per line (a YAML list works too).
 _LINE_LISTS = frozenset(["splat_allow"])
@@ -194,7 +195,7 @@ def resolve(
         raise InputError("accel", f"kvm cannot run {arch.name} guests on a {arches.host().name} host: use tcg")
     return Settings(
         name=_name(raw["name"]),
-        kernel_url=_kernel_url(raw["kernel_url"]),
+        kernel_url=_kernel_url(raw["kernel_url"], workspace),
         tag=_tag(raw["tag"]),
         version=_version(raw["version"]),
         kconfig=_existing_file("kconfig", raw["kconfig"], workspace),
@@ -258,11 +259,15 @@ def _name(value: str) -> str:
     return _match("name", value, _NAME, "letters, digits, '.', '_' or '-', not starting with '.' or '-'")
 
 
-def _kernel_url(value: str) -> str:
+def _kernel_url(value: str, workspace: Path) -> str:
+    """A URL as given; a local path (git's sense: no `scheme://`, no scp-like `host:`) made absolute,
+    relative to the workspace, so resolving, fetching in the work tree and pushing all find it."""
     _one_line("kernel_url", value)
     if value == "" or value.startswith("-"):
         raise InputError("kernel_url", f"{value!r} is not a git URL or path")
-    return value
+    if "://" in value or _SCP_LIKE.match(value):
+        return value
+    return str((workspace / Path(value).expanduser()).resolve())
 
 
 def _tag(value: str) -> str:

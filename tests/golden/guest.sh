@@ -11,7 +11,8 @@ cd '/work/my project' || exit 125
 uname -r > "$run_dir/release"
 read -r uptime _ < /proc/uptime
 echo "$uptime" > "$run_dir/started.partial" && mv "$run_dir/started.partial" "$run_dir/started"
-bash "$run_dir/workload.sh"
+# As GitHub runs a `run:` step (and the seed ran `run`): the first failing command ends it.
+bash -eo pipefail "$run_dir/workload.sh"
 status=$?
 dmesg > "$run_dir/dmesg" 2>&1 || true
 # Everything the workload wrote reaches the host before the status says the run is over.
