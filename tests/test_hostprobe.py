@@ -86,3 +86,24 @@ def test_answers_are_kept_for_this_boot_only(tmp_path: Path, monkeypatch: pytest
     (tmp_path / hostprobe.PROBES_FILE).write_text("{not json")
     assert hostprobe.HostProbes(tmp_path).kvm_problem(host) == "broken"
     assert calls[-1] == "kvm"
+
+
+def elf(path: Path, machine: int, byte_order: str = "little") -> Path:
+    """A file with an ELF header of `machine` (the rest does not matter to the check)."""
+    data = 1 if byte_order == "little" else 2
+    path.write_bytes(
+        b"\x7fELF" + bytes([2, data, 1]) + bytes(9) + (2).to_bytes(2, byte_order) + machine.to_bytes(2, byte_order)
+    )
+    return path
+
+
+def test_virtme_ng_init_is_used_only_when_built_for_this_host(tmp_path: Path) -> None:
+    x86_64, arm64, s390x = (arches.lookup(name) for name in ("x86_64", "arm64", "s390x"))
+    x86_init = elf(tmp_path / "x86", 62)
+    assert hostprobe.runs_here(x86_init, x86_64) and not hostprobe.runs_here(x86_init, arm64)
+    assert hostprobe.runs_here(elf(tmp_path / "arm", 183), arm64)
+    assert hostprobe.runs_here(elf(tmp_path / "s390", 22, "big"), s390x)  # big-endian: read in its order
+    (tmp_path / "script").write_text("#!/bin/sh\n")
+    assert not hostprobe.runs_here(tmp_path / "script", x86_64) and not hostprobe.runs_here(tmp_path / "none", x86_64)
+    # The wheel installed here ships an x86-64 binary: on this x86_64 host it runs.
+    assert hostprobe.virtme_ng_init_runs(arches.host()) is (arches.host().name == "x86_64")

@@ -66,6 +66,7 @@ def test_boot_argv(arch: Arch, accel: str, variant: str) -> None:
         accel=accel,
         run_dir=RUN_DIR,
         force_9p=variant == "options",  # a host whose virtiofsd cannot start (hostprobe.py)
+        native_init=variant == "defaults",  # an arm64 host with the wheel's x86-64 virtme-ng-init
     )
     check_golden(f"boot-{arch.name}-{accel}-{variant}.argv", vm.vng_argv(boot, host))
 

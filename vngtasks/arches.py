@@ -18,6 +18,7 @@ class Arch:
     kernel_arch: str  # make ARCH=
     uname_m: str  # `uname -m` inside a guest of this arch
     dpkg_arch: str  # `dpkg --print-architecture`
+    elf_machine: int  # e_machine of this arch's ELF binaries
     qemu_binary: str
     qemu_package: str  # Debian package shipping qemu_binary
     kvm_machine: str
@@ -57,6 +58,7 @@ ARCHES: tuple[Arch, ...] = (
         kernel_arch="x86",
         uname_m="x86_64",
         dpkg_arch="amd64",
+        elf_machine=62,
         qemu_binary="qemu-system-x86_64",
         qemu_package="qemu-system-x86",
         kvm_machine="q35",
@@ -103,6 +105,7 @@ ARCHES: tuple[Arch, ...] = (
         kernel_arch="arm64",
         uname_m="aarch64",
         dpkg_arch="arm64",
+        elf_machine=183,
         qemu_binary="qemu-system-aarch64",
         qemu_package="qemu-system-arm",
         kvm_machine="virt,gic-version=host",
@@ -129,6 +132,7 @@ ARCHES: tuple[Arch, ...] = (
         kernel_arch="riscv",
         uname_m="riscv64",
         dpkg_arch="riscv64",
+        elf_machine=243,
         qemu_binary="qemu-system-riscv64",
         qemu_package="qemu-system-misc",
         kvm_machine="virt",
@@ -149,6 +153,7 @@ ARCHES: tuple[Arch, ...] = (
         kernel_arch="s390",
         uname_m="s390x",
         dpkg_arch="s390x",
+        elf_machine=22,
         qemu_binary="qemu-system-s390x",
         qemu_package="qemu-system-misc",
         kvm_machine="s390-ccw-virtio",
@@ -169,6 +174,7 @@ ARCHES: tuple[Arch, ...] = (
         kernel_arch="powerpc",
         uname_m="ppc64le",
         dpkg_arch="ppc64el",
+        elf_machine=21,
         qemu_binary="qemu-system-ppc64",
         qemu_package="qemu-system-ppc",
         kvm_machine="pseries",

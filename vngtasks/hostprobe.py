@@ -85,6 +85,25 @@ def guest_tools() -> Path | None:
     return next((Path(p) / "guest" for p in locations if (Path(p) / "guest").is_dir()), None)
 
 
+def runs_here(binary: Path, host: Arch) -> bool:
+    """Whether an ELF `binary` is built for the host's arch (its header's e_machine, in its byte order)."""
+    try:
+        with open(binary, "rb") as elf:
+            header = elf.read(20)
+    except OSError:
+        return False
+    if len(header) < 20 or header[:4] != b"\x7fELF" or header[5] not in (1, 2):
+        return False
+    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big") == host.elf_machine
+
+
+def virtme_ng_init_runs(host: Arch) -> bool:
+    """vng boots a guest of the host's arch with virtme-ng-init from its guest tools, whatever arch that
+    binary is for (the PyPI wheel ships an x86-64 one): true when it can run on this host."""
+    tools = guest_tools()
+    return tools is not None and runs_here(tools / "bin" / "virtme-ng-init", host)
+
+
 class HostProbes:
     """The probes' answers for this boot of the host, read from and written to one JSON file."""
 

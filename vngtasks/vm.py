@@ -35,7 +35,7 @@ from typing import IO
 from . import accel, arches, log, render
 from .arches import Arch
 from .errors import BAD_INPUT, MISSING_TOOL, NO_STATUS, SPLAT, TIMEOUT, Failure
-from .hostprobe import HostProbes
+from .hostprobe import HostProbes, virtme_ng_init_runs
 from .settings import Settings, make_directory, plain_path
 
 POLL_SECONDS = 0.1
@@ -85,6 +85,15 @@ class Host:
 
 
 @dataclass(frozen=True)
+class HostSide:
+    """What the host's probes decided for this run's command line (hostprobe.py), and what they cost."""
+
+    force_9p: bool
+    native_init: bool
+    probe_seconds: float
+
+
+@dataclass(frozen=True)
 class Boot:
     """Everything one VM run needs, decided before anything starts."""
 
@@ -93,6 +102,7 @@ class Boot:
     accel: str
     run_dir: Path
     force_9p: bool = False  # vng's virtiofsd cannot start here (see hostprobe.py)
+    native_init: bool = True  # virtme-ng-init is built for this host's arch (see hostprobe.py)
 
     @property
     def shared(self) -> Path:
@@ -264,6 +274,7 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         qemu_opts=qemu_options(s, boot.accel, boot.console_log),
         guest_script=boot.guest_script,
         force_9p=boot.force_9p,
+        native_init=boot.native_init,
     )
 
 
@@ -307,14 +318,19 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
     probing = time.monotonic()
     probes = HostProbes(settings.cache_dir)
     choice = accel.choose(settings.accel, settings.arch, host.arch, problem_of=probes.kvm_problem)
-    force_9p = probes.force_9p(child_environment(host.environ)["PATH"])
-    probe_seconds = time.monotonic() - probing
+    host_side = HostSide(
+        force_9p=probes.force_9p(child_environment(host.environ)["PATH"]),
+        native_init=virtme_ng_init_runs(host.arch),
+        probe_seconds=time.monotonic() - probing,
+    )
     if choice.why:
         log.warn(choice.why)
-    attempted = attempt(settings, kernel, workload, host, choice.accel, force_9p, probe_seconds)
+    if not host_side.native_init:
+        log.info(f"virtme-ng-init is not built for {host.arch.name}: the guest uses vng's shell init instead")
+    attempted = attempt(settings, kernel, workload, host, choice.accel, host_side)
     if retry_with_tcg(settings.accel, choice.accel, attempted.outcome):
         log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
-        attempted = attempt(settings, kernel, workload, host, "tcg", force_9p, 0.0)
+        attempted = attempt(settings, kernel, workload, host, "tcg", dataclasses.replace(host_side, probe_seconds=0.0))
     return conclude(settings, kernel, attempted, host.environ)
 
 
@@ -329,12 +345,18 @@ def attempt(
     workload: str,
     host: Host,
     accel_name: str,
-    force_9p: bool = False,
-    probe_seconds: float = 0.0,
+    host_side: HostSide,
 ) -> Attempt:
-    boot = Boot(settings=settings, kernel=kernel, accel=accel_name, run_dir=new_run_dir(settings), force_9p=force_9p)
+    boot = Boot(
+        settings=settings,
+        kernel=kernel,
+        accel=accel_name,
+        run_dir=new_run_dir(settings),
+        force_9p=host_side.force_9p,
+        native_init=host_side.native_init,
+    )
     prepare(boot, workload, host.environ)
-    marks = Marks(probe=probe_seconds)
+    marks = Marks(probe=host_side.probe_seconds)
     try:
         outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ), marks)
         dmesg = read_guest_file(boot.shared / "dmesg", GUEST_DMESG_BYTES)
