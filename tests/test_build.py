@@ -66,3 +66,20 @@ def test_vngs_own_kconfig_base_builds_and_boots(cli, tmp_path: Path, workspace: 
     assert {"CONFIG_VIRTIO_FS=y", "CONFIG_OVERLAY_FS=y", "CONFIG_9P_FS=y", "CONFIG_IKCONFIG_PROC=y"} <= config
     assert json.loads((entry / "metadata.json").read_text())["kconfig_base"] == "vng"
     assert not (entry / "vmlinux.h").exists()
+
+
+def test_a_changed_fragment_applies_to_the_next_build_in_the_same_work_tree(
+    cli, workspace: Path, tiny_build: TinyBuild, remote
+):
+    """The work tree keeps the first build's .config; the second build, without IKCONFIG_PROC in its
+    fragment (and a new version, so a new key), must not reuse it: /proc/config.gz is gone."""
+    _, sha = remote
+    (workspace / "ci").mkdir()
+    (workspace / "ci" / "kernel.config").write_text("# CONFIG_IKCONFIG is not set\n")
+    args = [*tiny_build.args, "--version", "v3", "--cpus", "2", "--verbose", "false"]
+    done = cli("boot", *args, "--", "test -e /proc/config.gz && echo config.gz-present; uname -r", env=CCACHE_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"cache: miss vng-kernel-ci-x86_64-{sha[:12]}-v3+tiny" in done.stderr
+    assert "config.gz-present" not in done.stdout and f"__ci__{sha[:12]}" in done.stdout
+    entry = tiny_build.entry.parent / f"vng-kernel-ci-x86_64-{sha[:12]}-v3+tiny"
+    assert "# CONFIG_IKCONFIG is not set" in (entry / ".config").read_text()

@@ -174,6 +174,19 @@ def test_prune_to_a_size_removes_oldest_first(tmp_path: Path):
     assert store.prune(max_bytes=2500) == []
 
 
+def test_prune_by_age_removes_what_was_built_longer_ago(cli, tmp_path: Path):
+    store = cache.KernelCache(tmp_path / "c" / "kernels")
+    old = add(store, "foo", "1" * 40)
+    metadata = json.loads((old.path / "metadata.json").read_text())
+    metadata["created"] = "2026-01-01T00:00:00+00:00"
+    (old.path / "metadata.json").write_text(json.dumps(metadata))
+    new = add(store, "foo", "2" * 40)
+    pruned = cli("cache", "--cache-dir", str(tmp_path / "c"), "--max-age", "14d")
+    assert pruned.returncode == 0 and pruned.stdout.startswith(f"removed {old.key}\t"), pruned.stderr
+    assert store.entries() == [new]
+    assert cache.parse_age("12h") == 43200 and cache.parse_age("3") == 3 * 86400
+
+
 def test_prune_skips_an_entry_in_use(tmp_path: Path):
     store = cache.KernelCache(tmp_path)
     entries = [add(store, "foo", str(n) * 40) for n in range(2)]
@@ -254,7 +267,10 @@ def test_cli_lists_and_prunes(cli, tmp_path: Path):
     assert store.entries() == [second]
 
 
-@pytest.mark.parametrize(("flag", "value", "named"), [("--keep", "-1", "keep"), ("--max-size", "20X", "max-size")])
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [("--keep", "-1", "keep"), ("--max-size", "20X", "max-size"), ("--max-age", "2w", "max-age")],
+)
 def test_cli_bad_prune_flag_exits_2(cli, tmp_path: Path, flag: str, value: str, named: str):
     store = cache.KernelCache(tmp_path / "c" / "kernels")
     add(store, "foo", "1" * 40)

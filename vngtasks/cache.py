@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ LOCKS = ".locks"
 
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 _SIZE = re.compile(r"(0|[1-9][0-9]*)([KMGT]?)", re.IGNORECASE)
+_AGE = re.compile(r"(0|[1-9][0-9]*)([dhms]?)", re.IGNORECASE)
+_SECONDS = {"": 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _BYTES = {"K": 1024, "": 1024**2, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -146,17 +149,21 @@ class KernelCache:
                 shutil.rmtree(temp, ignore_errors=True)  # after the rename there is nothing left
                 marker.unlink(missing_ok=True)
 
-    def prune(self, keep_per_name: int | None = None, max_bytes: int | None = None) -> list[Entry]:
-        """Remove the oldest entries beyond `keep_per_name` per name and arch, then beyond `max_bytes`."""
+    def prune(
+        self, keep_per_name: int | None = None, max_bytes: int | None = None, max_age: float | None = None
+    ) -> list[Entry]:
+        """Remove the entries older than `max_age` seconds, the oldest beyond `keep_per_name` per name and
+        arch, then the oldest beyond `max_bytes`."""
         self._clean_temp()
         entries = self.entries()
-        doomed: list[Entry] = []
+        now = time.time()
+        doomed: list[Entry] = [e for e in entries if max_age is not None and now - e.created > max_age]
         if keep_per_name is not None:
             groups: dict[tuple[object, ...], list[Entry]] = {}
             for entry in entries:
                 groups.setdefault(_group(entry), []).append(entry)
             for group in groups.values():
-                doomed += group[: max(len(group) - keep_per_name, 0)]
+                doomed += [e for e in group[: max(len(group) - keep_per_name, 0)] if e not in doomed]
         if max_bytes is not None:
             kept = [entry for entry in entries if entry not in doomed]
             total = sum(entry.size_bytes for entry in kept)
@@ -246,6 +253,14 @@ def parse_keep(value: str) -> int:
     if not value.isascii() or not value.isdigit():
         raise InputError("keep", f"{value!r} is not valid: expected a whole number >= 0")
     return int(value)
+
+
+def parse_age(value: str) -> float:
+    """`14d`, `12h`, `30m` or `90s` (no suffix: days), in seconds."""
+    found = _AGE.fullmatch(value)
+    if not found:
+        raise InputError("max_age", f"{value!r} is not an age: expected e.g. 14d, 12h, 30m (no suffix: days)")
+    return int(found[1]) * _SECONDS[found[2].lower()]
 
 
 def parse_size(value: str) -> int:

@@ -20,18 +20,20 @@ from . import _common
         "cache_dir": HELP["cache_dir"],
         "keep": "prune: keep the newest N kernels of each name and arch",
         "max_size": "prune: remove the oldest kernels until the cache fits, e.g. 20G (no suffix: MiB)",
+        "max_age": "prune: remove the kernels built longer ago than this, e.g. 14d, 12h (no suffix: days)",
     },
 )
-def cache(c: Context, cache_dir=None, keep=None, max_size=None):
-    """List cached kernels (key, size, age, kernel release); with --keep or --max-size, prune them."""
+def cache(c: Context, cache_dir=None, keep=None, max_size=None, max_age=None):
+    """List cached kernels (key, size, age, kernel release); with --keep, --max-size or --max-age, prune them."""
     s = _common.settings(c, cache_dir=cache_dir)
     try:
         keep_per_name = None if keep is None else kernel_cache.parse_keep(keep)
         max_bytes = None if max_size is None else kernel_cache.parse_size(max_size)
+        max_seconds = None if max_age is None else kernel_cache.parse_age(max_age)
     except InputError as error:
         raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
     store = kernel_cache.KernelCache(kernel_cache.kernels_root(s))
-    if keep_per_name is None and max_bytes is None:
+    if keep_per_name is None and max_bytes is None and max_seconds is None:
         entries = store.entries()
         if not entries:
             log.info(f"cache: no kernels in {store.root}")
@@ -41,7 +43,7 @@ def cache(c: Context, cache_dir=None, keep=None, max_size=None):
             size = kernel_cache.human_size(entry.size_bytes)
             print(f"{entry.key}\t{size}\t{kernel_cache.human_age(now - entry.created)}\t{release}")
         return
-    removed = store.prune(keep_per_name, max_bytes)
+    removed = store.prune(keep_per_name, max_bytes, max_seconds)
     for entry in removed:
         print(f"removed {entry.key}\t{kernel_cache.human_size(entry.size_bytes)}")
     left = store.entries()
