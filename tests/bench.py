@@ -41,10 +41,10 @@ def invoke(*args: str) -> None:
 
 
 def resolve_propagated() -> None:
-    """`invoke resolve` in a later job of a run: the SHA file answers, the network is never used."""
+    """`invoke resolve` in a later job of a run: the SHA record answers, the network is never used (median of 10)."""
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as listener:
         workspace = Path(tmp)
-        resolve.propagate(workspace, "bench", "v6.12", "0123456789abcdef0123456789abcdef01234567")
+        run = {"GITHUB_RUN_ID": "1"}  # a later job of one workflow run
         # kernel-url points here: every connection git makes is accepted, counted and dropped.
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -61,12 +61,15 @@ def resolve_propagated() -> None:
 
         threading.Thread(target=count, daemon=True).start()
         url = f"git://127.0.0.1:{listener.getsockname()[1]}/linux.git"
+        sha = "0123456789abcdef0123456789abcdef01234567"
+        resolve.propagate(workspace, "bench", resolve.Question("v6.12", url, run["GITHUB_RUN_ID"], False), sha, run)
         argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "resolve", "--tag", "v6.12", "--name", "bench"]
         argv += ["--kernel-url", url, "--cache-dir", str(workspace / "cache")]
-        seconds = timed(lambda: subprocess.run(argv, cwd=workspace, check=True, capture_output=True))
+        env = {**os.environ, **run}
+        seconds = timed(lambda: subprocess.run(argv, cwd=workspace, env=env, check=True, capture_output=True), runs=10)
     print(
         f"invoke resolve, propagated SHA: {seconds:.3f} s, {len(connections)} network calls "
-        f"(goal <= 0.3 s and 0 calls: ratio {seconds / 0.3:.3f})"
+        f"(goal <= 0.2 s and 0 calls: ratio {seconds / 0.2:.3f})"
     )
 
 

@@ -194,20 +194,57 @@ def test_unreachable_remote_falls_back_to_the_newest_cached_kernel(
     assert not resolve.sha_file(s.workspace, "nightly").exists()  # a stale answer is not propagated
 
 
-def test_remote_answer_is_propagated_then_used_without_network(
-    tmp_path: Path, daemon_url: str, closed_url: str, remote: Remote
-):
-    s = make_settings(tmp_path / "ws", tmp_path / "cache", tag="light", kernel_url=daemon_url, name="nightly")
-    assert resolve.resolve_kernel(Context(), s).source == "remote"
+RUN = {"GITHUB_RUN_ID": "4242", "GITHUB_RUN_ATTEMPT": "1"}  # a job of a workflow run
+
+
+def test_remote_answer_is_propagated_then_used_without_network(tmp_path: Path, remote: Remote):
+    mine = tmp_path / "linux.git"  # a remote of this test's own, made unreachable later
+    subprocess.run(["git", "clone", "-q", "--mirror", str(remote.path), str(mine)], check=True)
+    url = mine.as_uri()
+    s = make_settings(tmp_path / "ws", tmp_path / "cache", tag="light", kernel_url=url, name="nightly")
+    assert resolve.resolve_kernel(Context(), s, environ=RUN).source == "remote"
     shared = resolve.sha_file(s.workspace, "nightly")
-    assert json.loads(shared.read_text()) == {"tag": "light", "sha": remote.commits["light"]}
+    record = {"tag": "light", "kernel_url": url, "run_id": "4242", "run_attempt": "1", "sha": remote.commits["light"]}
+    assert json.loads(shared.read_text()) == record
     assert [p.name for p in shared.parent.iterdir()] == ["resolved.json"]  # no temp file left behind
     # Another job of the run: the remote is now unreachable, the file answers alone.
-    later = make_settings(tmp_path / "ws", tmp_path / "cache", tag="light", kernel_url=closed_url, name="nightly")
+    mine.rename(tmp_path / "gone")
     start = time.monotonic()
-    resolved = resolve.resolve_kernel(Context(), later)
+    resolved = resolve.resolve_kernel(Context(), s, environ=RUN)
     assert time.monotonic() - start < 0.5
     assert resolved == resolve.Resolved(sha=remote.commits["light"], ref="", source="propagated")
+
+
+@pytest.mark.parametrize(
+    ("later_environ", "later_flags"),
+    [
+        ({"GITHUB_RUN_ID": "4343"}, {}),  # another workflow run
+        (RUN, {"kernel_url": "OTHER"}),  # another URL
+        ({}, {}),  # outside GitHub Actions, not asked for
+    ],
+    ids=["another-run", "another-url", "outside-actions"],
+)
+def test_a_recorded_answer_is_only_for_its_run_and_url(tmp_path: Path, remote: Remote, later_environ, later_flags):
+    """A branch must move: a record from another run, for another URL, or on a laptop is not used."""
+    url = remote.path.as_uri()
+    other = tmp_path / "other.git"
+    subprocess.run(["git", "clone", "-q", "--mirror", str(remote.path), str(other)], check=True)
+    flags = {"tag": "light", "kernel_url": url, "name": "nightly"}
+    resolve.propagate(tmp_path / "ws", "nightly", resolve.Question("light", url, "4242", False), "f" * 40, RUN)
+    later = {**flags, **{k: other.as_uri() if v == "OTHER" else v for k, v in later_flags.items()}}
+    resolved = resolve.resolve_kernel(
+        Context(), make_settings(tmp_path / "ws", tmp_path / "cache", **later), environ=later_environ
+    )
+    assert (resolved.sha, resolved.source) == (remote.commits["light"], "remote")
+
+
+def test_outside_actions_reuse_resolved_uses_the_record(tmp_path: Path, remote: Remote):
+    url = remote.path.as_uri()
+    resolve.propagate(tmp_path / "ws", "nightly", resolve.Question("light", url, "", True), "f" * 40, {})
+    s = make_settings(
+        tmp_path / "ws", tmp_path / "c", tag="light", kernel_url=url, name="nightly", reuse_resolved="true"
+    )
+    assert resolve.resolve_kernel(Context(), s, environ={}) == resolve.Resolved("f" * 40, "", "propagated")
 
 
 def test_bad_propagated_file_is_ignored(tmp_path: Path, url: str, remote: Remote, capsys: pytest.CaptureFixture[str]):
@@ -215,7 +252,7 @@ def test_bad_propagated_file_is_ignored(tmp_path: Path, url: str, remote: Remote
     resolve.sha_file(s.workspace, s.name).parent.mkdir()
     for bad in ('{"tag": "feature", "sha": "not a sha"}', "not json", '["a list"]'):
         resolve.sha_file(s.workspace, s.name).write_text(bad)
-        resolved = resolve.resolve_kernel(Context(), s)
+        resolved = resolve.resolve_kernel(Context(), s, environ=RUN)
         assert (resolved.sha, resolved.source) == (remote.commits["feature"], "remote")
         assert "ignoring" in capsys.readouterr().err
         assert json.loads(resolve.sha_file(s.workspace, s.name).read_text())["sha"] == remote.commits["feature"]
@@ -279,7 +316,7 @@ def test_cli_without_tag_is_bad_input(cli, home: Path):
 def test_a_reader_never_gets_one_tags_sha_for_another(tmp_path: Path):
     """A writer process flips the record between two tags while this one reads it: never a mixed pair."""
     shas = {"v1": "1" * 40, "v2": "2" * 40}
-    resolve.propagate(tmp_path, "race", "v1", shas["v1"])
+    resolve.propagate(tmp_path, "race", question("v1"), shas["v1"], RUN)
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(tmp_path), json.dumps(shas)], stdout=subprocess.PIPE, text=True
     )
@@ -288,13 +325,17 @@ def test_a_reader_never_gets_one_tags_sha_for_another(tmp_path: Path):
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         for tag, sha in shas.items():
-            found = resolve.propagated(tmp_path, "race", tag)
+            found = resolve.propagated(tmp_path, "race", question(tag))
             if found is not None:
                 assert found.sha == sha, (tag, found.sha)
                 seen[tag] += 1
     writer.kill()
     writer.wait()
     assert min(seen.values()) > 10, seen  # both answers were read, many times
+
+
+def question(tag: str) -> resolve.Question:
+    return resolve.Question(tag, "file:///k", RUN["GITHUB_RUN_ID"], False)
 
 
 WRITER = """
@@ -305,5 +346,5 @@ shas = json.loads(sys.argv[2])
 print("writing", flush=True)
 while True:
     for tag, sha in shas.items():
-        resolve.propagate(Path(sys.argv[1]), "race", tag, sha)
+        resolve.propagate(Path(sys.argv[1]), "race", resolve.Question(tag, "file:///k", "4242", False), sha, {})
 """

@@ -14,6 +14,7 @@ import re
 import shlex
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +116,26 @@ def sha_file(workspace: Path, name: str) -> Path:
     return workspace / f".vng-sha-{name}" / PROPAGATED
 
 
-def propagated(workspace: Path, name: str, tag: str) -> Resolved | None:
-    """The SHA an earlier job of this run resolved for `tag`, if its file is here and valid."""
+@dataclass(frozen=True)
+class Question:
+    """What a recorded answer must have been the answer to, to be used again."""
+
+    tag: str
+    kernel_url: str
+    run_id: str  # $GITHUB_RUN_ID: "" outside GitHub Actions
+    reuse: bool  # the reuse-resolved setting: outside Actions, the only way a record is used
+
+    @classmethod
+    def of(cls, settings: Settings, environ: Mapping[str, str]) -> Question:
+        return cls(settings.tag, settings.kernel_url, environ.get("GITHUB_RUN_ID", ""), settings.reuse_resolved)
+
+
+def propagated(workspace: Path, name: str, question: Question) -> Resolved | None:
+    """The SHA an earlier job of this workflow run resolved for the same tag and URL, if its record is
+    here and valid; outside GitHub Actions only with `reuse-resolved` (a branch must move on a laptop)."""
     path = sha_file(workspace, name)
+    if not question.run_id and not question.reuse:
+        return None
     try:
         record = json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):
@@ -128,20 +146,31 @@ def propagated(workspace: Path, name: str, tag: str) -> Resolved | None:
     if not isinstance(record, dict) or not is_sha(str(record.get("sha", ""))):
         log.warn(f"ignoring {path}: no 40-hex commit in it")
         return None
-    if record.get("tag") != tag:
-        log.info(f"tag: {path} was resolved for {record.get('tag')!r}, not {tag!r}: asking the remote")
+    asked = {"tag": question.tag, "kernel_url": question.kernel_url}
+    if question.run_id:
+        asked["run_id"] = question.run_id  # the seed's scope: one workflow run
+    differs = [key for key, value in asked.items() if record.get(key) != value]
+    if differs:
+        log.info(f"tag: {path} answered another {' and '.join(differs)}: asking the remote")
         return None
     return Resolved(sha=str(record["sha"]).lower(), ref="", source="propagated")
 
 
-def propagate(workspace: Path, name: str, tag: str, sha: str) -> Path:
-    """Record the SHA and the tag it answers for later jobs, in one file replaced at once: a reader
-    sees the old pair or the new one, never one's tag with the other's SHA."""
+def propagate(workspace: Path, name: str, question: Question, sha: str, environ: Mapping[str, str]) -> Path:
+    """Record the SHA with what it answers for later jobs, in one file replaced at once: a reader sees
+    the old record or the new one, never one's tag with the other's SHA."""
     path = sha_file(workspace, name)
     if path.parent.exists() and not path.parent.is_dir():
         raise Failure(f"{path.parent.name}: exists in the workspace and is not a directory", BAD_INPUT)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps({"tag": tag, "sha": sha}) + "\n")
+    record = {
+        "tag": question.tag,
+        "kernel_url": question.kernel_url,
+        "run_id": question.run_id,
+        "run_attempt": environ.get("GITHUB_RUN_ATTEMPT", ""),
+        "sha": sha,
+    }
+    _write_atomically(path, json.dumps(record) + "\n")
     return path
 
 
@@ -167,11 +196,18 @@ def stale(settings: Settings) -> Resolved | None:
     return Resolved(sha=sha.lower(), ref=str(entry.metadata.get("ref", "")), source="stale")
 
 
-def resolve_kernel(c: Context, settings: Settings, *, retry_delay: float = RETRY_DELAY_SECONDS) -> Resolved:
+def resolve_kernel(
+    c: Context,
+    settings: Settings,
+    *,
+    retry_delay: float = RETRY_DELAY_SECONDS,
+    environ: Mapping[str, str] = os.environ,
+) -> Resolved:
     """SHA literal, else propagated SHA, else the remote (retried), else a stale cached kernel."""
     if is_sha(settings.tag):
         return Resolved(sha=settings.tag.lower(), ref="", source="sha")
-    shared = propagated(settings.workspace, settings.name, settings.tag)
+    question = Question.of(settings, environ)
+    shared = propagated(settings.workspace, settings.name, question)
     if shared is not None:
         log.info(f"tag: using {shared.sha12} from {sha_file(settings.workspace, settings.name)}")
         return shared
@@ -185,6 +221,6 @@ def resolve_kernel(c: Context, settings: Settings, *, retry_delay: float = RETRY
                 f" ({settings.version})"
             ) from None
         return fallback
-    propagate(settings.workspace, settings.name, settings.tag, resolved.sha)
+    propagate(settings.workspace, settings.name, question, resolved.sha, environ)
     log.info(f"tag: {settings.tag} is {resolved.sha12} ({resolved.ref})")
     return resolved

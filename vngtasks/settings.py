@@ -58,6 +58,7 @@ DEFAULTS: dict[str, str] = {
     "splat_check": "true",
     "splat_allow": "",
     "build_host_accept_new": "false",
+    "reuse_resolved": "false",
 }
 
 # One line of help per setting, shown by `invoke --help TASK` for the flags a task takes.
@@ -97,6 +98,7 @@ HELP: dict[str, str] = {
     "splat_check": "true: kernel warnings, BUGs, oopses, stalls in the guest fail the run (exit 123)",
     "splat_allow": "regexes of kernel splat lines to ignore, one per line",
     "build_host_accept_new": "true: trust the build host's key on first use and record it in ~/.ssh/known_hosts",
+    "reuse_resolved": "true: outside GitHub Actions, reuse the commit a resolve recorded for the same tag and URL",
 }
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -168,6 +170,7 @@ class Settings:
     splat_check: bool
     splat_allow: tuple[str, ...]  # regexes, each checked by re.compile
     build_host_accept_new: bool
+    reuse_resolved: bool
 
 
 def resolve(
@@ -230,6 +233,7 @@ def resolve(
         splat_check=_bool("splat_check", raw["splat_check"]),
         splat_allow=_regexes("splat_allow", raw["splat_allow"]),
         build_host_accept_new=_bool("build_host_accept_new", raw["build_host_accept_new"]),
+        reuse_resolved=_bool("reuse_resolved", raw["reuse_resolved"]),
     )
 
 

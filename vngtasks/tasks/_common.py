@@ -20,7 +20,7 @@ ENV_PREFIX = "INVOKE_VNG_"
 # The settings each task takes as flags (all of them are read from config and env either way).
 BUILD_SETTINGS = (
     "tag", "kernel_url", "name", "version", "kconfig", "kconfig_base", "arch", "cc", "llvm",
-    "kernel_compile_cache", "vmlinux_h", "cache_dir", "build_host", "build_host_accept_new",
+    "kernel_compile_cache", "vmlinux_h", "cache_dir", "build_host", "build_host_accept_new", "reuse_resolved",
 )  # fmt: skip
 BOOT_SETTINGS = (
     "kernel", *BUILD_SETTINGS, "accel", "cpus", "memory", "network", "verbose", "append", "qemu_opts",
