@@ -22,7 +22,7 @@ from pathlib import Path
 from invoke import Context
 from linux_remote import CCACHE_DIR, KCONFIG, LINUX_REMOTE_HOME, TAG, git, linux_remote, without_rustup
 
-from vngtasks import accel, arches, kernels, resolve
+from vngtasks import accel, arches, kernels, resolve, vm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,7 +128,7 @@ def boot_ratio(kernel: Path, label: str, pairs: int = 5) -> None:
         for _ in range(pairs):
             for name, argv in (("ours", ours), ("raw", raw)):
                 start = time.perf_counter()
-                subprocess.run(argv, cwd=tmp, env=make_env(), check=True, capture_output=True)
+                subprocess.run(argv, cwd=tmp, env=vm.child_environment(make_env()), check=True, capture_output=True)
                 seconds[name].append(time.perf_counter() - start)
             phases.append(json.loads(Path(tmp, "vng-run.json").read_text())["phases"])
     ratio = statistics.median(o / r for o, r in zip(seconds["ours"], seconds["raw"], strict=True))

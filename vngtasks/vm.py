@@ -359,6 +359,8 @@ def attempt(
     marks = Marks(probe=host_side.probe_seconds)
     try:
         outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ), marks)
+        started = read_guest_file(boot.shared / "started", GUEST_LINE_BYTES) or b""
+        marks.guest_uptime = guest_seconds(started.decode(errors="replace").strip())
         dmesg = read_guest_file(boot.shared / "dmesg", GUEST_DMESG_BYTES)
         marks.guest_init = init_started(dmesg or b"")
         release = read_guest_file(boot.shared / "release", GUEST_LINE_BYTES) or b""
@@ -443,9 +445,8 @@ def note_progress(boot: Boot, marks: Marks, now: float) -> None:
     """Mark the workload's start, then its end, as the guest reports them in the run directory."""
     if marks.started is None:
         started = read_guest_file(boot.shared / "started", GUEST_LINE_BYTES)
-        if started is not None:
+        if started is not None:  # it may still be empty: its line is read again at the end
             marks.started = now
-            marks.guest_uptime = guest_seconds(started.decode(errors="replace").strip())
             log.info(f"booted in {now - marks.vng:.1f} s ({boot.accel}); workload running")
     elif marks.status is None:
         marks.reported = reported_status(boot.shared)
@@ -578,10 +579,12 @@ class ConsoleWatch:
 
 
 def reported_status(run_dir: Path) -> int | None:
-    """The workload's exit status as the guest wrote it, when it is one (0 to 255)."""
-    text = read_guest_file(run_dir / "status", GUEST_LINE_BYTES)
+    """The workload's exit status as the guest wrote it: a whole line holding 0 to 255, else None."""
+    text = read_guest_file(run_dir / "status", GUEST_LINE_BYTES) or b""
+    if not text.endswith(b"\n"):  # not written yet, or not all of it
+        return None
     try:
-        status = int(text or b"")
+        status = int(text)
     except ValueError:
         return None
     return status if 0 <= status <= 255 else None
