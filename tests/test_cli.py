@@ -180,3 +180,19 @@ def test_a_command_of_ours_that_fails_exits_1_whatever_its_own_status():
     with pytest.raises(Exit) as stopped, _common.exit_statuses():
         Context().run("exit 2", hide=True, in_stream=False)
     assert stopped.value.code == 1 and stopped.value.message == "vngtasks: `exit 2` failed with exit status 2"
+
+
+def test_the_workspaces_vngtasks_yaml_is_read_below_env_and_flags(cli, home: Path, workspace: Path):
+    (home / ".invoke.yaml").write_text("vng:\n  memory: 1G\n  cpus: 1\n")
+    (workspace / "vngtasks.yaml").write_text("vng:\n  memory: 2G\n  cpus: 3\n  name: ws\n")
+    done = cli("settings", env={"INVOKE_VNG_CPUS": "2"})
+    shown = dict(line.split("=", 1) for line in done.stdout.splitlines())
+    assert (shown["memory-mib"], shown["cpus"], shown["name"]) == ("2048", "2", "ws")  # over ~/.invoke.yaml
+    assert done.stderr.strip() == f"vngtasks: settings: read {home / '.invoke.yaml'}, {workspace / 'vngtasks.yaml'}"
+    assert cli("boot", "--memory", "4X", "--", "true").stderr.startswith("vngtasks: memory: '4X'")  # flags win
+    (workspace / "vngtasks.yaml").write_text("vng:\n  memroy: 2G\n")
+    done = cli("settings")
+    assert done.returncode == 2 and done.stderr.startswith("vngtasks: memroy: not a known setting"), done.stderr
+    (workspace / "vngtasks.yaml").write_text("- not a mapping\n")
+    done = cli("settings")
+    assert done.returncode == 2 and done.stderr.startswith("vngtasks: vngtasks.yaml: "), done.stderr

@@ -8,9 +8,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 from invoke import Context, Program, Task, task
 from invoke.exceptions import Exit, ParseError, UnexpectedExit
+from invoke.util import yaml
 
 from ..errors import BAD_INPUT, FAILED, Failure
 from ..settings import DEFAULTS, HELP, InputError, Settings, resolve
@@ -41,13 +43,48 @@ def settings_task(*names: str) -> Callable[[Callable[..., object]], Task]:
     return wrap
 
 
+WORKSPACE_CONFIG = "vngtasks.yaml"  # in the workspace: its `vng` section, as in an invoke.yaml
+INVOKE_FILES = ("system", "user", "project", "runtime")  # the config files invoke may have read
+
+
 def settings(c: Context, **flags: object) -> Settings:
-    """Settings from invoke's layered config (`vng.*`) with this task's flags on top."""
+    """Settings, weakest first: defaults, invoke.yaml files (system, user, this checkout's), the
+    workspace's vngtasks.yaml, INVOKE_VNG_* env, then this task's flags."""
     try:
         check_environment(os.environ)
-        return resolve(c.config.vng, flags)
+        return resolve(layered(c.config.vng, Path.cwd() / WORKSPACE_CONFIG, os.environ), flags)
     except InputError as error:
         raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
+
+
+def layered(config: Mapping[str, object], workspace_file: Path, environ: Mapping[str, str]) -> dict[str, object]:
+    """invoke's `vng` config with the workspace file's values in, below the environment's."""
+    merged = dict(config)
+    for key, value in workspace_config(workspace_file).items():
+        if ENV_PREFIX + key.upper() not in environ:
+            merged[key] = value
+    return merged
+
+
+def workspace_config(path: Path) -> dict[str, object]:
+    """The `vng` section of the workspace's vngtasks.yaml (none: empty); a bad file is bad input."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(WORKSPACE_CONFIG, f"cannot read {path}: {error}") from None
+    section = data.get("vng") if isinstance(data, dict) else None
+    if not isinstance(section, dict) or not all(isinstance(key, str) for key in section):
+        raise InputError(WORKSPACE_CONFIG, f"{path}: expected a `vng:` section of settings")
+    return section
+
+
+def files_read(c: Context) -> list[str]:
+    """The config files the settings came from: invoke's, then the workspace's."""
+    paths = [getattr(c.config, f"_{name}_path") for name in INVOKE_FILES if getattr(c.config, f"_{name}_found")]
+    paths.append(Path.cwd() / WORKSPACE_CONFIG)
+    return [str(path) for path in paths if path and Path(path).is_file()]  # invoke "finds" a missing .py one
 
 
 def check_environment(environ: Mapping[str, str]) -> None:

@@ -6,13 +6,16 @@ import dataclasses
 
 from invoke import Context, task
 
+from .. import log
 from . import _common
 
 
 @task
 def settings(c: Context):
-    """Print the effective settings (defaults < invoke.yaml < INVOKE_VNG_* env), one per line."""
+    """Print the effective settings (defaults < invoke.yaml < vngtasks.yaml < INVOKE_VNG_* env), one per line."""
     s = _common.settings(c)
+    read = _common.files_read(c)
+    log.info(f"settings: read {', '.join(read)}" if read else "settings: no config file read, defaults and env only")
     for field in dataclasses.fields(s):
         value = getattr(s, field.name)
         if field.name == "arch":
