@@ -36,6 +36,7 @@ BAD_INPUT = [
     (["boot", "--append", "quiet foo='bar"], "append"),
     (["boot", "--qemu-opts", "-device 'unterminated"], "qemu-opts"),
     (["boot", "--qemu-opts", "-device virtio-rng-pci,id=$(reboot)"], "qemu-opts"),
+    (["boot", "--qemu-opts", "-name '' -device x"], "qemu-opts"),  # refused, never silently dropped
     (["boot", "--kernel", "/etc"], "kernel"),
     (["boot", "--kernel", "/dev/null"], "kernel"),
     (["boot", "--kernel", "no-such-kernel"], "kernel"),
