@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,27 @@ def test_a_relative_kernel_url_is_fetched_too(cli, tmp_path: Path, workspace: Pa
     # Fetched and checked out; the build itself then fails: this repository holds no kernel.
     assert done.returncode == 1 and "kconfig: virtme-configkernel --defconfig failed" in done.stderr, done.stderr
     assert (tmp_path / "c" / "work" / "default-x86_64" / "linux" / "file").read_text() == "first"
+
+
+def test_a_dry_run_prints_the_commands_and_touches_nothing(cli, tmp_path: Path, workspace: Path, remote) -> None:
+    repo, commits = remote
+    cache_dir = tmp_path / "c"
+    args = ["--tag", "v1", "--kernel-url", f"file://{repo}", "--cache-dir", str(cache_dir), "--kconfig-base", "tiny"]
+    before = sorted(tmp_path.rglob("*"))
+    built = cli("build", *args, "--dry-run")
+    booted = cli("boot", *args, "--dry-run", "--", "true")
+    assert (built.returncode, booted.returncode) == (0, 0), built.stderr + booted.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no cache, no work tree, no record in the workspace
+    tree = f"{cache_dir}/work/default-x86_64/linux"
+    lines = built.stdout.splitlines()
+    assert lines[0].startswith("# cache miss vng-kernel-default-x86_64-") and "written first" in lines[0]
+    assert lines[1:4] == [
+        f"git init -q {tree}",
+        f"git -C {tree} fetch --depth 1 --no-tags -- file://{repo} refs/tags/v1",
+        f"git -C {tree} checkout -q --force --detach {commits['first']}",
+    ]
+    assert lines[4].startswith(f"cd {tree} && make ") and lines[4].endswith(" tinyconfig")
+    assert any(" --build " in line for line in lines) and "btf dump" in lines[-1]
+    assert booted.stdout.splitlines()[:-1] == lines
+    boot_line = booted.stdout.splitlines()[-1]
+    assert boot_line.startswith(str(Path(sys.executable).parent / "vng")) and "--run=" in boot_line

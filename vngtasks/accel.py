@@ -63,10 +63,9 @@ def choose(
 
 def kvm_problem(arch: Arch, device: Path = KVM_DEVICE) -> str | None:
     """Why KVM cannot run a guest of `arch` here, or None when a probe guest ran."""
-    try:
-        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
-    except OSError as error:
-        return f"{device}: {error.strerror}"
+    problem = device_problem(device)
+    if problem is not None:
+        return problem
     if not arch.probe_code:
         return None
     with tempfile.TemporaryDirectory(prefix="vngtasks-probe-") as tmp:
@@ -82,6 +81,15 @@ def kvm_problem(arch: Arch, device: Path = KVM_DEVICE) -> str | None:
         return None
     detail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
     return f"a probe guest failed: {detail}"
+
+
+def device_problem(device: Path = KVM_DEVICE) -> str | None:
+    """Why the KVM device cannot be opened, or None when it can (not yet that a guest runs)."""
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as error:
+        return f"{device}: {error.strerror}"
+    return None
 
 
 def probe_firmware(arch: Arch) -> bytes:

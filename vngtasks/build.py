@@ -105,28 +105,44 @@ def build_env(plan: Plan, home: str) -> dict[str, str]:
 def fetch(c: Context, url: str, tag: str, sha: str, tree: str) -> None:
     """Make `tree` hold exactly commit `sha`: a shallow fetch of the tag, or of the sha itself."""
     if not c.run(f"test -d {shlex.quote(tree)}/.git", warn=True, hide=True, in_stream=False).ok:
-        c.run(shlex.join(["git", "init", "-q", tree]), hide=True, in_stream=False)
-    git = ["git", "-C", tree]
-    wants = [sha] if tag == sha else [f"refs/tags/{tag}", f"refs/heads/{tag}", sha]
-    for want in wants:
+        c.run(shlex.join(git_init_argv(tree)), hide=True, in_stream=False)
+    for want in fetch_wants(tag, sha):
         fetched = c.run(
-            shlex.join([*git, "fetch", "--depth", "1", "--no-tags", *_progress(), "--", url, want]),
-            warn=True,
-            in_stream=False,
-            env={"GIT_TERMINAL_PROMPT": "0"},
+            shlex.join(fetch_argv(tree, url, want)), warn=True, in_stream=False, env={"GIT_TERMINAL_PROMPT": "0"}
         )
         if not fetched.ok:
             continue
-        got = c.run(shlex.join([*git, "rev-parse", "FETCH_HEAD^{commit}"]), hide=True, in_stream=False)
+        got = c.run(shlex.join(_git(tree, "rev-parse", "FETCH_HEAD^{commit}")), hide=True, in_stream=False)
         if got.stdout.strip() == sha:
             break
         log.warn(f"tag: {tag} now points at {got.stdout.strip()[:12]}, not the resolved {sha[:12]}; fetching that")
     else:
         raise Failure(f"tag: cannot fetch commit {sha[:12]} of {tag} from {url}", FAILED)
-    c.run(shlex.join([*git, "checkout", "-q", "--force", "--detach", sha]), in_stream=False)
-    head = c.run(shlex.join([*git, "rev-parse", "HEAD"]), hide=True, in_stream=False).stdout.strip()
+    c.run(shlex.join(checkout_argv(tree, sha)), in_stream=False)
+    head = c.run(shlex.join(_git(tree, "rev-parse", "HEAD")), hide=True, in_stream=False).stdout.strip()
     if head != sha:
         raise Failure(f"tag: checked out {head[:12]}, expected {sha[:12]}", FAILED)
+
+
+def fetch_wants(tag: str, sha: str) -> list[str]:
+    """What to fetch, in order: the tag (or branch), else the commit itself (a tag that moved since)."""
+    return [sha] if tag == sha else [f"refs/tags/{tag}", f"refs/heads/{tag}", sha]
+
+
+def _git(tree: str, *args: str) -> list[str]:
+    return ["git", "-C", tree, *args]
+
+
+def git_init_argv(tree: str) -> list[str]:
+    return ["git", "init", "-q", tree]
+
+
+def fetch_argv(tree: str, url: str, want: str) -> list[str]:
+    return _git(tree, "fetch", "--depth", "1", "--no-tags", *_progress(), "--", url, want)
+
+
+def checkout_argv(tree: str, sha: str) -> list[str]:
+    return _git(tree, "checkout", "-q", "--force", "--detach", sha)
 
 
 def _progress() -> list[str]:
@@ -251,18 +267,35 @@ def write_vmlinux_h(c: Context, tree: str) -> bool:
     if "CONFIG_DEBUG_INFO_BTF=y" not in config.splitlines():
         log.warn("vmlinux-h: the kernel has no BTF (CONFIG_DEBUG_INFO_BTF unset: pahole missing or too old?)")
         return False
-    bpftool = "$(command -v bpftool || echo /usr/sbin/bpftool)"
-    quoted = shlex.quote(tree)
-    done = c.run(
-        f"{bpftool} btf dump file {quoted}/vmlinux format c > {quoted}/vmlinux.h.partial"
-        f" && mv {quoted}/vmlinux.h.partial {quoted}/vmlinux.h",
-        warn=True,
-        hide=True,
-        in_stream=False,
-    )
+    done = c.run(vmlinux_h_command(tree), warn=True, hide=True, in_stream=False)
     if not done.ok:
         log.warn(f"vmlinux-h: bpftool failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return done.ok
+
+
+def vmlinux_h_command(tree: str) -> str:
+    """vmlinux.h from the tree's vmlinux, written whole or not at all (the distro's bpftool)."""
+    bpftool = "$(command -v bpftool || echo /usr/sbin/bpftool)"
+    quoted = shlex.quote(tree)
+    return (
+        f"{bpftool} btf dump file {quoted}/vmlinux format c > {quoted}/vmlinux.h.partial"
+        f" && mv {quoted}/vmlinux.h.partial {quoted}/vmlinux.h"
+    )
+
+
+def planned_commands(plan: Plan, vng: str) -> list[str]:
+    """What building `plan` runs, one line each, for a dry run (the fallbacks a real build may take,
+    such as fetching the commit itself when the tag moved, are left out)."""
+    s = plan.settings
+    argv = vng_argv(plan, vng)
+    lines = [
+        shlex.join(git_init_argv(plan.tree)),
+        shlex.join(fetch_argv(plan.tree, s.kernel_url, fetch_wants(s.tag, plan.sha)[0])),
+        shlex.join(checkout_argv(plan.tree, plan.sha)),
+        *(in_tree(plan.tree, step) for step in config_steps(plan, make_variables(argv))),
+        in_tree(plan.tree, argv),
+    ]
+    return [*lines, vmlinux_h_command(plan.tree)] if s.vmlinux_h else lines
 
 
 def kept_paths(c: Context, tree: str, arch: Arch) -> list[str]:
@@ -321,6 +354,24 @@ def local_plan(settings: Settings, sha: str) -> Plan:
         jobs=os.cpu_count() or 1,
         tools_dir=str(work / "tools"),
     )
+
+
+def dry_run(settings: Settings, resolved: Resolved) -> tuple[Path, list[str]]:
+    """The cache entry of the resolved commit (there now, or where a build would put it) and, on a miss,
+    the commands that build it: found without making, locking or writing anything."""
+    kernels = cache.KernelCache(cache.kernels_root(settings))
+    key = cache.key_for(settings, resolved.sha12)
+    if kernels.lookup(key) is not None:
+        return kernels.root / key, [f"# cache hit {key}: nothing to build"]
+    if settings.build_host:
+        return kernels.root / key, [f"# cache miss {key}: built on {settings.build_host} over SSH, then kept here"]
+    plan = local_plan(settings, resolved.sha)
+    files = ["cc", *(name for name, _ in kconfig.fragments(settings))]
+    written = ", ".join(f"{plan.tools_dir}/{name}" for name in files)
+    return kernels.root / key, [
+        f"# cache miss {key}: built in {plan.tree}, with {written} written first",
+        *planned_commands(plan, vm.vng_program()),
+    ]
 
 
 def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.Entry:

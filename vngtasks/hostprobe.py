@@ -107,8 +107,9 @@ def virtme_ng_init_runs(host: Arch) -> bool:
 class HostProbes:
     """The probes' answers for this boot of the host, read from and written to one JSON file."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, *, write: bool = True) -> None:
         self.path = cache_dir / PROBES_FILE
+        self.write = write  # a dry run reads the file and writes nothing
         self.boot_id = _boot_id()
         self.answers = self._load()
 
@@ -128,6 +129,16 @@ class HostProbes:
         answer = self.answers[key]
         return answer if isinstance(answer, str) else None
 
+    def known_kvm_problem(self, arch: Arch) -> str | None:
+        """The kept answer for KVM, else whether /dev/kvm opens, without starting a probe guest (a dry run)."""
+        key = f"kvm-{arch.name}"
+        if key in self.answers:
+            answer = self.answers[key]
+            return answer if isinstance(answer, str) else None
+        from . import accel
+
+        return accel.device_problem()
+
     def force_9p(self, path_env: str) -> bool:
         """True when vng would wait for a virtiofsd that cannot start (or has none to try)."""
         if not isinstance(self.answers.get("virtiofsd"), dict):
@@ -138,6 +149,8 @@ class HostProbes:
 
     def _remember(self, key: str, value: object) -> None:
         self.answers[key] = value
+        if not self.write:
+            return
         with contextlib.suppress(OSError):  # a cache we cannot write only costs a probe next time
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(prefix=".host-probes-", dir=self.path.parent)

@@ -202,8 +202,10 @@ def resolve_kernel(
     *,
     retry_delay: float = RETRY_DELAY_SECONDS,
     environ: Mapping[str, str] = os.environ,
+    record: bool = True,
 ) -> Resolved:
-    """SHA literal, else propagated SHA, else the remote (retried), else a stale cached kernel."""
+    """SHA literal, else propagated SHA, else the remote (retried), else a stale cached kernel.
+    `record`: keep the remote's answer for later jobs (a dry run does not)."""
     if is_sha(settings.tag):
         return Resolved(sha=settings.tag.lower(), ref="", source="sha")
     question = Question.of(settings, environ)
@@ -221,6 +223,7 @@ def resolve_kernel(
                 f" ({settings.version})"
             ) from None
         return fallback
-    propagate(settings.workspace, settings.name, question, resolved.sha, environ)
+    if record:
+        propagate(settings.workspace, settings.name, question, resolved.sha, environ)
     log.info(f"tag: {settings.tag} is {resolved.sha12} ({resolved.ref})")
     return resolved

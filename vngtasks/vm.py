@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -332,6 +333,25 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
         log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
         attempted = attempt(settings, kernel, workload, host, "tcg", dataclasses.replace(host_side, probe_seconds=0.0))
     return conclude(settings, kernel, attempted, host.environ)
+
+
+def dry_run_line(settings: Settings, kernel: Path) -> str:
+    """The vng command line `run` would start, decided as `run` decides it but without probing, making
+    or writing anything (the KVM answer kept for this host boot, else whether /dev/kvm opens)."""
+    host = Host.current()
+    probes = HostProbes(settings.cache_dir, write=False)
+    if f"kvm-{host.arch.name}" not in probes.answers and settings.accel == "auto":
+        log.info("dry run: no KVM probe answer kept for this host boot: KVM assumed to work where /dev/kvm opens")
+    choice = accel.choose(settings.accel, settings.arch, host.arch, problem_of=probes.known_kvm_problem)
+    boot = Boot(
+        settings=settings,
+        kernel=kernel,
+        accel=choice.accel,
+        run_dir=new_run_dir(settings),
+        force_9p=probes.force_9p(child_environment(host.environ)["PATH"]),
+        native_init=virtme_ng_init_runs(host.arch),
+    )
+    return shlex.join(vng_argv(boot, host))
 
 
 def retry_with_tcg(requested: str, used: str, outcome: Outcome) -> bool:

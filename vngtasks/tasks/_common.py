@@ -30,17 +30,22 @@ BOOT_SETTINGS = (
 )  # fmt: skip
 
 
-def settings_task(*names: str) -> Callable[[Callable[..., object]], Task]:
-    """An invoke task whose flags are these settings (`body(c, **flags)`): help text from the one
-    table, no short flags. invoke reads the flags from the signature this sets on `body`."""
+def settings_task(*names: str, **others: str) -> Callable[[Callable[..., object]], Task]:
+    """An invoke task whose flags are these settings (`body(c, **flags)`), help text from the one table,
+    and `others` (name: help), switches that are not settings; no short flags. invoke reads the flags
+    from the signature this sets on `body`."""
 
     def wrap(body: Callable[..., object]) -> Task:
         keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        parameters = [inspect.Parameter("c", keyword), *(inspect.Parameter(n, keyword, default=None) for n in names)]
-        body.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-        return task(auto_shortflags=False, help={name: HELP[name] for name in names})(body)
+        flags = [inspect.Parameter(n, keyword, default=None) for n in names]
+        flags += [inspect.Parameter(n, keyword, default=False) for n in others]
+        body.__signature__ = inspect.Signature([inspect.Parameter("c", keyword), *flags])  # type: ignore[attr-defined]
+        return task(auto_shortflags=False, help={**{name: HELP[name] for name in names}, **others})(body)
 
     return wrap
+
+
+DRY_RUN = "print the commands it would run (git, make, vng), one line each, and run none: writes nothing"
 
 
 WORKSPACE_CONFIG = "vngtasks.yaml"  # in the workspace: its `vng` section, as in an invoke.yaml

@@ -10,14 +10,21 @@ from ..settings import make_directory
 from . import _common
 
 
-@_common.settings_task(*_common.BOOT_SETTINGS)
-def boot(c: Context, **flags: str | None):
+@_common.settings_task(*_common.BOOT_SETTINGS, dry_run=_common.DRY_RUN)
+def boot(c: Context, dry_run: bool = False, **flags: str | None):
     """Boot a kernel with virtme-ng and run the command after `--` inside it."""
     s = _common.settings(c, **flags, run=_common.remainder() or None)
     if not s.run:
         raise Exit("vngtasks: run: nothing to run: put the command after `--`", code=BAD_INPUT)
     from .. import build, cache, kernels, resolve, vm  # here: `invoke resolve` and `invoke settings` start without them
 
+    if dry_run:
+        with _common.exit_statuses():
+            kernel, commands = (s.kernel or kernels.host_kernel(), [])
+            if s.tag:
+                kernel, commands = build.dry_run(s, resolve.resolve_kernel(c, s, record=False))
+            print("\n".join([*commands, vm.dry_run_line(s, kernel)]))
+        return
     with _common.stopped_by_signals(), _common.exit_statuses():
         make_directory("log_dir", s.log_dir)  # before any build: a log-dir that cannot be is bad input
         if s.tag:

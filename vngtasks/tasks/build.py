@@ -9,8 +9,8 @@ from ..errors import BAD_INPUT
 from . import _common
 
 
-@_common.settings_task(*_common.BUILD_SETTINGS)
-def build(c: Context, **flags: str | None):
+@_common.settings_task(*_common.BUILD_SETTINGS, dry_run=_common.DRY_RUN)
+def build(c: Context, dry_run: bool = False, **flags: str | None):
     """Build --tag of --kernel-url with vng, unless the cache has it; prints the kernel directory."""
     s = _common.settings(c, **flags)
     if not s.tag:
@@ -19,5 +19,9 @@ def build(c: Context, **flags: str | None):
     from .. import resolve as kernel_refs
 
     with _common.stopped_by_signals(), _common.exit_statuses():
+        if dry_run:
+            _, commands = kernel_build.dry_run(s, kernel_refs.resolve_kernel(c, s, record=False))
+            print("\n".join(commands))
+            return
         entry = kernel_build.ensure_kernel(c, s, kernel_refs.resolve_kernel(c, s))
     print(entry.path)
