@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import stat
 import subprocess
@@ -189,9 +190,12 @@ def test_a_stopping_signal_ends_the_vm_and_leaves_no_run_behind(home: Path, work
 
 
 def test_a_hostile_guest_cannot_hang_the_host(cli, workspace: Path, tiny_build):
-    """The guest makes its status a FIFO and its release a link to a host file, then kills the script
-    that would report: the host reads neither, says the guest never reported (125), and ends."""
-    hostile = 'd=$(dirname "$0"); mkfifo "$d/status"; ln -s /etc/shadow "$d/release"; kill -9 $PPID'
+    """The guest links its status to a FIFO on the host and its release to a host file, then kills the
+    script that would report: the host reads neither, says the guest never reported (125), and ends.
+    (9p refuses to let the guest make the FIFO itself; a link's target is only text to the guest.)"""
+    fifo = workspace.parent / "host-fifo"
+    os.mkfifo(fifo)
+    hostile = f'd=$(dirname "$0"); ln -s {fifo} "$d/status"; ln -sf /etc/shadow "$d/release"; kill -9 $PPID'
     started = time.monotonic()
     done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--", hostile, timeout=300)
     assert done.returncode == 125, done.stderr

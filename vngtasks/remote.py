@@ -285,7 +285,7 @@ def stage(conn: BuildHost, host: Host, name: str) -> Iterator[None]:
 def _lost_or(conn: BuildHost, reason: str, exited: int = 0) -> str:
     """A dropped connection explains everything that went wrong after it: say that instead."""
     if exited == -1 or not conn.is_connected:
-        return f"connection lost ({reason})" if reason and exited != -1 else "connection lost"
+        return "connection lost"
     return reason
 
 
