@@ -169,9 +169,13 @@ def _kvm_access(c: Context) -> None:
     if not c.run(probe, warn=True, hide=True, in_stream=False).ok:
         return
     rule = 'KERNEL=="kvm", GROUP="kvm", MODE="0666", OPTIONS+="static_node=kvm"'
-    c.run(
+    done = c.run(
         f"echo {shlex.quote(rule)} | sudo tee {KVM_RULE} >/dev/null"
         " && sudo udevadm control --reload-rules && sudo udevadm trigger --name-match=kvm",
         hide=True,
+        warn=True,
         in_stream=False,
     )
+    if not done.ok:  # no udevd (a container): the rule waits for the next boot, and boots use TCG meanwhile
+        problem = (done.stderr.strip() or f"exit status {done.exited}").splitlines()[-1]
+        log.warn(f"deps: /dev/kvm stays closed to this user until udev reads {KVM_RULE} ({problem}); boots use TCG")

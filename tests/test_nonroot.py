@@ -1,0 +1,110 @@
+"""As GitHub's runners run it: a user who is not root, with passwordless sudo.
+
+Every other test runs as root. Here a user of its own installs vngtasks into its own venv with
+Debian's python3, installs a package through `invoke deps` (apt through sudo), and boots the
+session's tiny kernel: what the guest writes into the workspace, the run record and the host
+probes in ~/.cache belong to that user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+USER = "vngtasks-runner"
+SUDOERS = Path("/etc/sudoers.d/vngtasks-tests")
+PACKAGE = "hello"  # small, in Debian, installed by nothing else here
+NOT_COPIED = shutil.ignore_patterns(".git", ".venv", ".nox", "__pycache__", "*.egg-info", ".ruff_cache")
+
+
+def _root(*argv: str) -> None:
+    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+@pytest.fixture(scope="module")
+def runner() -> pwd.struct_passwd:
+    """The user, with sudo for everything and a venv holding this checkout (pip install, not editable)."""
+    if shutil.which("sudo") is None:
+        _root("apt-get", "install", "-y", "-q", "--no-install-recommends", "sudo")
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        _root("useradd", "--create-home", "--shell", "/bin/bash", USER)
+    SUDOERS.write_text(f"{USER} ALL=(ALL) NOPASSWD:ALL\n")
+    SUDOERS.chmod(0o440)
+    user = pwd.getpwnam(USER)
+    home = Path(user.pw_dir)
+    for leftover in ("src", "venv", "work", ".cache"):
+        shutil.rmtree(home / leftover, ignore_errors=True)
+    shutil.copytree(ROOT, home / "src", ignore=NOT_COPIED)
+    _root("chown", "-R", f"{USER}:{USER}", str(home / "src"))
+    as_user(user, "/usr/bin/python3", "-m", "venv", str(home / "venv"), check=True)
+    as_user(user, str(home / "venv/bin/pip"), "install", "-q", str(home / "src"), check=True, timeout=600)
+    yield user
+    SUDOERS.unlink()
+
+
+def as_user(user: pwd.struct_passwd, *argv: str, check: bool = False, timeout: float = 600, cwd: Path | None = None):
+    """Run argv as the user, in an environment of its own (a login's, plus pip's settings of this machine)."""
+    env = {key: value for key, value in os.environ.items() if key.startswith("PIP_")}
+    env |= {
+        "HOME": user.pw_dir,
+        "USER": user.pw_name,
+        "LOGNAME": user.pw_name,
+        "PATH": f"{user.pw_dir}/venv/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "LANG": "C.UTF-8",
+    }
+    return subprocess.run(
+        argv,
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
+        env=env,
+        cwd=cwd or user.pw_dir,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def invoke(user: pwd.struct_passwd, *args: str, cwd: Path, timeout: float = 900):
+    return as_user(user, f"{user.pw_dir}/venv/bin/invoke", "-r", f"{user.pw_dir}/src", *args, cwd=cwd, timeout=timeout)
+
+
+def test_deps_installs_through_sudo(runner: pwd.struct_passwd):
+    _root("apt-get", "remove", "-y", "-q", PACKAGE)
+    try:
+        done = invoke(runner, "deps", "--packages", PACKAGE, cwd=Path(runner.pw_dir))
+        assert done.returncode == 0, done.stderr
+        assert f"deps: installing {PACKAGE}" in done.stderr
+        assert shutil.which(PACKAGE, path="/usr/bin")
+    finally:
+        _root("apt-get", "remove", "-y", "-q", PACKAGE)
+
+
+def test_what_the_guest_writes_belongs_to_the_user(runner: pwd.struct_passwd, tiny_build):
+    home = Path(runner.pw_dir)
+    workspace, kernel = home / "work" / "workspace", home / "work" / "kernel"
+    workspace.mkdir(parents=True)
+    shutil.copytree(tiny_build.entry, kernel)  # the session's kernel, where this user can read it
+    _root("chown", "-R", f"{USER}:{USER}", str(home / "work"))
+    workload = 'echo "$(id -u)" > made-in-guest && mkdir dir && touch dir/file'
+    done = invoke(runner, "boot", "--kernel", str(kernel), "--verbose", "false", "--", workload, cwd=workspace)
+    assert done.returncode == 0, done.stderr
+    written = [workspace / "made-in-guest", workspace / "dir", workspace / "dir" / "file", workspace / "vng-run.json"]
+    assert {path.stat().st_uid for path in written} == {runner.pw_uid}
+    record = json.loads((workspace / "vng-run.json").read_text())
+    assert (record["result"], record["status"]) == ("workload", 0)
+    probes = home / ".cache" / "vngtasks" / "host-probes.json"
+    assert probes.stat().st_uid == runner.pw_uid
