@@ -314,19 +314,24 @@ def test_a_full_disk_on_the_build_host_is_one_line(cli, start_sshd, home: Path, 
     assert no_entries(tmp_path)
 
 
-def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_path: Path, monkeypatch):
+def _build_host_tree(start_sshd, home: Path, tmp_path: Path, monkeypatch, image: bytes):
+    """A build host whose tree holds `image` as its bzImage; a connection to it, the tree, an empty entry."""
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
     tree = sshd.remote_home / "tree"
     (tree / "arch" / "x86" / "boot").mkdir(parents=True)
-    image = random.randbytes(3 * 1024 * 1024)  # binary: any decoding on the way would break it
     (tree / "arch" / "x86" / "boot" / "bzImage").write_bytes(image)
-    (tree / "System.map").write_text("ffffffff81000000 T _text\n")
-    (tree / "not-kept").write_text("x")
     dest = tmp_path / "entry"
     dest.mkdir()
-    conn = remote.connect(remote.Host("root", "127.0.0.1", sshd.port), accept_new=False)
+    return remote.connect(remote.Host("root", "127.0.0.1", sshd.port), accept_new=False), tree, dest
+
+
+def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_path: Path, monkeypatch):
+    image = random.randbytes(3 * 1024 * 1024)  # binary: any decoding on the way would break it
+    conn, tree, dest = _build_host_tree(start_sshd, home, tmp_path, monkeypatch, image)
+    (tree / "System.map").write_text("ffffffff81000000 T _text\n")
+    (tree / "not-kept").write_text("x")
     received = remote.download(conn, str(tree), ["System.map", "arch/x86/boot/bzImage"], dest)
     conn.close()
     assert (dest / "arch" / "x86" / "boot" / "bzImage").read_bytes() == image
@@ -337,16 +342,8 @@ def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_
 
 def test_a_link_the_build_host_sends_back_is_refused(start_sshd, home: Path, tmp_path: Path, monkeypatch):
     """A hostile build host: `System.map` is a symlink to the build host's /etc/passwd in the stream."""
-    monkeypatch.setenv("HOME", str(home))
-    sshd = start_sshd()
-    sshd.trust(home)
-    tree = sshd.remote_home / "tree"
-    (tree / "arch" / "x86" / "boot").mkdir(parents=True)
-    (tree / "arch" / "x86" / "boot" / "bzImage").write_bytes(b"kernel")
+    conn, tree, dest = _build_host_tree(start_sshd, home, tmp_path, monkeypatch, b"kernel")
     (tree / "System.map").symlink_to("/etc/passwd")
-    dest = tmp_path / "entry"
-    dest.mkdir()
-    conn = remote.connect(remote.Host("root", "127.0.0.1", sshd.port), accept_new=False)
     with pytest.raises(untar.UnsafeMember, match=r"^'System.map': a symlink to '/etc/passwd'"):
         remote.download(conn, str(tree), ["System.map", "arch/x86/boot/bzImage"], dest)
     conn.close()
