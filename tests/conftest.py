@@ -103,6 +103,12 @@ class TinyBuild:
     workspace: Path  # holds ci/kernel.config
 
 
+def tiny_flags(url: str) -> tuple[str, ...]:
+    """What names the tests' tiny kernel: v6.12 of `url`, kconfig-base tiny, the fragment at ci/kernel.config."""
+    base = ("--kconfig-base", "tiny", "--kconfig", "ci/kernel.config")
+    return ("--tag", TAG, "--kernel-url", url, "--name", "ci", *base)
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]) -> TinyBuild:
     """v6.12 with kconfig-base tiny and the tests' fragment, built once per session through the CLI,
@@ -112,19 +118,7 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]
     (root / "home").mkdir()
     (root / "workspace" / "ci").mkdir(parents=True)
     (root / "workspace" / "ci" / "kernel.config").write_text(KCONFIG.read_text())
-    args = (
-        "--tag",
-        TAG,
-        "--kernel-url",
-        url,
-        "--name",
-        "ci",
-        "--kconfig-base",
-        "tiny",
-        "--kconfig",
-        "ci/kernel.config",
-    )
-    args += ("--cache-dir", str(root / "cache"))
+    args = (*tiny_flags(url), "--cache-dir", str(root / "cache"))
     done = run_invoke(("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
     return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")

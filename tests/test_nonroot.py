@@ -1,9 +1,9 @@
 """As GitHub's runners run it: a user who is not root, with passwordless sudo.
 
 Every other test runs as root. Here a user of its own installs vngtasks into its own venv with
-Debian's python3, installs a package through `invoke deps` (apt through sudo), and boots the
-session's tiny kernel: what the guest writes into the workspace, the run record and the host
-probes in ~/.cache belong to that user.
+Debian's python3, installs a package through `invoke deps` (apt through sudo), builds the tests'
+tiny kernel and boots it: the cache entry, what the guest writes into the workspace, the run
+record and the host probes in ~/.cache belong to that user.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import CCACHE_ENV, ROOT, tiny_flags
+from linux_remote import KCONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -45,6 +46,7 @@ def runner() -> pwd.struct_passwd:
     home = Path(user.pw_dir)
     for leftover in ("src", "venv", "work", ".cache"):
         shutil.rmtree(home / leftover, ignore_errors=True)
+    (home / ".gitconfig").unlink(missing_ok=True)
     shutil.copytree(ROOT, home / "src", ignore=NOT_COPIED)
     _root("chown", "-R", f"{USER}:{USER}", str(home / "src"))
     as_user(user, "/usr/bin/python3", "-m", "venv", str(home / "venv"), check=True)
@@ -53,22 +55,30 @@ def runner() -> pwd.struct_passwd:
     SUDOERS.unlink()
 
 
-def as_user(user: pwd.struct_passwd, *argv: str, check: bool = False, timeout: float = 600, cwd: Path | None = None):
-    """Run argv as the user, in an environment of its own (a login's, plus pip's settings of this machine)."""
-    env = {key: value for key, value in os.environ.items() if key.startswith("PIP_")}
-    env |= {
+def as_user(
+    user: pwd.struct_passwd,
+    *argv: str,
+    check: bool = False,
+    timeout: float = 600,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+):
+    """Run argv as the user, in an environment of its own (a login's, pip's settings of this machine, `env`)."""
+    environ = {key: value for key, value in os.environ.items() if key.startswith("PIP_")}
+    environ |= {
         "HOME": user.pw_dir,
         "USER": user.pw_name,
         "LOGNAME": user.pw_name,
         "PATH": f"{user.pw_dir}/venv/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "LANG": "C.UTF-8",
+        **(env or {}),
     }
     return subprocess.run(
         argv,
         user=user.pw_uid,
         group=user.pw_gid,
         extra_groups=[],
-        env=env,
+        env=environ,
         cwd=cwd or user.pw_dir,
         capture_output=True,
         text=True,
@@ -78,8 +88,9 @@ def as_user(user: pwd.struct_passwd, *argv: str, check: bool = False, timeout: f
     )
 
 
-def invoke(user: pwd.struct_passwd, *args: str, cwd: Path, timeout: float = 900):
-    return as_user(user, f"{user.pw_dir}/venv/bin/invoke", "-r", f"{user.pw_dir}/src", *args, cwd=cwd, timeout=timeout)
+def invoke(user: pwd.struct_passwd, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 900):
+    argv = (f"{user.pw_dir}/venv/bin/invoke", "-r", f"{user.pw_dir}/src", *args)
+    return as_user(user, *argv, cwd=cwd, env=env, timeout=timeout)
 
 
 def test_deps_installs_through_sudo(runner: pwd.struct_passwd):
@@ -93,14 +104,27 @@ def test_deps_installs_through_sudo(runner: pwd.struct_passwd):
         _root("apt-get", "remove", "-y", "-q", PACKAGE)
 
 
-def test_what_the_guest_writes_belongs_to_the_user(runner: pwd.struct_passwd, tiny_build):
+def test_the_user_builds_and_boots(runner: pwd.struct_passwd, tiny_build, remote: tuple[str, str]):
+    """The session's tiny kernel built again by the user, in its own ~/.cache (the tests' ccache, which
+    root owns, read only: hits for what root compiled), then booted; what the guest wrote is the user's."""
     home = Path(runner.pw_dir)
-    workspace, kernel = home / "work" / "workspace", home / "work" / "kernel"
-    workspace.mkdir(parents=True)
-    shutil.copytree(tiny_build.entry, kernel)  # the session's kernel, where this user can read it
-    _root("chown", "-R", f"{USER}:{USER}", str(home / "work"))
+    workspace = home / "work" / "workspace"
+    (workspace / "ci").mkdir(parents=True)
+    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+    url, _ = remote
+    # The tests' kernel remote is a repository root owns, on this disk: git serves it to another user
+    # only when told to (a remote on GitHub's runners is a URL, where no such check applies).
+    (home / ".gitconfig").write_text(f"[safe]\n\tdirectory = {url.removeprefix('file://')}/.git\n")
+    _root("chown", "-R", f"{USER}:{USER}", str(home / "work"), str(home / ".gitconfig"))
+    read_only = {**CCACHE_ENV, "CCACHE_READONLY": "1"}
+    built = invoke(runner, "build", *tiny_flags(url), cwd=workspace, env=read_only, timeout=3600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    entry = Path(built.stdout.strip().splitlines()[-1])
+    assert entry.parent == home / ".cache" / "vngtasks" / "kernels" and entry.name == tiny_build.entry.name
+    assert entry.stat().st_uid == runner.pw_uid
+
     workload = 'echo "$(id -u)" > made-in-guest && mkdir dir && touch dir/file'
-    done = invoke(runner, "boot", "--kernel", str(kernel), "--verbose", "false", "--", workload, cwd=workspace)
+    done = invoke(runner, "boot", "--kernel", str(entry), "--verbose", "false", "--", workload, cwd=workspace)
     assert done.returncode == 0, done.stderr
     written = [workspace / "made-in-guest", workspace / "dir", workspace / "dir" / "file", workspace / "vng-run.json"]
     assert {path.stat().st_uid for path in written} == {runner.pw_uid}
