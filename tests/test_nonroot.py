@@ -44,7 +44,7 @@ def runner() -> pwd.struct_passwd:
     SUDOERS.chmod(0o440)
     user = pwd.getpwnam(USER)
     home = Path(user.pw_dir)
-    for leftover in ("src", "venv", "work", ".cache"):
+    for leftover in ("src", "venv", "work", ".cache", "ccache-tmp"):
         shutil.rmtree(home / leftover, ignore_errors=True)
     (home / ".gitconfig").unlink(missing_ok=True)
     shutil.copytree(ROOT, home / "src", ignore=NOT_COPIED)
@@ -116,7 +116,8 @@ def test_the_user_builds_and_boots(runner: pwd.struct_passwd, tiny_build, remote
     # only when told to (a remote on GitHub's runners is a URL, where no such check applies).
     (home / ".gitconfig").write_text(f"[safe]\n\tdirectory = {url.removeprefix('file://')}/.git\n")
     _root("chown", "-R", f"{USER}:{USER}", str(home / "work"), str(home / ".gitconfig"))
-    read_only = {**CCACHE_ENV, "CCACHE_READONLY": "1"}
+    # ccache's temporary files go under its directory unless told otherwise, and that one is root's.
+    read_only = {**CCACHE_ENV, "CCACHE_READONLY": "1", "CCACHE_TEMPDIR": f"{home}/ccache-tmp"}
     built = invoke(runner, "build", *tiny_flags(url), cwd=workspace, env=read_only, timeout=3600)
     assert built.returncode == 0, built.stderr[-3000:]
     entry = Path(built.stdout.strip().splitlines()[-1])
