@@ -145,7 +145,7 @@ def tiny_kernel() -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     argv = build_argv(TAG, f"file://{linux_remote()}", cache_dir, cache_dir, "--kconfig-base", "tiny")
     done = subprocess.run(
-        argv, cwd=cache_dir, env=make_env(CCACHE_DIR=str(CCACHE_DIR)), check=True, capture_output=True
+        argv, cwd=cache_dir, env=make_env(CCACHE_DIR=str(CCACHE_DIR)), check=True, capture_output=True, text=True
     )
     return Path(done.stdout.strip().splitlines()[-1])
 
