@@ -205,6 +205,17 @@ def test_a_hostile_guest_cannot_hang_the_host(cli, workspace: Path, tiny_build):
     assert time.monotonic() - started < 240
 
 
+def test_a_guest_that_reports_but_does_not_power_off_is_stopped(cli, workspace: Path, tiny_build):
+    """The workload writes its own status line, then keeps the guest up: the host waits the grace
+    period after the status, stops the VM and keeps the reported status."""
+    lingering = 'echo 7 > "$(dirname "$0")/status"; sleep 600'
+    started = time.monotonic()
+    done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--", lingering, timeout=400)
+    assert done.returncode == 7, done.stderr
+    assert "the guest did not power off within 10 s of its status: VM stopped" in done.stderr
+    assert time.monotonic() - started < 300
+
+
 def test_two_runs_sharing_a_log_dir_are_each_judged_on_their_own_console(home: Path, tmp_path: Path, tiny_build):
     """Run A logs a kernel warning, run B does not, both at once with one log-dir: A fails (123), B passes."""
     logs = tmp_path / "logs"
