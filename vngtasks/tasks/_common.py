@@ -55,11 +55,9 @@ INVOKE_FILES = ("system", "user", "project", "runtime")  # the config files invo
 def settings(c: Context, **flags: object) -> Settings:
     """Settings, weakest first: defaults, invoke.yaml files (system, user, this checkout's), the
     workspace's vngtasks.yaml, INVOKE_VNG_* env, then this task's flags."""
-    try:
+    with exit_statuses():
         check_environment(os.environ)
         return resolve(layered(c.config.vng, Path.cwd() / WORKSPACE_CONFIG, os.environ), flags)
-    except InputError as error:
-        raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
 
 
 def layered(config: Mapping[str, object], workspace_file: Path, environ: Mapping[str, str]) -> dict[str, object]:
