@@ -319,11 +319,7 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
     probing = time.monotonic()
     probes = HostProbes(settings.cache_dir)
     choice = accel.choose(settings.accel, settings.arch, host.arch, problem_of=probes.kvm_problem)
-    host_side = HostSide(
-        force_9p=probes.force_9p(child_environment(host.environ)["PATH"]),
-        native_init=virtme_ng_init_runs(host.arch),
-        probe_seconds=time.monotonic() - probing,
-    )
+    host_side = decide_host_side(probes, host, probing)
     if choice.why:
         log.warn(choice.why)
     if not host_side.native_init:
@@ -343,15 +339,29 @@ def dry_run_line(settings: Settings, kernel: Path) -> str:
     if f"kvm-{host.arch.name}" not in probes.answers and settings.accel == "auto":
         log.info("dry run: no KVM probe answer kept for this host boot: KVM assumed to work where /dev/kvm opens")
     choice = accel.choose(settings.accel, settings.arch, host.arch, problem_of=probes.known_kvm_problem)
-    boot = Boot(
-        settings=settings,
-        kernel=kernel,
-        accel=choice.accel,
-        run_dir=new_run_dir(settings),
+    boot = new_boot(settings, kernel, choice.accel, decide_host_side(probes, host, time.monotonic()))
+    return shlex.join(vng_argv(boot, host))
+
+
+def decide_host_side(probes: HostProbes, host: Host, probing_since: float) -> HostSide:
+    """How directories are shared and which init the guest runs, from the probes (see hostprobe.py)."""
+    return HostSide(
         force_9p=probes.force_9p(child_environment(host.environ)["PATH"]),
         native_init=virtme_ng_init_runs(host.arch),
+        probe_seconds=time.monotonic() - probing_since,
     )
-    return shlex.join(vng_argv(boot, host))
+
+
+def new_boot(settings: Settings, kernel: Path, accel_name: str, host_side: HostSide) -> Boot:
+    """A boot of `kernel` with a new run directory (named here, made by prepare)."""
+    return Boot(
+        settings=settings,
+        kernel=kernel,
+        accel=accel_name,
+        run_dir=new_run_dir(settings),
+        force_9p=host_side.force_9p,
+        native_init=host_side.native_init,
+    )
 
 
 def retry_with_tcg(requested: str, used: str, outcome: Outcome) -> bool:
@@ -367,14 +377,7 @@ def attempt(
     accel_name: str,
     host_side: HostSide,
 ) -> Attempt:
-    boot = Boot(
-        settings=settings,
-        kernel=kernel,
-        accel=accel_name,
-        run_dir=new_run_dir(settings),
-        force_9p=host_side.force_9p,
-        native_init=host_side.native_init,
-    )
+    boot = new_boot(settings, kernel, accel_name, host_side)
     prepare(boot, workload, host.environ)
     marks = Marks(probe=host_side.probe_seconds)
     try:
