@@ -233,6 +233,9 @@ def test_two_runs_sharing_a_log_dir_are_each_judged_on_their_own_console(home: P
     console = (logs / "vng-console.log").read_text()
     assert record["console"] == str(logs / "vng-console.log")
     assert (FAKE_WARNING in console) == (record["status"] == 123)
+    published = sorted(p.name for p in logs.iterdir())
+    assert published == [".vng-logs.lock", "vng-console.log", "vng-dmesg.log", "vng-run.json"]
+    assert (logs / ".vng-logs.lock").stat().st_size == 0
 
 
 def test_the_workload_stops_at_its_first_failure(cli, tiny_build):
