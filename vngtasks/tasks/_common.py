@@ -15,32 +15,26 @@ from invoke.exceptions import Exit, ParseError, UnexpectedExit
 from invoke.util import yaml
 
 from ..errors import BAD_INPUT, FAILED, Failure
-from ..settings import DEFAULTS, HELP, InputError, Settings, resolve
+from ..settings import BY_NAME, HELP, InputError, Settings, effective, taken_by
 
 ENV_PREFIX = "INVOKE_VNG_"
 
-# The settings each task takes as flags (all of them are read from config and env either way).
-BUILD_SETTINGS = (
-    "tag", "kernel_url", "name", "version", "kconfig", "kconfig_base", "arch", "cc", "llvm",
-    "kernel_compile_cache", "vmlinux_h", "cache_dir", "build_host", "build_host_accept_new", "reuse_resolved",
-)  # fmt: skip
-BOOT_SETTINGS = (
-    "kernel", *BUILD_SETTINGS, "accel", "cpus", "memory", "network", "verbose", "append", "qemu_opts",
-    "run_timeout", "boot_timeout", "workspace_rw", "extra_rwdirs", "log_dir", "splat_check", "splat_allow",
-)  # fmt: skip
 
-
-def settings_task(*names: str, **others: str) -> Callable[[Callable[..., object]], Task]:
-    """An invoke task whose flags are these settings (`body(c, **flags)`), help text from the one table,
-    and `others` (name: help), switches that are not settings; no short flags. invoke reads the flags
-    from the signature this sets on `body`."""
+def settings_task(
+    name: str, switches: Mapping[str, str] | None = None, options: Mapping[str, str] | None = None
+) -> Callable[[Callable[..., object]], Task]:
+    """The invoke task `name`: its flags are the settings the table gives it (`body(c, **flags)`), with
+    their help, plus `switches` (flag: help, off unless given) and `options` (flag: help, takes a value),
+    which are not settings; no short flags. invoke reads the flags from the signature this sets on `body`."""
+    names = taken_by(name)
+    others = {**(switches or {}), **(options or {})}
 
     def wrap(body: Callable[..., object]) -> Task:
         keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        flags = [inspect.Parameter(n, keyword, default=None) for n in names]
-        flags += [inspect.Parameter(n, keyword, default=False) for n in others]
+        flags = [inspect.Parameter(n, keyword, default=None) for n in [*names, *(options or {})]]
+        flags += [inspect.Parameter(n, keyword, default=False) for n in switches or {}]
         body.__signature__ = inspect.Signature([inspect.Parameter("c", keyword), *flags])  # type: ignore[attr-defined]
-        return task(auto_shortflags=False, help={**{name: HELP[name] for name in names}, **others})(body)
+        return task(name=name, auto_shortflags=False, help={**{n: HELP[n] for n in names}, **others})(body)
 
     return wrap
 
@@ -57,7 +51,7 @@ def settings(c: Context, **flags: object) -> Settings:
     workspace's vngtasks.yaml, INVOKE_VNG_* env, then this task's flags."""
     with exit_statuses():
         check_environment(os.environ)
-        return resolve(layered(c.config.vng, Path.cwd() / WORKSPACE_CONFIG, os.environ), flags)
+        return effective(layered(c.config.vng, Path.cwd() / WORKSPACE_CONFIG, os.environ), flags)
 
 
 def layered(config: Mapping[str, object], workspace_file: Path, environ: Mapping[str, str]) -> dict[str, object]:
@@ -94,7 +88,7 @@ def check_environment(environ: Mapping[str, str]) -> None:
     """invoke reads INVOKE_VNG_NAME only for a declared setting: a misspelt one must not pass unnoticed."""
     for name in sorted(environ):
         key = name.removeprefix(ENV_PREFIX).lower()
-        if name.startswith(ENV_PREFIX) and key not in DEFAULTS:
+        if name.startswith(ENV_PREFIX) and key not in BY_NAME:
             raise InputError(key, f"not a known setting ({name} in the environment)")
 
 

@@ -10,7 +10,7 @@ from ..settings import make_directory
 from . import _common
 
 
-@_common.settings_task(*_common.BOOT_SETTINGS, dry_run=_common.DRY_RUN)
+@_common.settings_task("boot", switches={"dry_run": _common.DRY_RUN})
 def boot(c: Context, dry_run: bool = False, **flags: str | None):
     """Boot a kernel with virtme-ng and run the command after `--` inside it."""
     s = _common.settings(c, **flags, run=_common.remainder() or None)

@@ -9,7 +9,7 @@ from ..errors import BAD_INPUT
 from . import _common
 
 
-@_common.settings_task(*_common.BUILD_SETTINGS, dry_run=_common.DRY_RUN)
+@_common.settings_task("build", switches={"dry_run": _common.DRY_RUN})
 def build(c: Context, dry_run: bool = False, **flags: str | None):
     """Build --tag of --kernel-url with vng, unless the cache has it; prints the kernel directory."""
     s = _common.settings(c, **flags)

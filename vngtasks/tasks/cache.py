@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import time
 
-from invoke import Context, task
+from invoke import Context
 from invoke.exceptions import Exit
 
 from .. import cache as kernel_cache
 from .. import log
 from ..errors import BAD_INPUT
-from ..settings import HELP, InputError
+from ..settings import InputError
 from . import _common
 
 
-@task(
-    auto_shortflags=False,
-    help={
-        "cache_dir": HELP["cache_dir"],
+@_common.settings_task(
+    "cache",
+    options={
         "keep": "prune: keep the newest N kernels of each name and arch",
         "max_size": "prune: remove the oldest kernels until the cache fits, e.g. 20G (no suffix: MiB)",
         "max_age": "prune: remove the kernels built longer ago than this, e.g. 14d, 12h (no suffix: days)",
     },
 )
-def cache(c: Context, cache_dir=None, keep=None, max_size=None, max_age=None):
+def cache(c: Context, keep=None, max_size=None, max_age=None, **flags: str | None):
     """List cached kernels (key, size, age, kernel release); with --keep, --max-size or --max-age, prune them."""
-    s = _common.settings(c, cache_dir=cache_dir)
+    s = _common.settings(c, **flags)
     try:
         keep_per_name = None if keep is None else kernel_cache.parse_keep(keep)
         max_bytes = None if max_size is None else kernel_cache.parse_size(max_size)

@@ -8,9 +8,7 @@ from .. import arches, log
 from . import _common
 
 
-@_common.settings_task(
-    "packages", "install_recommends", "deps_timeout", "deps_retries", "arch", "cc", "llvm", "apt_cache", "cache_dir"
-)
+@_common.settings_task("deps")
 def deps(c: Context, **flags: str | None):
     """Install the kernel build toolchain, QEMU for the target arch and extra packages; no-op when present."""
     s = _common.settings(c, **flags)

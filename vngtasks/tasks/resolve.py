@@ -14,7 +14,7 @@ from ..settings import InputError
 from . import _common
 
 
-@_common.settings_task("tag", "kernel_url", "name", "arch", "version", "kconfig_base", "cache_dir", "reuse_resolved")
+@_common.settings_task("resolve")
 def resolve(c: Context, **flags: str | None):
     """Resolve --tag on --kernel-url to a commit: prints sha, sha12, key, cache-hit, remote-failed."""
     s = _common.settings(c, **flags)
