@@ -83,19 +83,20 @@ def test_inputs_are_the_seeds_and_every_setting_with_its_default():
     assert set(load()["outputs"]) == {"kernel-sha", "cache-hit", "kernel-dir"}
 
 
-def test_every_invoke_step_gets_every_setting_through_env_only():
-    steps = [step for step in load()["runs"]["steps"] if "invoke" in step.get("run", "")]
-    assert {re.search(r"invoke\" -r \"\$GITHUB_ACTION_PATH\" (\w+)", s["run"])[1] for s in steps} == {
-        "settings", "deps", "resolve", "build", "boot",
-    }  # fmt: skip
-    for step in steps:
-        env = step["env"]
-        for key in DEFAULTS:
-            value = env[f"INVOKE_VNG_{key.upper()}"]
-            if key == "tag" and step["name"] == "Boot and run":
-                assert value == "${{ steps.kernel.outputs.sha || inputs.kernel-tag }}"
-            else:
-                assert value == f"${{{{ inputs.{input_name(key)} }}}}", (step["name"], key)
+def test_the_inputs_reach_vngtasks_once_as_json_and_every_later_step_reads_the_settings_file():
+    steps = load()["runs"]["steps"]
+    invoked = [step for step in steps if 'invoke" -r' in step.get("run", "")]
+    tasks = [re.search(r"invoke\" -r \"\$GITHUB_ACTION_PATH\" ([\w.]+)", s["run"])[1] for s in invoked]
+    assert tasks == [
+        "action.settings", "deps", "action.resolve", "action.resolve", "action.kernel", "action.build",
+        "action.finish", "boot",
+    ]  # fmt: skip
+    readers = [step for step in steps if "${{ toJSON(inputs) }}" in str(step)]
+    assert [step["name"] for step in readers] == ["Check inputs"]
+    assert readers[0]["env"] == {"VNGTASKS_ACTION_INPUTS": "${{ toJSON(inputs) }}"}
+    for step in invoked[1:]:
+        assert step["env"]["INVOKE_RUNTIME_CONFIG"] == "${{ steps.settings.outputs.file }}", step["name"]
+    assert "INVOKE_VNG_" not in ACTION.read_text()
 
 
 def test_inputs_are_checked_before_anything_is_installed():

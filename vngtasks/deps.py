@@ -7,6 +7,7 @@ there, no apt command runs at all.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import time
@@ -119,8 +120,8 @@ def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None
     options = ["-y", "-q", f"-oDPkg::Lock::Timeout={LOCK_WAIT_SECONDS}"]
     if not settings.install_recommends:
         options.append("--no-install-recommends")
+    archives = settings.cache_dir / "apt" / "archives"
     if settings.apt_cache:
-        archives = settings.cache_dir / "apt" / "archives"
         options.append(f"-oDir::Cache::Archives={archives}")
         c.run(f"mkdir -p {shlex.quote(str(archives / 'partial'))}", in_stream=False)
     env = {"DEBIAN_FRONTEND": "noninteractive"}
@@ -129,6 +130,8 @@ def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None
     for attempt in range(1, settings.deps_retries + 1):
         problem = _attempt(c, command, env, settings.deps_timeout)
         if problem is None:
+            if settings.apt_cache and sudo:  # apt ran as root: the .deb files are for this user's cache
+                c.run(f"sudo chown -R {os.getuid()}:{os.getgid()} {shlex.quote(str(archives))}", in_stream=False)
             return
         log.warn(f"deps: attempt {attempt}/{settings.deps_retries} failed: {problem}")
         if attempt < settings.deps_retries:

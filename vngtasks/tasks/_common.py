@@ -48,17 +48,25 @@ INVOKE_FILES = ("system", "user", "project", "runtime")  # the config files invo
 
 def settings(c: Context, **flags: object) -> Settings:
     """Settings, weakest first: defaults, invoke.yaml files (system, user, this checkout's), the
-    workspace's vngtasks.yaml, INVOKE_VNG_* env, then this task's flags."""
+    workspace's vngtasks.yaml, INVOKE_VNG_* env, a runtime config file (`invoke -f`), then this
+    task's flags."""
     with exit_statuses():
         check_environment(os.environ)
-        return effective(layered(c.config.vng, Path.cwd() / WORKSPACE_CONFIG, os.environ), flags)
+        runtime = c.config._runtime.get("vng", {})  # `invoke -f FILE` / INVOKE_RUNTIME_CONFIG
+        return effective(layered(c.config.vng, Path.cwd() / WORKSPACE_CONFIG, os.environ, runtime), flags)
 
 
-def layered(config: Mapping[str, object], workspace_file: Path, environ: Mapping[str, str]) -> dict[str, object]:
-    """invoke's `vng` config with the workspace file's values in, below the environment's."""
+def layered(
+    config: Mapping[str, object],
+    workspace_file: Path,
+    environ: Mapping[str, str],
+    runtime: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """invoke's `vng` config with the workspace file's values in, below the environment's and the
+    runtime config file's (which invoke puts above the environment)."""
     merged = dict(config)
     for key, value in workspace_config(workspace_file).items():
-        if ENV_PREFIX + key.upper() not in environ:
+        if ENV_PREFIX + key.upper() not in environ and key not in (runtime or {}):
             merged[key] = value
     return merged
 

@@ -10,7 +10,7 @@ from invoke.exceptions import Exit
 from .. import cache
 from .. import resolve as kernel_refs
 from ..errors import BAD_INPUT
-from ..settings import InputError
+from ..settings import InputError, Settings
 from . import _common
 
 
@@ -21,17 +21,24 @@ def resolve(c: Context, **flags: str | None):
     if not s.tag:
         raise Exit(f"vngtasks: {InputError('tag', 'required: a tag, branch or 40-hex commit')}", code=BAD_INPUT)
     with _common.exit_statuses():
-        resolved = kernel_refs.resolve_kernel(c, s)
+        answer(s, kernel_refs.resolve_kernel(c, s))
+
+
+def answer(s: Settings, resolved: kernel_refs.Resolved) -> dict[str, str]:
+    """Print what `resolved` means here (and append it to $GITHUB_OUTPUT when set); return it."""
     key = cache.key_for(s, resolved.sha12)
     hit = cache.KernelCache(cache.kernels_root(s)).lookup(key) is not None
-    lines = [
-        f"sha12={resolved.sha12}",
-        f"sha={resolved.sha}",
-        f"key={key}",
-        f"remote-failed={str(resolved.source == 'stale').lower()}",
-        f"cache-hit={str(hit).lower()}",
-    ]
-    print("\n".join(lines))
+    lines = {
+        "sha12": resolved.sha12,
+        "sha": resolved.sha,
+        "key": key,
+        "remote-failed": str(resolved.source == "stale").lower(),
+        "cache-hit": str(hit).lower(),
+    }
+    print("\n".join(f"{name}={value}" for name, value in lines.items()))
     if os.environ.get("GITHUB_OUTPUT"):
         with open(os.environ["GITHUB_OUTPUT"], "a") as outputs:
-            outputs.write("\n".join([*lines, f"kernel-sha={resolved.sha12}"]) + "\n")
+            outputs.write(
+                "".join(f"{name}={value}\n" for name, value in {**lines, "kernel-sha": resolved.sha12}.items())
+            )
+    return lines

@@ -1,0 +1,148 @@
+"""The action's own steps (vngtasks/action.py, `invoke action.*`): inputs in once, outputs of earlier
+steps checked, cache layers staged in and out. The act runs in test_action.py run them for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vngtasks import action, reference
+from vngtasks.settings import SETTINGS
+from vngtasks.validate import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHA = "0123456789abcdef0123456789abcdef01234567"
+KEY = f"vng-kernel-ci-x86_64-{SHA[:12]}-v2+tiny"
+
+
+def inputs(**changed: str) -> dict[str, str]:
+    """Every input, as `toJSON(inputs)` gives them: the defaults, `name` and `run` set."""
+    values = {reference.action_input_name(s): s.default for s in SETTINGS}
+    return {**values, "name": "ci", "run": "make test\necho done", **changed}
+
+
+def invoke(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "GITHUB_", "VNGTASKS_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
+        env={**environ, "HOME": str(cwd), **env}, cwd=cwd, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+def test_inputs_become_one_settings_file_that_later_steps_read(tmp_path: Path) -> None:
+    (tmp_path / "rt").mkdir()
+    (tmp_path / "vngtasks.yaml").write_text("vng: {memory: 1G, cpus: '1'}\n")  # the action's inputs win
+    given = inputs(memory="2G", **{"kernel-tag": "v6.12", "cache-dir": str(tmp_path / "cache")})
+    env = {"VNGTASKS_ACTION_INPUTS": json.dumps(given), "RUNNER_TEMP": str(tmp_path / "rt"),
+           "GITHUB_OUTPUT": str(tmp_path / "out")}  # fmt: skip
+    done = invoke(["action.settings"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    outputs = dict(line.split("=", 1) for line in (tmp_path / "out").read_text().splitlines())
+    path = Path(outputs["file"])
+    assert path.parent == tmp_path / "rt" and path.stat().st_mode & 0o777 == 0o600
+    assert yaml.safe_load(path.read_text())["vng"]["run"] == "make test\necho done"
+    assert outputs["stage-dir"] == str(tmp_path / "cache" / "action" / "kernel")
+    shown = invoke(["settings"], {"INVOKE_RUNTIME_CONFIG": str(path)}, tmp_path)
+    assert "memory-mib=2048\n" in shown.stdout and "tag=v6.12\n" in shown.stdout and "cpus=" in shown.stdout
+    assert "cpus=1\n" not in shown.stdout  # the settings file is above the workspace's vngtasks.yaml
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        (json.dumps(inputs(memory="4X")), "memory: '4X' is not a size"),
+        (json.dumps({"no-such-input": "x"}), "no-such-input: not an input of vngtasks"),
+        (json.dumps({"memory": 4}), "memory: expected a string"),
+        ("[1, 2]", "VNGTASKS_ACTION_INPUTS: expected the action's inputs as a JSON object"),
+        ("{", "VNGTASKS_ACTION_INPUTS: not JSON"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_exit_2_with_nothing_written(tmp_path: Path, given: str, error: str) -> None:
+    (tmp_path / "rt").mkdir()
+    env = {"VNGTASKS_ACTION_INPUTS": given, "RUNNER_TEMP": str(tmp_path / "rt"), "GITHUB_OUTPUT": str(tmp_path / "o")}
+    done = invoke(["action.settings"], env, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and error in done.stderr
+    assert not list((tmp_path / "rt").iterdir()) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        {"sha": SHA, "key": KEY, "cache-hit": "maybe", "remote-failed": "false"},
+        {"sha": SHA[:39], "key": KEY, "cache-hit": "true", "remote-failed": "false"},
+        {"sha": SHA, "key": "../../etc", "cache-hit": "true", "remote-failed": "false"},
+        {"sha": SHA, "key": KEY.replace(SHA[:12], "f" * 12), "cache-hit": "true", "remote-failed": "false"},
+        {"sha": SHA, "key": KEY + "\nx=1", "cache-hit": "true", "remote-failed": "false"},
+    ],
+    ids=["flag", "short-sha", "path-key", "other-sha", "newline"],
+)
+def test_outputs_of_earlier_steps_are_checked(outputs: dict[str, str]) -> None:
+    with pytest.raises(InputError, match=r"^KERNEL: "):
+        action.kernel_from_outputs(json.dumps(outputs), "KERNEL")
+
+
+def test_a_resolved_kernel_passes_through_the_kernel_step() -> None:
+    found = action.kernel_from_outputs(
+        json.dumps({"sha": SHA, "key": KEY, "cache-hit": "true", "remote-failed": "false"}), "X"
+    )
+    assert found.outputs() == {"sha": SHA, "sha12": SHA[:12], "key": KEY, "local-hit": "true", "remote-failed": "false"}
+    assert action.how_it_came(found, restored=False, built_seconds=None) == (True, "cache hit (local)")
+    assert action.how_it_came(found, restored=False, built_seconds=812) == (False, "built in 812 s")
+
+
+def test_staging_in_moves_only_plain_entries_and_never_over_one(tmp_path: Path) -> None:
+    stage, kernels = tmp_path / "stage", tmp_path / "kernels"
+    (stage / KEY).mkdir(parents=True)
+    (stage / KEY / "metadata.json").write_text("{}")
+    (stage / "vng-kernel-evil").symlink_to("/etc")
+    (stage / "not-a-key").mkdir()
+    (kernels / "vng-kernel-kept").mkdir(parents=True)
+    (stage / "vng-kernel-kept").mkdir()
+    assert action.stage_in(stage, kernels) == [KEY]
+    assert (kernels / KEY / "metadata.json").is_file()
+    assert sorted(p.name for p in kernels.iterdir()) == sorted([KEY, "vng-kernel-kept"])
+
+
+def test_staging_out_hard_links_the_entry(tmp_path: Path) -> None:
+    entry = tmp_path / "kernels" / KEY
+    entry.mkdir(parents=True)
+    (entry / "bzImage").write_bytes(b"k")
+    staged = action.stage_out(entry, tmp_path / "stage")
+    assert (
+        staged == tmp_path / "stage" / KEY and (staged / "bzImage").stat().st_ino == (entry / "bzImage").stat().st_ino
+    )
+
+
+def test_the_workspace_link_replaces_a_link_and_leaves_a_directory(tmp_path: Path) -> None:
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "linux").symlink_to(tmp_path / "old")
+    action.link_workspace(workspace, entry)
+    assert os.readlink(workspace / "linux") == str(entry)
+    (workspace / "linux").unlink()
+    (workspace / "linux").mkdir()
+    action.link_workspace(workspace, entry)
+    assert (workspace / "linux").is_dir() and not (workspace / "linux").is_symlink()
+
+
+def test_an_output_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        action.write_outputs(tmp_path / "out", {"key": "a\nsha=evil"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_summary_row_escapes_the_tag(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.md"
+    action.add_summary_row(summary, "ci", "a|b", SHA[:12], "cache hit (local)")
+    action.add_summary_row(summary, "ci", "v6.12", SHA[:12], "built in 9 s")
+    text = summary.read_text()
+    assert text.count(action.SUMMARY_HEADER) == 1 and f"| ci | a\\|b → {SHA[:12]} | cache hit (local) |" in text

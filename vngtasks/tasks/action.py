@@ -1,0 +1,111 @@
+"""`invoke action.*`: the GitHub Action's own steps (see action.yml); each reads the settings file the
+first one wrote (INVOKE_RUNTIME_CONFIG) and the few outputs of earlier steps it needs from the env."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from invoke import Collection, Context, task
+
+from .. import action, cache, log
+from .. import resolve as kernel_refs
+from ..settings import DEFAULTS, effective
+from ..validate import InputError
+from . import _common
+from .resolve import answer
+
+
+def _environ(name: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        raise InputError(name, "not set: this task is a step of the GitHub Action (action.yml)")
+    return value
+
+
+@task(name="settings")
+def check_inputs(c: Context):
+    """Check the action's inputs ($VNGTASKS_ACTION_INPUTS, JSON) and write the settings file every later
+    step reads; outputs its path and the cache layers' paths."""
+    with _common.exit_statuses():
+        raw = action.raw_settings(_environ(action.INPUTS_VARIABLE))
+        s = effective(DEFAULTS, raw)
+        path = action.write_settings_file(Path(_environ("RUNNER_TEMP")), raw)
+        action.write_outputs(Path(_environ("GITHUB_OUTPUT")), action.layout(s, path, os.environ))
+
+
+@task(help={"first": "an unreachable remote with no cached kernel is not an error: outputs retry=true"})
+def resolve(c: Context, first: bool = False):
+    """Move kernels the actions cache restored into the cache, then `invoke resolve`."""
+    s = _common.settings(c)
+    with _common.exit_statuses():
+        action.stage_in(action.stage_dir(s), cache.kernels_root(s))
+        try:
+            resolved = kernel_refs.resolve_kernel(c, s)
+        except kernel_refs.RemoteFailed as failure:
+            if not first:
+                raise
+            log.warn(f"{failure}: trying the newest cached kernel of {s.name} in the actions cache")
+            action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"retry": "true"})
+            return
+        answer(s, resolved)
+        if kernel_refs.sha_file(s.workspace, s.name).is_file():
+            action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"propagate": "true"})
+
+
+@task
+def kernel(c: Context):
+    """The resolved kernel ($AGAIN's outputs when the retry ran, else $FIRST's), checked, as outputs."""
+    s = _common.settings(c)
+    with _common.exit_statuses():
+        again = os.environ.get("AGAIN", "")
+        found = action.kernel_from_outputs(
+            *(again, "AGAIN") if "key" in again else (os.environ.get("FIRST", ""), "FIRST")
+        )
+        shutil.rmtree(action.stage_dir(s), ignore_errors=True)
+        if found.remote_failed:
+            log.warn(f"kernel-url unreachable: using the cached kernel {found.key} (it may be stale)")
+        action.write_outputs(Path(_environ("GITHUB_OUTPUT")), found.outputs())
+
+
+@task
+def build(c: Context):
+    """`invoke build`, timed; the entry is staged (hard links) for the kernel cache layer to save."""
+    from .. import build as kernel_build
+
+    s = _common.settings(c)
+    with _common.stopped_by_signals(), _common.exit_statuses():
+        started = time.monotonic()
+        entry = kernel_build.ensure_kernel(c, s, kernel_refs.resolve_kernel(c, s))
+        seconds = round(time.monotonic() - started)
+        action.stage_out(entry.path, action.stage_dir(s))
+        action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"seconds": str(seconds)})
+
+
+@task
+def finish(c: Context):
+    """The kernel's cache entry in place, linked at $GITHUB_WORKSPACE/linux; outputs cache-hit and
+    kernel-dir, and a row of the job summary. From $KERNEL (the kernel step's outputs), $RESTORED
+    (the kernel cache layer's cache-hit) and $BUILD_SECONDS."""
+    s = _common.settings(c)
+    with _common.exit_statuses():
+        found = action.kernel_from_outputs(os.environ.get("KERNEL", ""), "KERNEL")
+        restored = action.flag("RESTORED", os.environ.get("RESTORED", ""))
+        built = action.seconds("BUILD_SECONDS", os.environ.get("BUILD_SECONDS", ""))
+        if restored:
+            action.stage_in(action.stage_dir(s), cache.kernels_root(s))
+        shutil.rmtree(action.stage_dir(s), ignore_errors=True)
+        entry = action.entry_path(s, found.key)
+        if not (entry / "metadata.json").is_file():
+            raise InputError("KERNEL", f"{found.key} is not in the kernel cache")
+        action.link_workspace(s.workspace, entry)
+        hit, how = action.how_it_came(found, restored, built)
+        action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"cache-hit": str(hit).lower(), "kernel-dir": str(entry)})
+        log.info(f"kernel {s.name}: {s.tag} -> {found.sha12}: {how}")
+        if os.environ.get("GITHUB_STEP_SUMMARY"):
+            action.add_summary_row(Path(os.environ["GITHUB_STEP_SUMMARY"]), s.name, s.tag, found.sha12, how)
+
+
+ns = Collection("action", check_inputs, resolve, kernel, build, finish)
