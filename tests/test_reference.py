@@ -55,3 +55,13 @@ def test_each_task_takes_the_settings_it_needs() -> None:
     assert taken_by("cache") == ["cache_dir"]
     assert {"packages", "deps_timeout", "arch", "cc", "llvm"} <= set(taken_by("deps"))
     assert "run" not in taken_by("boot")  # the workload comes after `--`
+
+
+def test_the_readme_workflow_example_uses_only_the_action_s_inputs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("**In GitHub Actions**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    inputs = yaml.safe_load((ROOT / "action.yml").read_text())["inputs"]
+    (step,) = [s for s in yaml.safe_load(example)["jobs"]["test"]["steps"] if "vngtasks" in s.get("uses", "")]
+    assert set(step["with"]) <= set(inputs)
+    assert {name for name, spec in inputs.items() if spec.get("required")} <= set(step["with"])
+    assert {"kernel-sha", "cache-hit"} <= set(yaml.safe_load((ROOT / "action.yml").read_text())["outputs"])

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from invoke.util import yaml
 
 from . import cache, log
 from .settings import SETTINGS, Settings
