@@ -85,14 +85,15 @@ def test_bad_inputs_are_one_line_and_exit_2_with_nothing_written(tmp_path: Path,
 )
 def test_outputs_of_earlier_steps_are_checked(outputs: dict[str, str]) -> None:
     with pytest.raises(InputError, match=r"^KERNEL: "):
-        action.kernel_from_outputs(json.dumps(outputs), "KERNEL")
+        action.kernel_from_outputs(json.dumps(outputs), "KERNEL", hit="cache-hit")
 
 
 def test_a_resolved_kernel_passes_through_the_kernel_step() -> None:
-    found = action.kernel_from_outputs(
-        json.dumps({"sha": SHA, "key": KEY, "cache-hit": "true", "remote-failed": "false"}), "X"
-    )
+    resolved = {"sha": SHA, "key": KEY, "cache-hit": "true", "remote-failed": "false"}
+    found = action.kernel_from_outputs(json.dumps(resolved), "FIRST", hit="cache-hit")
     assert found.outputs() == {"sha": SHA, "sha12": SHA[:12], "key": KEY, "local-hit": "true", "remote-failed": "false"}
+    # what the kernel step hands on, the finish step reads back the same
+    assert action.kernel_from_outputs(json.dumps(found.outputs()), "KERNEL", hit="local-hit") == found
     assert action.how_it_came(found, restored=False, built_seconds=None) == (True, "cache hit (local)")
     assert action.how_it_came(found, restored=False, built_seconds=812) == (False, "built in 812 s")
 
@@ -146,3 +147,36 @@ def test_the_summary_row_escapes_the_tag(tmp_path: Path) -> None:
     action.add_summary_row(summary, "ci", "v6.12", SHA[:12], "built in 9 s")
     text = summary.read_text()
     assert text.count(action.SUMMARY_HEADER) == 1 and f"| ci | a\\|b → {SHA[:12]} | cache hit (local) |" in text
+
+
+def test_the_kernel_and_finish_steps_hand_the_kernel_on(tmp_path: Path) -> None:
+    """The steps after the resolve, as action.yml chains them: the kernel step's outputs are what the
+    finish step reads (act runs the whole chain in test_action.py)."""
+    (tmp_path / "rt").mkdir()
+    cache_dir = tmp_path / "cache"
+    (cache_dir / "kernels" / KEY).mkdir(parents=True)
+    (cache_dir / "kernels" / KEY / "metadata.json").write_text("{}")
+    out = tmp_path / "out"
+    env = {"RUNNER_TEMP": str(tmp_path / "rt"), "GITHUB_OUTPUT": str(out), "GITHUB_STEP_SUMMARY": str(tmp_path / "s")}
+    given = inputs(**{"kernel-tag": "v6.12", "cache-dir": str(cache_dir), "kconfig-base": "tiny"})
+    assert invoke(["action.settings"], {**env, "VNGTASKS_ACTION_INPUTS": json.dumps(given)}, tmp_path).returncode == 0
+    env["INVOKE_RUNTIME_CONFIG"] = out.read_text().split("file=", 1)[1].split("\n", 1)[0]
+
+    def outputs() -> dict[str, str]:
+        values = dict(line.split("=", 1) for line in out.read_text().splitlines())
+        out.unlink()
+        return values
+
+    outputs()
+    first = {"sha": SHA, "sha12": SHA[:12], "key": KEY, "cache-hit": "true", "remote-failed": "false"}
+    done = invoke(["action.kernel"], {**env, "FIRST": json.dumps(first), "AGAIN": "{}"}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    kernel = outputs()
+    assert kernel == {"sha": SHA, "sha12": SHA[:12], "key": KEY, "local-hit": "true", "remote-failed": "false"}
+    done = invoke(
+        ["action.finish"], {**env, "KERNEL": json.dumps(kernel), "RESTORED": "", "BUILD_SECONDS": ""}, tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert outputs() == {"cache-hit": "true", "kernel-dir": str(cache_dir / "kernels" / KEY)}
+    assert os.readlink(tmp_path / "linux") == str(cache_dir / "kernels" / KEY)
+    assert f"| ci | v6.12 → {SHA[:12]} | cache hit (local) |" in (tmp_path / "s").read_text()

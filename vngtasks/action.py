@@ -138,8 +138,9 @@ class Kernel:
         }
 
 
-def kernel_from_outputs(outputs_json: str, where: str) -> Kernel:
-    """A step's outputs (`toJSON(steps.X.outputs)`) as a Kernel; anything else is refused."""
+def kernel_from_outputs(outputs_json: str, where: str, hit: str) -> Kernel:
+    """A step's outputs (`toJSON(steps.X.outputs)`) as a Kernel, `hit` naming its local-hit output
+    (a resolve step's `cache-hit`, the kernel step's `local-hit`); anything else is refused."""
     try:
         outputs = json.loads(outputs_json or "{}")
     except ValueError:
@@ -147,12 +148,12 @@ def kernel_from_outputs(outputs_json: str, where: str) -> Kernel:
     if not isinstance(outputs, dict):
         raise InputError(where, "expected a step's outputs as a JSON object")
     sha, key = str(outputs.get("sha", "")), str(outputs.get("key", ""))
-    flags = {name: str(outputs.get(name, "")) for name in ("cache-hit", "remote-failed")}
+    flags = {name: str(outputs.get(name, "")) for name in (hit, "remote-failed")}
     if not _SHA.fullmatch(sha) or not _KEY.fullmatch(key) or sha[:12] not in key:
         raise InputError(where, f"no resolved kernel in these outputs: sha {sha!r}, key {key!r}")
     if any(value not in ("true", "false") for value in flags.values()):
-        raise InputError(where, f"cache-hit and remote-failed must be true or false: {flags}")
-    return Kernel(sha, key, flags["cache-hit"] == "true", flags["remote-failed"] == "true")
+        raise InputError(where, f"{hit} and remote-failed must be true or false: {flags}")
+    return Kernel(sha, key, flags[hit] == "true", flags["remote-failed"] == "true")
 
 
 def flag(name: str, value: str) -> bool:

@@ -61,9 +61,8 @@ def kernel(c: Context):
     s = _common.settings(c)
     with _common.exit_statuses():
         again = os.environ.get("AGAIN", "")
-        found = action.kernel_from_outputs(
-            *(again, "AGAIN") if "key" in again else (os.environ.get("FIRST", ""), "FIRST")
-        )
+        chosen = (again, "AGAIN") if '"key"' in again else (os.environ.get("FIRST", ""), "FIRST")
+        found = action.kernel_from_outputs(*chosen, hit="cache-hit")
         shutil.rmtree(action.stage_dir(s), ignore_errors=True)
         if found.remote_failed:
             log.warn(f"kernel-url unreachable: using the cached kernel {found.key} (it may be stale)")
@@ -91,7 +90,7 @@ def finish(c: Context):
     (the kernel cache layer's cache-hit) and $BUILD_SECONDS."""
     s = _common.settings(c)
     with _common.exit_statuses():
-        found = action.kernel_from_outputs(os.environ.get("KERNEL", ""), "KERNEL")
+        found = action.kernel_from_outputs(os.environ.get("KERNEL", ""), "KERNEL", hit="local-hit")
         restored = action.flag("RESTORED", os.environ.get("RESTORED", ""))
         built = action.seconds("BUILD_SECONDS", os.environ.get("BUILD_SECONDS", ""))
         if restored:
