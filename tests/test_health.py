@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import vm
+from vngtasks import health, vm
 from vngtasks.errors import NO_STATUS, SPLAT
 from vngtasks.settings import DEFAULTS, InputError, resolve
 
@@ -36,19 +36,19 @@ def outcome(status: int = 0, result: str = "workload", accel: str = "tcg") -> vm
 
 
 def test_splats_are_found_without_timestamps_and_once() -> None:
-    found = vm.find_splats(BOOT_LOG + BOOT_LOG[3:4], ())
+    found = health.find_splats(BOOT_LOG + BOOT_LOG[3:4], ())
     assert found == [line.split("] ", 1)[1] for line in BOOT_LOG[3:5] + BOOT_LOG[6:]]
 
 
 def test_allowed_splats_are_ignored() -> None:
     allow = (r"at fake\.c:1 ", "circular locking", "blocked for more than")
-    found = vm.find_splats(BOOT_LOG, allow)
+    found = health.find_splats(BOOT_LOG, allow)
     assert not any("fake.c" in line or "circular" in line or "blocked" in line for line in found)
     assert "Oops: 0002 [#1] PREEMPT SMP NOPTI" in found
 
 
 def test_a_clean_boot_has_no_splats() -> None:
-    assert vm.find_splats(BOOT_LOG[:3], ()) == []
+    assert health.find_splats(BOOT_LOG[:3], ()) == []
 
 
 def test_splat_allow_is_one_regex_per_line(tmp_path: Path) -> None:
@@ -75,15 +75,15 @@ def test_log_dir_defaults_to_the_workspace_and_must_be_a_directory(tmp_path: Pat
 
 def test_last_lines_drop_blanks_and_control_characters() -> None:
     lines = [f"line {i}" for i in range(80)] + ["", "\x1b[0mend\r", "   "]
-    tail = vm.last_lines(lines)
-    assert len(tail) == vm.TAIL_LINES == 50
+    tail = health.last_lines(lines)
+    assert len(tail) == health.TAIL_LINES == 50
     assert tail[0] == "line 31" and tail[-1] == "[0mend"
-    assert vm.last_lines(["a", "b"], 1) == ["b"] and vm.last_lines([]) == []
+    assert health.last_lines(["a", "b"], 1) == ["b"] and health.last_lines([]) == []
 
 
 def test_the_panic_line_is_seen_even_when_it_arrives_in_pieces(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
-    watch = vm.ConsoleWatch(console)
+    watch = health.ConsoleWatch(console)
     assert watch.panicked_for(1.0) == 0.0  # no file yet
     console.write_text("[ 1.0] sysrq: Trigger a crash\n[ 1.1] Kernel panic - not ")
     assert watch.panicked_for(2.0) == 0.0
@@ -218,16 +218,16 @@ def test_guest_files_are_read_only_when_regular_never_through_links_and_capped(t
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     os.mkfifo(run_dir / "status")  # a guest-made FIFO would block a plain read forever
-    assert vm.read_guest_file(run_dir / "status", 100) is None and vm.reported_status(run_dir) is None
+    assert health.read_guest_file(run_dir / "status", 100) is None and health.reported_status(run_dir) is None
     secret = tmp_path / "host-secret"
     secret.write_text("0\n")
     (run_dir / "release").symlink_to(secret)
-    assert vm.read_guest_file(run_dir / "release", 100) is None
+    assert health.read_guest_file(run_dir / "release", 100) is None
     (run_dir / "dmesg").write_bytes(b"x" * 5000)
-    assert vm.read_guest_file(run_dir / "dmesg", 4096) == b"x" * 4096
+    assert health.read_guest_file(run_dir / "dmesg", 4096) == b"x" * 4096
     (run_dir / "dir").mkdir()
-    assert vm.read_guest_file(run_dir / "dir", 100) is None
-    assert vm.read_guest_file(run_dir / "missing", 100) is None
+    assert health.read_guest_file(run_dir / "dir", 100) is None
+    assert health.read_guest_file(run_dir / "missing", 100) is None
 
 
 @pytest.mark.parametrize(
@@ -237,16 +237,16 @@ def test_guest_files_are_read_only_when_regular_never_through_links_and_capped(t
 )
 def test_a_reported_status_is_an_exit_status_or_nothing(tmp_path: Path, text: str, status: int | None) -> None:
     (tmp_path / "status").write_text(text)
-    assert vm.reported_status(tmp_path) == status
+    assert health.reported_status(tmp_path) == status
 
 
 def test_the_guest_clock_is_read_with_suspicion() -> None:
-    assert vm.guest_seconds("12.34") == 12.34
-    assert [vm.guest_seconds(t) for t in ("nan", "-5", "1e300", "", "12 s")] == [None] * 5
+    assert health.guest_seconds("12.34") == 12.34
+    assert [health.guest_seconds(t) for t in ("nan", "-5", "1e300", "", "12 s")] == [None] * 5
     dmesg = b"[    0.000000] Linux version 6.12\n[    2.311646] Run /usr/lib/virtme-ng-init as init process\n"
-    assert vm.init_started(dmesg) == 2.311646
-    assert vm.init_started(b"[ 1.0] Run /x as init process; and more\n") is None
-    assert vm.init_started(b"\xff\xfe not a log") is None
+    assert health.init_started(dmesg) == 2.311646
+    assert health.init_started(b"[ 1.0] Run /x as init process; and more\n") is None
+    assert health.init_started(b"\xff\xfe not a log") is None
 
 
 def test_phases_add_up_to_the_run() -> None:

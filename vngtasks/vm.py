@@ -6,9 +6,7 @@ it ends. The host therefore knows, without parsing the console, whether the VM
 booted, whether it is over its time, and what the workload returned; a VM that
 ends without a "status" never reported (panic, stall, no boot).
 
-The guest console is always written to `log-dir/vng-console.log` (a virtconsole of
-its own, beside vng's serial console); the host reads it only to explain a failure
-(a panic, a boot that never ended) and to look for kernel splats after the workload.
+What the guest left (its console, its files) is read by health.py.
 """
 
 from __future__ import annotations
@@ -33,15 +31,14 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import IO
 
-from . import accel, arches, log, render
+from . import accel, arches, health, log, render
 from .arches import Arch
 from .errors import BAD_INPUT, MISSING_TOOL, NO_STATUS, SPLAT, TIMEOUT, Failure
+from .health import GUEST_LINE_BYTES, TAIL_LINES, ConsoleWatch, find_splats, read_guest_file, reported_status, show_tail
 from .hostprobe import HostProbes, virtme_ng_init_runs
 from .settings import Settings, make_directory, plain_path
 
 POLL_SECONDS = 0.1
-GUEST_LINE_BYTES = 4096  # the most read of `started`, `status` and `release`
-GUEST_DMESG_BYTES = 16 * 1024 * 1024
 # After the workload's status, the guest powers off; a kernel that cannot (no ACPI on x86) or a
 # shutdown that hangs is stopped after this long: the run is over, and its files are synced.
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -56,18 +53,8 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CONSOLE_LOG = "vng-console.log"
 DMESG_LOG = "vng-dmesg.log"
 LOGS_LOCK = ".vng-logs.lock"  # held while a run publishes its logs into log-dir
-CONSOLE_BYTES = 64 * 1024 * 1024  # the most of a console kept and judged (its end)
 RUN_JSON = "vng-run.json"
-TAIL_LINES = 50  # console lines shown when the VM failed
 PANIC_GRACE_SECONDS = 5.0  # panic=-1 ends the VM at once; stop it ourselves after this
-PANIC = re.compile(r"Kernel panic - not syncing")
-# Kernel splats: warnings, BUGs, sanitizers, lockdep, hung tasks, RCU stalls, oopses.
-SPLAT_PATTERN = re.compile(
-    r"WARNING:|BUG:|KASAN:|UBSAN:|possible circular locking|blocked for more than"
-    r"|rcu: INFO: rcu_\w+ detected stalls|detected stalls on CPUs/tasks|\bOops\b"
-)
-_TIMESTAMP = re.compile(r"^\[\s*[0-9]+\.[0-9]+\]\s?")
-_RUN_INIT = re.compile(r"^\[\s*([0-9]+\.[0-9]+)\] Run \S+ as init process$", re.MULTILINE)
 SUMMARY_HEADER = "| kernel | accel | boot (s) | workload (s) | status | splats |\n|---|---|---|---|---|---|\n"
 
 
@@ -382,48 +369,14 @@ def attempt(
     marks = Marks(probe=host_side.probe_seconds)
     try:
         outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ), marks)
-        started = read_guest_file(boot.shared / "started", GUEST_LINE_BYTES) or b""
-        marks.guest_uptime = guest_seconds(started.decode(errors="replace").strip())
-        dmesg = read_guest_file(boot.shared / "dmesg", GUEST_DMESG_BYTES)
-        marks.guest_init = init_started(dmesg or b"")
-        release = read_guest_file(boot.shared / "release", GUEST_LINE_BYTES) or b""
+        report = health.read_guest_report(boot.shared)
+        marks.guest_uptime = report.uptime
+        marks.guest_init = health.init_started(report.dmesg or b"")
         phases = marks.phases() if outcome.result == "workload" else ()
-        outcome = dataclasses.replace(outcome, release=_printable(release.decode(errors="replace")), phases=phases)
-        return Attempt(outcome, read_console(boot.console_log), dmesg)
+        outcome = dataclasses.replace(outcome, release=report.release, phases=phases)
+        return Attempt(outcome, health.read_console(boot.console_log), report.dmesg)
     finally:
         shutil.rmtree(boot.run_dir, ignore_errors=True)
-
-
-def read_console(path: Path, limit: int = CONSOLE_BYTES) -> bytes:
-    """The run's console log as QEMU wrote it, its last `limit` bytes at most."""
-    try:
-        with open(path, "rb") as console:
-            console.seek(max(console.seek(0, os.SEEK_END) - limit, 0))
-            return console.read()
-    except FileNotFoundError:
-        return b""
-
-
-def read_guest_file(path: Path, limit: int) -> bytes | None:
-    """A file the guest wrote: only a regular one, never through a link, at most `limit` bytes; else None.
-
-    The guest can put anything in its run directory (a FIFO would block a plain read forever)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, left = [], limit
-        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -513,21 +466,6 @@ def ended(boot: Boot, marks: Marks, console: ConsoleWatch, vng_status: int | Non
     return failed(boot, "no-status", message, marks.boot_seconds)
 
 
-def guest_seconds(field: str) -> float | None:
-    """A number of seconds the guest wrote, when it is a plausible one."""
-    try:
-        value = float(field)
-    except ValueError:
-        return None
-    return value if 0.0 <= value < 1e6 else None
-
-
-def init_started(dmesg: bytes) -> float | None:
-    """When the guest kernel ran init, from its `Run /... as init process` line."""
-    found = _RUN_INIT.search(dmesg.decode(errors="replace"))
-    return guest_seconds(found[1]) if found else None
-
-
 # virtme-ng gives QEMU /proc/self/fd/1 and /2 as `file` chardevs (the guest's stdout and stderr),
 # which QEMU opens again with O_TRUNC: where ours is a regular file (`invoke boot > log 2>&1`),
 # everything written to it before the VM started would be erased. vng gets a pipe instead.
@@ -567,87 +505,6 @@ def failed(boot: Boot, result: str, message: str, boot_seconds: float | None) ->
     log.warn(message)
     show_tail(boot.console_log)
     return Outcome(boot.accel, NO_STATUS, result, boot_seconds, None)
-
-
-class ConsoleWatch:
-    """Follows the console log as QEMU writes it, for the panic line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.pending = b""
-        self.panic_at: float | None = None
-
-    def panicked_for(self, now: float) -> float:
-        """Seconds since a panic showed on the console (0 when none has)."""
-        if self.panic_at is None and self._read_panic():
-            self.panic_at = now
-        return 0.0 if self.panic_at is None else now - self.panic_at
-
-    def panicked(self) -> bool:
-        return self.panic_at is not None or self._read_panic()
-
-    def _read_panic(self) -> bool:
-        try:
-            with open(self.path, "rb") as console:
-                console.seek(self.offset)
-                chunk = console.read()
-        except FileNotFoundError:
-            return False
-        self.offset += len(chunk)
-        text = self.pending + chunk
-        # Keep a partial last line for the next read: the panic line may arrive in pieces.
-        self.pending = text[text.rfind(b"\n") + 1 :]
-        return PANIC.search(text.decode(errors="replace")) is not None
-
-
-def reported_status(run_dir: Path) -> int | None:
-    """The workload's exit status as the guest wrote it: a whole line holding 0 to 255, else None."""
-    text = read_guest_file(run_dir / "status", GUEST_LINE_BYTES) or b""
-    if not text.endswith(b"\n"):  # not written yet, or not all of it
-        return None
-    try:
-        status = int(text)
-    except ValueError:
-        return None
-    return status if 0 <= status <= 255 else None
-
-
-def read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_bytes().decode(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-
-
-def last_lines(lines: list[str], count: int = TAIL_LINES) -> list[str]:
-    """The last `count` lines that are not blank, without terminal control characters."""
-    kept = [_printable(line) for line in lines]
-    return [line for line in kept if line.strip()][-count:] if count > 0 else []
-
-
-def _printable(line: str) -> str:
-    return "".join(ch for ch in line if ch == "\t" or (ord(ch) >= 0x20 and ch != "\x7f")).rstrip()
-
-
-def show_tail(console_log: Path) -> None:
-    tail = last_lines(read_lines(console_log))
-    if not tail:
-        log.info(f"the guest console ({console_log}) is empty: the kernel printed nothing")
-        return
-    log.info(f"last {len(tail)} lines of the guest console ({console_log}):")
-    print("\n".join(tail), file=sys.stderr, flush=True)
-
-
-def find_splats(lines: list[str], allow: tuple[str, ...]) -> list[str]:
-    """Kernel splat lines (timestamps dropped, each once), minus those an allow regex matches."""
-    allowed = [re.compile(pattern) for pattern in allow]
-    found: list[str] = []
-    for raw in lines:
-        line = _TIMESTAMP.sub("", _printable(raw))
-        if SPLAT_PATTERN.search(line) and not any(a.search(line) for a in allowed) and line not in found:
-            found.append(line)
-    return found
 
 
 def guest_release(outcome: Outcome, console_lines: list[str]) -> str:
