@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import health, vm
+from vngtasks import health, supervise, vm
 from vngtasks.errors import NO_STATUS, SPLAT
 from vngtasks.settings import DEFAULTS, InputError, resolve
+from vngtasks.supervise import Marks
 
 BOOT_LOG = [
     "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org) #1 SMP",
@@ -31,8 +32,8 @@ def make(tmp_path: Path, **flags: str):
     return resolve(DEFAULTS, {"extra_rwdirs": "", "cache_dir": str(tmp_path / "cache"), **flags}, workspace=tmp_path)
 
 
-def outcome(status: int = 0, result: str = "workload", accel: str = "tcg") -> vm.Outcome:
-    return vm.Outcome(accel=accel, status=status, result=result, boot_seconds=41.23, workload_seconds=2.05)
+def outcome(status: int = 0, result: str = "workload", accel: str = "tcg") -> supervise.Outcome:
+    return supervise.Outcome(accel=accel, status=status, result=result, boot_seconds=41.23, workload_seconds=2.05)
 
 
 def test_splats_are_found_without_timestamps_and_once() -> None:
@@ -109,7 +110,7 @@ def test_summary_row_escapes_and_names_the_result() -> None:
         kernel=Path("/k/bzImage"),
         release="6.1.0-56-amd64",
         arch="x86_64",
-        outcome=vm.Outcome("kvm", NO_STATUS, "panic", None, None),
+        outcome=supervise.Outcome("kvm", NO_STATUS, "panic", None, None),
         status=NO_STATUS,
         splats=(),
     )
@@ -128,7 +129,7 @@ def test_summary_header_is_written_once(tmp_path: Path) -> None:
     assert text.startswith("## earlier step output\n| kernel")
 
 
-def attempted(result: vm.Outcome, console: list[str], dmesg: list[str] | None) -> vm.Attempt:
+def attempted(result: supervise.Outcome, console: list[str], dmesg: list[str] | None) -> vm.Attempt:
     text = None if dmesg is None else ("\n".join(dmesg) + "\n").encode()
     return vm.Attempt(result, ("\n".join(console) + "\n").encode(), text)
 
@@ -250,10 +251,10 @@ def test_the_guest_clock_is_read_with_suspicion() -> None:
 
 
 def test_phases_add_up_to_the_run() -> None:
-    marks = vm.Marks(probe=0.07, vng=100.0, started=112.0, status=113.5, ended=114.0, guest_uptime=9.0, guest_init=2.5)
+    marks = Marks(probe=0.07, vng=100.0, started=112.0, status=113.5, ended=114.0, guest_uptime=9.0, guest_init=2.5)
     phases = dict(marks.phases())
     assert phases == {"probe": 0.07, "vng-start": 3.0, "kernel": 2.5, "init": 6.5, "workload": 1.5, "shutdown": 0.5}
     assert sum(v for k, v in phases.items() if k != "probe") == pytest.approx(114.0 - 100.0)
     # A guest clock that cannot be (init after the workload began, a kernel that started before vng) is left out.
-    odd = vm.Marks(probe=0.0, vng=100.0, started=101.0, status=102.0, ended=102.0, guest_uptime=9.0, guest_init=9.5)
+    odd = Marks(probe=0.0, vng=100.0, started=101.0, status=102.0, ended=102.0, guest_uptime=9.0, guest_init=9.5)
     assert dict(odd.phases()).keys() == {"probe", "workload", "shutdown"}
