@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import health, supervise, vm
+from vngtasks import health, runrecord, supervise, vm
 from vngtasks.errors import NO_STATUS, SPLAT
 from vngtasks.settings import DEFAULTS, InputError, resolve
 from vngtasks.supervise import Marks
@@ -95,18 +95,18 @@ def test_the_panic_line_is_seen_even_when_it_arrives_in_pieces(tmp_path: Path) -
 
 
 def test_splats_fail_a_passing_workload_only() -> None:
-    assert vm.judge(outcome(0), ["WARNING: x"]) == SPLAT == 123
-    assert vm.judge(outcome(3), ["WARNING: x"]) == 3
-    assert vm.judge(outcome(0), []) == 0
-    assert vm.judge(outcome(NO_STATUS, "panic"), ["Oops: 0002"]) == NO_STATUS
+    assert runrecord.judge(outcome(0), ["WARNING: x"]) == SPLAT == 123
+    assert runrecord.judge(outcome(3), ["WARNING: x"]) == 3
+    assert runrecord.judge(outcome(0), []) == 0
+    assert runrecord.judge(outcome(NO_STATUS, "panic"), ["Oops: 0002"]) == NO_STATUS
 
 
 def test_summary_row_escapes_and_names_the_result() -> None:
-    record = vm.Record(
+    record = runrecord.Record(
         kernel=Path("/k/bz|Image"), release="", arch="x86_64", outcome=outcome(0), status=SPLAT, splats=("WARNING: x",)
     )
-    assert vm.summary_row(record) == "| bz\\|Image (x86_64) | tcg | 41.2 | 2.0 | 123 (splat) | 1 |\n"
-    panic = vm.Record(
+    assert runrecord.summary_row(record) == "| bz\\|Image (x86_64) | tcg | 41.2 | 2.0 | 123 (splat) | 1 |\n"
+    panic = runrecord.Record(
         kernel=Path("/k/bzImage"),
         release="6.1.0-56-amd64",
         arch="x86_64",
@@ -114,24 +114,24 @@ def test_summary_row_escapes_and_names_the_result() -> None:
         status=NO_STATUS,
         splats=(),
     )
-    assert vm.summary_row(panic) == "| 6.1.0-56-amd64 (x86_64) | kvm | - | - | 125 (panic) | 0 |\n"
+    assert runrecord.summary_row(panic) == "| 6.1.0-56-amd64 (x86_64) | kvm | - | - | 125 (panic) | 0 |\n"
 
 
 def test_summary_header_is_written_once(tmp_path: Path) -> None:
     summary = tmp_path / "summary.md"
     summary.write_text("## earlier step output")
-    record = vm.Record(Path("/k/bzImage"), "6.1", "x86_64", outcome(0), 0, ())
-    vm.append_summary(summary, record)
-    vm.append_summary(summary, record)
+    record = runrecord.Record(Path("/k/bzImage"), "6.1", "x86_64", outcome(0), 0, ())
+    runrecord.append_summary(summary, record)
+    runrecord.append_summary(summary, record)
     text = summary.read_text()
     assert text.count("| kernel | accel |") == 1
     assert text.endswith("| 6.1 (x86_64) | tcg | 41.2 | 2.0 | 0 | 0 |\n" * 2)
     assert text.startswith("## earlier step output\n| kernel")
 
 
-def attempted(result: supervise.Outcome, console: list[str], dmesg: list[str] | None) -> vm.Attempt:
+def attempted(result: supervise.Outcome, console: list[str], dmesg: list[str] | None) -> runrecord.Attempt:
     text = None if dmesg is None else ("\n".join(dmesg) + "\n").encode()
-    return vm.Attempt(result, ("\n".join(console) + "\n").encode(), text)
+    return runrecord.Attempt(result, ("\n".join(console) + "\n").encode(), text)
 
 
 def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
@@ -139,15 +139,15 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
     s.log_dir.mkdir()
     summary = tmp_path / "step-summary"
     run = attempted(outcome(0), BOOT_LOG[:4], BOOT_LOG[:4] + BOOT_LOG[6:7])
-    status = vm.conclude(s, Path("/boot/vmlinuz"), run, {"GITHUB_STEP_SUMMARY": str(summary)})
+    status = runrecord.conclude(s, Path("/boot/vmlinuz"), run, {"GITHUB_STEP_SUMMARY": str(summary)})
     assert status == SPLAT
-    assert (s.log_dir / vm.CONSOLE_LOG).read_bytes() == run.console and (
-        s.log_dir / vm.DMESG_LOG
+    assert (s.log_dir / runrecord.CONSOLE_LOG).read_bytes() == run.console and (
+        s.log_dir / runrecord.DMESG_LOG
     ).read_bytes() == run.dmesg
-    record = json.loads((s.log_dir / vm.RUN_JSON).read_text())
+    record = json.loads((s.log_dir / runrecord.RUN_JSON).read_text())
     assert record == {
         "kernel": "/boot/vmlinuz",
-        "console": str(s.log_dir / vm.CONSOLE_LOG),
+        "console": str(s.log_dir / runrecord.CONSOLE_LOG),
         "release": "6.1.0-56-amd64",  # from the banner when the guest wrote none
         "arch": s.arch.name,
         "accel": "tcg",
@@ -164,19 +164,19 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
 
 def test_splat_check_false_never_scans(tmp_path: Path) -> None:
     s = make(tmp_path, splat_check="false")
-    assert vm.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), [], BOOT_LOG[3:4]), {}) == 0
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), [], BOOT_LOG[3:4]), {}) == 0
 
 
 def test_a_run_is_judged_on_its_own_console_never_another_runs(tmp_path: Path) -> None:
     """Two runs sharing a log-dir: the one that splatted fails whatever the other left in log-dir."""
     s = make(tmp_path)
-    (s.log_dir / vm.CONSOLE_LOG).write_text(BOOT_LOG[3] + "\n")  # another run's WARNING
-    (s.log_dir / vm.DMESG_LOG).write_text(BOOT_LOG[3] + "\n")
-    assert vm.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), BOOT_LOG[:3], BOOT_LOG[:3]), {}) == 0
-    assert BOOT_LOG[3] not in (s.log_dir / vm.CONSOLE_LOG).read_text()
+    (s.log_dir / runrecord.CONSOLE_LOG).write_text(BOOT_LOG[3] + "\n")  # another run's WARNING
+    (s.log_dir / runrecord.DMESG_LOG).write_text(BOOT_LOG[3] + "\n")
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), BOOT_LOG[:3], BOOT_LOG[:3]), {}) == 0
+    assert BOOT_LOG[3] not in (s.log_dir / runrecord.CONSOLE_LOG).read_text()
     warned = attempted(outcome(0), BOOT_LOG[:4], None)
-    assert vm.conclude(s, Path("/boot/vmlinuz"), warned, {}) == SPLAT
-    assert not (s.log_dir / vm.DMESG_LOG).exists()  # none from this run: the other's is not left beside it
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), warned, {}) == SPLAT
+    assert not (s.log_dir / runrecord.DMESG_LOG).exists()  # none from this run: the other's is not left beside it
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_run_retries_a_stuck_kvm_boot_once_with_tcg(tmp_path: Path, monkeypatch,
     assert vm.run(s, Path("/boot/vmlinuz"), "true") == 0
     assert tried == ["kvm", "tcg"]
     assert "retrying once with TCG" in capsys.readouterr().err
-    assert json.loads((s.log_dir / vm.RUN_JSON).read_text())["accel"] == "tcg"
+    assert json.loads((s.log_dir / runrecord.RUN_JSON).read_text())["accel"] == "tcg"
 
 
 def test_guest_files_are_read_only_when_regular_never_through_links_and_capped(tmp_path: Path) -> None:
