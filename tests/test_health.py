@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import vm
+from vngtasks import health, runrecord, supervise, vm
 from vngtasks.errors import NO_STATUS, SPLAT
 from vngtasks.settings import DEFAULTS, InputError, resolve
+from vngtasks.supervise import Marks
 
 BOOT_LOG = [
     "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org) #1 SMP",
@@ -31,24 +32,24 @@ def make(tmp_path: Path, **flags: str):
     return resolve(DEFAULTS, {"extra_rwdirs": "", "cache_dir": str(tmp_path / "cache"), **flags}, workspace=tmp_path)
 
 
-def outcome(status: int = 0, result: str = "workload", accel: str = "tcg") -> vm.Outcome:
-    return vm.Outcome(accel=accel, status=status, result=result, boot_seconds=41.23, workload_seconds=2.05)
+def outcome(status: int = 0, result: str = "workload", accel: str = "tcg") -> supervise.Outcome:
+    return supervise.Outcome(accel=accel, status=status, result=result, boot_seconds=41.23, workload_seconds=2.05)
 
 
 def test_splats_are_found_without_timestamps_and_once() -> None:
-    found = vm.find_splats(BOOT_LOG + BOOT_LOG[3:4], ())
+    found = health.find_splats(BOOT_LOG + BOOT_LOG[3:4], ())
     assert found == [line.split("] ", 1)[1] for line in BOOT_LOG[3:5] + BOOT_LOG[6:]]
 
 
 def test_allowed_splats_are_ignored() -> None:
     allow = (r"at fake\.c:1 ", "circular locking", "blocked for more than")
-    found = vm.find_splats(BOOT_LOG, allow)
+    found = health.find_splats(BOOT_LOG, allow)
     assert not any("fake.c" in line or "circular" in line or "blocked" in line for line in found)
     assert "Oops: 0002 [#1] PREEMPT SMP NOPTI" in found
 
 
 def test_a_clean_boot_has_no_splats() -> None:
-    assert vm.find_splats(BOOT_LOG[:3], ()) == []
+    assert health.find_splats(BOOT_LOG[:3], ()) == []
 
 
 def test_splat_allow_is_one_regex_per_line(tmp_path: Path) -> None:
@@ -75,15 +76,15 @@ def test_log_dir_defaults_to_the_workspace_and_must_be_a_directory(tmp_path: Pat
 
 def test_last_lines_drop_blanks_and_control_characters() -> None:
     lines = [f"line {i}" for i in range(80)] + ["", "\x1b[0mend\r", "   "]
-    tail = vm.last_lines(lines)
-    assert len(tail) == vm.TAIL_LINES == 50
+    tail = health.last_lines(lines)
+    assert len(tail) == health.TAIL_LINES == 50
     assert tail[0] == "line 31" and tail[-1] == "[0mend"
-    assert vm.last_lines(["a", "b"], 1) == ["b"] and vm.last_lines([]) == []
+    assert health.last_lines(["a", "b"], 1) == ["b"] and health.last_lines([]) == []
 
 
 def test_the_panic_line_is_seen_even_when_it_arrives_in_pieces(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
-    watch = vm.ConsoleWatch(console)
+    watch = health.ConsoleWatch(console)
     assert watch.panicked_for(1.0) == 0.0  # no file yet
     console.write_text("[ 1.0] sysrq: Trigger a crash\n[ 1.1] Kernel panic - not ")
     assert watch.panicked_for(2.0) == 0.0
@@ -94,43 +95,43 @@ def test_the_panic_line_is_seen_even_when_it_arrives_in_pieces(tmp_path: Path) -
 
 
 def test_splats_fail_a_passing_workload_only() -> None:
-    assert vm.judge(outcome(0), ["WARNING: x"]) == SPLAT == 123
-    assert vm.judge(outcome(3), ["WARNING: x"]) == 3
-    assert vm.judge(outcome(0), []) == 0
-    assert vm.judge(outcome(NO_STATUS, "panic"), ["Oops: 0002"]) == NO_STATUS
+    assert runrecord.judge(outcome(0), ["WARNING: x"]) == SPLAT == 123
+    assert runrecord.judge(outcome(3), ["WARNING: x"]) == 3
+    assert runrecord.judge(outcome(0), []) == 0
+    assert runrecord.judge(outcome(NO_STATUS, "panic"), ["Oops: 0002"]) == NO_STATUS
 
 
 def test_summary_row_escapes_and_names_the_result() -> None:
-    record = vm.Record(
+    record = runrecord.Record(
         kernel=Path("/k/bz|Image"), release="", arch="x86_64", outcome=outcome(0), status=SPLAT, splats=("WARNING: x",)
     )
-    assert vm.summary_row(record) == "| bz\\|Image (x86_64) | tcg | 41.2 | 2.0 | 123 (splat) | 1 |\n"
-    panic = vm.Record(
+    assert runrecord.summary_row(record) == "| bz\\|Image (x86_64) | tcg | 41.2 | 2.0 | 123 (splat) | 1 |\n"
+    panic = runrecord.Record(
         kernel=Path("/k/bzImage"),
         release="6.1.0-56-amd64",
         arch="x86_64",
-        outcome=vm.Outcome("kvm", NO_STATUS, "panic", None, None),
+        outcome=supervise.Outcome("kvm", NO_STATUS, "panic", None, None),
         status=NO_STATUS,
         splats=(),
     )
-    assert vm.summary_row(panic) == "| 6.1.0-56-amd64 (x86_64) | kvm | - | - | 125 (panic) | 0 |\n"
+    assert runrecord.summary_row(panic) == "| 6.1.0-56-amd64 (x86_64) | kvm | - | - | 125 (panic) | 0 |\n"
 
 
 def test_summary_header_is_written_once(tmp_path: Path) -> None:
     summary = tmp_path / "summary.md"
     summary.write_text("## earlier step output")
-    record = vm.Record(Path("/k/bzImage"), "6.1", "x86_64", outcome(0), 0, ())
-    vm.append_summary(summary, record)
-    vm.append_summary(summary, record)
+    record = runrecord.Record(Path("/k/bzImage"), "6.1", "x86_64", outcome(0), 0, ())
+    runrecord.append_summary(summary, record)
+    runrecord.append_summary(summary, record)
     text = summary.read_text()
     assert text.count("| kernel | accel |") == 1
     assert text.endswith("| 6.1 (x86_64) | tcg | 41.2 | 2.0 | 0 | 0 |\n" * 2)
     assert text.startswith("## earlier step output\n| kernel")
 
 
-def attempted(result: vm.Outcome, console: list[str], dmesg: list[str] | None) -> vm.Attempt:
+def attempted(result: supervise.Outcome, console: list[str], dmesg: list[str] | None) -> runrecord.Attempt:
     text = None if dmesg is None else ("\n".join(dmesg) + "\n").encode()
-    return vm.Attempt(result, ("\n".join(console) + "\n").encode(), text)
+    return runrecord.Attempt(result, ("\n".join(console) + "\n").encode(), text)
 
 
 def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
@@ -138,15 +139,15 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
     s.log_dir.mkdir()
     summary = tmp_path / "step-summary"
     run = attempted(outcome(0), BOOT_LOG[:4], BOOT_LOG[:4] + BOOT_LOG[6:7])
-    status = vm.conclude(s, Path("/boot/vmlinuz"), run, {"GITHUB_STEP_SUMMARY": str(summary)})
+    status = runrecord.conclude(s, Path("/boot/vmlinuz"), run, {"GITHUB_STEP_SUMMARY": str(summary)})
     assert status == SPLAT
-    assert (s.log_dir / vm.CONSOLE_LOG).read_bytes() == run.console and (
-        s.log_dir / vm.DMESG_LOG
+    assert (s.log_dir / runrecord.CONSOLE_LOG).read_bytes() == run.console and (
+        s.log_dir / runrecord.DMESG_LOG
     ).read_bytes() == run.dmesg
-    record = json.loads((s.log_dir / vm.RUN_JSON).read_text())
+    record = json.loads((s.log_dir / runrecord.RUN_JSON).read_text())
     assert record == {
         "kernel": "/boot/vmlinuz",
-        "console": str(s.log_dir / vm.CONSOLE_LOG),
+        "console": str(s.log_dir / runrecord.CONSOLE_LOG),
         "release": "6.1.0-56-amd64",  # from the banner when the guest wrote none
         "arch": s.arch.name,
         "accel": "tcg",
@@ -163,19 +164,19 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
 
 def test_splat_check_false_never_scans(tmp_path: Path) -> None:
     s = make(tmp_path, splat_check="false")
-    assert vm.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), [], BOOT_LOG[3:4]), {}) == 0
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), [], BOOT_LOG[3:4]), {}) == 0
 
 
 def test_a_run_is_judged_on_its_own_console_never_another_runs(tmp_path: Path) -> None:
     """Two runs sharing a log-dir: the one that splatted fails whatever the other left in log-dir."""
     s = make(tmp_path)
-    (s.log_dir / vm.CONSOLE_LOG).write_text(BOOT_LOG[3] + "\n")  # another run's WARNING
-    (s.log_dir / vm.DMESG_LOG).write_text(BOOT_LOG[3] + "\n")
-    assert vm.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), BOOT_LOG[:3], BOOT_LOG[:3]), {}) == 0
-    assert BOOT_LOG[3] not in (s.log_dir / vm.CONSOLE_LOG).read_text()
+    (s.log_dir / runrecord.CONSOLE_LOG).write_text(BOOT_LOG[3] + "\n")  # another run's WARNING
+    (s.log_dir / runrecord.DMESG_LOG).write_text(BOOT_LOG[3] + "\n")
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), BOOT_LOG[:3], BOOT_LOG[:3]), {}) == 0
+    assert BOOT_LOG[3] not in (s.log_dir / runrecord.CONSOLE_LOG).read_text()
     warned = attempted(outcome(0), BOOT_LOG[:4], None)
-    assert vm.conclude(s, Path("/boot/vmlinuz"), warned, {}) == SPLAT
-    assert not (s.log_dir / vm.DMESG_LOG).exists()  # none from this run: the other's is not left beside it
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), warned, {}) == SPLAT
+    assert not (s.log_dir / runrecord.DMESG_LOG).exists()  # none from this run: the other's is not left beside it
 
 
 @pytest.mark.parametrize(
@@ -211,23 +212,23 @@ def test_run_retries_a_stuck_kvm_boot_once_with_tcg(tmp_path: Path, monkeypatch,
     assert vm.run(s, Path("/boot/vmlinuz"), "true") == 0
     assert tried == ["kvm", "tcg"]
     assert "retrying once with TCG" in capsys.readouterr().err
-    assert json.loads((s.log_dir / vm.RUN_JSON).read_text())["accel"] == "tcg"
+    assert json.loads((s.log_dir / runrecord.RUN_JSON).read_text())["accel"] == "tcg"
 
 
 def test_guest_files_are_read_only_when_regular_never_through_links_and_capped(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     os.mkfifo(run_dir / "status")  # a guest-made FIFO would block a plain read forever
-    assert vm.read_guest_file(run_dir / "status", 100) is None and vm.reported_status(run_dir) is None
+    assert health.read_guest_file(run_dir / "status", 100) is None and health.reported_status(run_dir) is None
     secret = tmp_path / "host-secret"
     secret.write_text("0\n")
     (run_dir / "release").symlink_to(secret)
-    assert vm.read_guest_file(run_dir / "release", 100) is None
+    assert health.read_guest_file(run_dir / "release", 100) is None
     (run_dir / "dmesg").write_bytes(b"x" * 5000)
-    assert vm.read_guest_file(run_dir / "dmesg", 4096) == b"x" * 4096
+    assert health.read_guest_file(run_dir / "dmesg", 4096) == b"x" * 4096
     (run_dir / "dir").mkdir()
-    assert vm.read_guest_file(run_dir / "dir", 100) is None
-    assert vm.read_guest_file(run_dir / "missing", 100) is None
+    assert health.read_guest_file(run_dir / "dir", 100) is None
+    assert health.read_guest_file(run_dir / "missing", 100) is None
 
 
 @pytest.mark.parametrize(
@@ -237,23 +238,23 @@ def test_guest_files_are_read_only_when_regular_never_through_links_and_capped(t
 )
 def test_a_reported_status_is_an_exit_status_or_nothing(tmp_path: Path, text: str, status: int | None) -> None:
     (tmp_path / "status").write_text(text)
-    assert vm.reported_status(tmp_path) == status
+    assert health.reported_status(tmp_path) == status
 
 
 def test_the_guest_clock_is_read_with_suspicion() -> None:
-    assert vm.guest_seconds("12.34") == 12.34
-    assert [vm.guest_seconds(t) for t in ("nan", "-5", "1e300", "", "12 s")] == [None] * 5
+    assert health.guest_seconds("12.34") == 12.34
+    assert [health.guest_seconds(t) for t in ("nan", "-5", "1e300", "", "12 s")] == [None] * 5
     dmesg = b"[    0.000000] Linux version 6.12\n[    2.311646] Run /usr/lib/virtme-ng-init as init process\n"
-    assert vm.init_started(dmesg) == 2.311646
-    assert vm.init_started(b"[ 1.0] Run /x as init process; and more\n") is None
-    assert vm.init_started(b"\xff\xfe not a log") is None
+    assert health.init_started(dmesg) == 2.311646
+    assert health.init_started(b"[ 1.0] Run /x as init process; and more\n") is None
+    assert health.init_started(b"\xff\xfe not a log") is None
 
 
 def test_phases_add_up_to_the_run() -> None:
-    marks = vm.Marks(probe=0.07, vng=100.0, started=112.0, status=113.5, ended=114.0, guest_uptime=9.0, guest_init=2.5)
+    marks = Marks(probe=0.07, vng=100.0, started=112.0, status=113.5, ended=114.0, guest_uptime=9.0, guest_init=2.5)
     phases = dict(marks.phases())
     assert phases == {"probe": 0.07, "vng-start": 3.0, "kernel": 2.5, "init": 6.5, "workload": 1.5, "shutdown": 0.5}
     assert sum(v for k, v in phases.items() if k != "probe") == pytest.approx(114.0 - 100.0)
     # A guest clock that cannot be (init after the workload began, a kernel that started before vng) is left out.
-    odd = vm.Marks(probe=0.0, vng=100.0, started=101.0, status=102.0, ended=102.0, guest_uptime=9.0, guest_init=9.5)
+    odd = Marks(probe=0.0, vng=100.0, started=101.0, status=102.0, ended=102.0, guest_uptime=9.0, guest_init=9.5)
     assert dict(odd.phases()).keys() == {"probe", "workload", "shutdown"}

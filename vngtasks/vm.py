@@ -1,50 +1,34 @@
-"""Booting a kernel with vng and running the workload inside, supervised from the host.
+"""Booting a kernel with vng: its command line, the run directory, and the boot flow with its one TCG retry.
 
-The guest script (templates/guest.sh.j2) marks two moments in a run directory that
-the guest mounts read-write: "started" when the workload begins and "status" when
-it ends. The host therefore knows, without parsing the console, whether the VM
-booted, whether it is over its time, and what the workload returned; a VM that
-ends without a "status" never reported (panic, stall, no boot).
-
-The guest console is always written to `log-dir/vng-console.log` (a virtconsole of
-its own, beside vng's serial console); the host reads it only to explain a failure
-(a panic, a boot that never ended) and to look for kernel splats after the workload.
+`run` decides everything before anything starts (the accelerator, how directories are shared,
+which init the guest runs: a `Boot`), writes the run directory the guest reads (its workload,
+its environment, templates/guest.sh.j2), starts vng under supervise.py, reads what the guest left
+through health.py, and hands the attempt to runrecord.py for its final status. `dry_run_line`
+prints the same command line without starting or writing anything.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import json
 import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
-from typing import IO
 
-from . import accel, arches, log, render
+from . import accel, arches, health, log, render
 from .arches import Arch
-from .errors import BAD_INPUT, MISSING_TOOL, NO_STATUS, SPLAT, TIMEOUT, Failure
+from .errors import BAD_INPUT, Failure
 from .hostprobe import HostProbes, virtme_ng_init_runs
+from .runrecord import Attempt, conclude
 from .settings import Settings, make_directory, plain_path
+from .supervise import Marks, Outcome, VmRun, supervise
 
-POLL_SECONDS = 0.1
-GUEST_LINE_BYTES = 4096  # the most read of `started`, `status` and `release`
-GUEST_DMESG_BYTES = 16 * 1024 * 1024
-# After the workload's status, the guest powers off; a kernel that cannot (no ACPI on x86) or a
-# shutdown that hangs is stopped after this long: the run is over, and its files are synced.
-SHUTDOWN_GRACE_SECONDS = 10.0
 # GitHub's step files: the workload may write them, so their folders are shared rw.
 GITHUB_FILES = ("GITHUB_OUTPUT", "GITHUB_ENV", "GITHUB_PATH", "GITHUB_STEP_SUMMARY")
 # Not carried into the guest: they describe this shell, or bash refuses to set them.
@@ -52,23 +36,6 @@ _HOST_ONLY = frozenset(
     ["PWD", "OLDPWD", "SHLVL", "_", "BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID", "GROUPS"]
 )
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-CONSOLE_LOG = "vng-console.log"
-DMESG_LOG = "vng-dmesg.log"
-LOGS_LOCK = ".vng-logs.lock"  # held while a run publishes its logs into log-dir
-CONSOLE_BYTES = 64 * 1024 * 1024  # the most of a console kept and judged (its end)
-RUN_JSON = "vng-run.json"
-TAIL_LINES = 50  # console lines shown when the VM failed
-PANIC_GRACE_SECONDS = 5.0  # panic=-1 ends the VM at once; stop it ourselves after this
-PANIC = re.compile(r"Kernel panic - not syncing")
-# Kernel splats: warnings, BUGs, sanitizers, lockdep, hung tasks, RCU stalls, oopses.
-SPLAT_PATTERN = re.compile(
-    r"WARNING:|BUG:|KASAN:|UBSAN:|possible circular locking|blocked for more than"
-    r"|rcu: INFO: rcu_\w+ detected stalls|detected stalls on CPUs/tasks|\bOops\b"
-)
-_TIMESTAMP = re.compile(r"^\[\s*[0-9]+\.[0-9]+\]\s?")
-_RUN_INIT = re.compile(r"^\[\s*([0-9]+\.[0-9]+)\] Run \S+ as init process$", re.MULTILINE)
-SUMMARY_HEADER = "| kernel | accel | boot (s) | workload (s) | status | splats |\n|---|---|---|---|---|---|\n"
 
 
 @dataclass(frozen=True)
@@ -116,81 +83,13 @@ class Boot:
 
     @property
     def console_log(self) -> Path:
-        """This run's console, written by QEMU: judged, then published to log-dir (see publish)."""
+        """This run's console, written by QEMU: judged, then published to log-dir (see runrecord.publish)."""
         return self.run_dir / "console.log"
 
-
-@dataclass(frozen=True)
-class Attempt:
-    """One VM run as it ended, with its own console and dmesg (none of another run's)."""
-
-    outcome: Outcome
-    console: bytes
-    dmesg: bytes | None  # None: the guest wrote none (it never got to the end of its workload)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one VM run ended, as the host saw it."""
-
-    accel: str  # "kvm" or "tcg": what this run used
-    status: int
-    result: str  # "workload", "run-timeout", "boot-timeout", "panic" or "no-status"
-    boot_seconds: float | None  # vng start to workload start; None: never started
-    workload_seconds: float | None
-    release: str = ""  # the guest's `uname -r`, when it got that far
-    phases: tuple[tuple[str, float], ...] = ()  # where the time went (PHASES), as far as known
-
-
-@dataclass
-class Marks:
-    """Moments of one run on the host's monotonic clock, and the guest's clock at workload start."""
-
-    probe: float  # seconds spent deciding the accelerator and the shared-directory transport
-    vng: float = 0.0  # vng started
-    started: float | None = None  # the guest's `started` appeared
-    status: float | None = None  # the guest's `status` appeared
-    ended: float | None = None  # vng ended
-    guest_uptime: float | None = None  # guest seconds since its kernel started, at workload start
-    guest_init: float | None = None  # guest seconds at which its kernel ran init (from its dmesg)
-    reported: int | None = None  # the workload's exit status, as the guest wrote it
-
-    @property
-    def boot_seconds(self) -> float | None:
-        """vng start to workload start; None: the workload never started."""
-        return None if self.started is None else self.started - self.vng
-
-    def phases(self) -> tuple[tuple[str, float], ...]:
-        """PHASES, each where both its ends are known; the guest's two numbers only when they fit."""
-        kernel_at = None
-        if self.started is not None and self.guest_uptime is not None:
-            kernel_at = self.started - self.guest_uptime
-        init = self.guest_init if self.guest_init is not None and self.guest_init <= (self.guest_uptime or 0) else None
-        spans = {
-            "probe": (0.0, self.probe),
-            "vng-start": (self.vng, kernel_at if kernel_at is not None and kernel_at >= self.vng else None),
-            "kernel": (0.0, init),
-            "init": (init, self.guest_uptime),
-            "workload": (self.started, self.status),
-            "shutdown": (self.status, self.ended),
-        }
-        return tuple(
-            (name, round(end - start, 2))
-            for name, (start, end) in spans.items()
-            if start is not None and end is not None
-        )
-
-
-@dataclass(frozen=True)
-class Record:
-    """The run as reported: vng-run.json and the step summary row."""
-
-    kernel: Path
-    release: str
-    arch: str
-    outcome: Outcome
-    status: int  # the task's exit status (the workload's, or SPLAT)
-    splats: tuple[str, ...]
+    def supervised(self) -> VmRun:
+        """What supervision needs of this boot: plain paths and seconds."""
+        s = self.settings
+        return VmRun(self.accel, self.shared, self.console_log, boot_timeout=s.boot_timeout, run_timeout=s.run_timeout)
 
 
 def vng_program() -> str:
@@ -381,420 +280,18 @@ def attempt(
     prepare(boot, workload, host.environ)
     marks = Marks(probe=host_side.probe_seconds)
     try:
-        outcome = supervise(boot, vng_argv(boot, host), child_environment(host.environ), marks)
-        started = read_guest_file(boot.shared / "started", GUEST_LINE_BYTES) or b""
-        marks.guest_uptime = guest_seconds(started.decode(errors="replace").strip())
-        dmesg = read_guest_file(boot.shared / "dmesg", GUEST_DMESG_BYTES)
-        marks.guest_init = init_started(dmesg or b"")
-        release = read_guest_file(boot.shared / "release", GUEST_LINE_BYTES) or b""
+        outcome = supervise(boot.supervised(), vng_argv(boot, host), child_environment(host.environ), marks)
+        report = health.read_guest_report(boot.shared)
+        marks.guest_uptime = report.uptime
+        marks.guest_init = health.init_started(report.dmesg or b"")
         phases = marks.phases() if outcome.result == "workload" else ()
-        outcome = dataclasses.replace(outcome, release=_printable(release.decode(errors="replace")), phases=phases)
-        return Attempt(outcome, read_console(boot.console_log), dmesg)
+        outcome = dataclasses.replace(outcome, release=report.release, phases=phases)
+        return Attempt(outcome, health.read_console(boot.console_log), report.dmesg)
     finally:
         shutil.rmtree(boot.run_dir, ignore_errors=True)
-
-
-def read_console(path: Path, limit: int = CONSOLE_BYTES) -> bytes:
-    """The run's console log as QEMU wrote it, its last `limit` bytes at most."""
-    try:
-        with open(path, "rb") as console:
-            console.seek(max(console.seek(0, os.SEEK_END) - limit, 0))
-            return console.read()
-    except FileNotFoundError:
-        return b""
-
-
-def read_guest_file(path: Path, limit: int) -> bytes | None:
-    """A file the guest wrote: only a regular one, never through a link, at most `limit` bytes; else None.
-
-    The guest can put anything in its run directory (a FIFO would block a plain read forever)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, left = [], limit
-        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
     # vng starts virtme-run and virtme-configkernel through PATH: this environment's bin/ first.
     bindir = str(Path(sys.executable).parent)
     return {**environ, "PATH": f"{bindir}{os.pathsep}{environ.get('PATH', os.defpath)}"}
-
-
-def supervise(boot: Boot, argv: list[str], env: Mapping[str, str], marks: Marks) -> Outcome:
-    """Run vng until the VM ends, is over its time or panics; `marks` notes when each thing happened."""
-    boot.console_log.unlink(missing_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True, **relayed_streams())
-    except FileNotFoundError:
-        raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
-    relays = relay(process)
-    marks.vng = time.monotonic()
-    console = ConsoleWatch(boot.console_log)
-    try:
-        while process.poll() is None:
-            time.sleep(POLL_SECONDS)
-            now = time.monotonic()
-            note_progress(boot, marks, now)
-            why = overdue(boot.settings, marks, console, now)
-            if why is not None:
-                stop_session(process)
-                return stopped(boot, marks, why, now)
-            if marks.status is not None and now - marks.status > SHUTDOWN_GRACE_SECONDS:
-                log.info(f"the guest did not power off within {SHUTDOWN_GRACE_SECONDS:g} s of its status: VM stopped")
-                break
-        marks.ended = time.monotonic()
-        return ended(boot, marks, console, process.returncode)
-    finally:
-        stop_session(process)
-        for thread in relays:
-            thread.join(timeout=5)
-
-
-def note_progress(boot: Boot, marks: Marks, now: float) -> None:
-    """Mark the workload's start, then its end, as the guest reports them in the run directory."""
-    if marks.started is None:
-        started = read_guest_file(boot.shared / "started", GUEST_LINE_BYTES)
-        if started is not None:  # it may still be empty: its line is read again at the end
-            marks.started = now
-            log.info(f"booted in {now - marks.vng:.1f} s ({boot.accel}); workload running")
-    elif marks.status is None:
-        marks.reported = reported_status(boot.shared)
-        marks.status = now if marks.reported is not None else None
-
-
-def overdue(s: Settings, marks: Marks, console: ConsoleWatch, now: float) -> str | None:
-    """Why the VM must be stopped now, if it must: "panic", "boot-timeout" or "run-timeout"."""
-    if console.panicked_for(now) > PANIC_GRACE_SECONDS:
-        return "panic"
-    if marks.started is None and s.boot_timeout and now - marks.vng > s.boot_timeout:
-        return "boot-timeout"
-    if marks.started is not None and marks.status is None and s.run_timeout and now - marks.started > s.run_timeout:
-        return "run-timeout"
-    return None
-
-
-def stopped(boot: Boot, marks: Marks, why: str, now: float) -> Outcome:
-    """The outcome of a VM that `overdue` had stopped."""
-    s = boot.settings
-    if why == "run-timeout" and marks.started is not None:
-        log.warn(f"run-timeout: the workload ran over {s.run_timeout} s; VM stopped")
-        return Outcome(boot.accel, TIMEOUT, why, marks.boot_seconds, now - marks.started)
-    if why == "panic":
-        return failed(boot, why, "the guest kernel panicked and the VM did not end; VM stopped", marks.boot_seconds)
-    message = f"boot-timeout: the guest did not start the workload within {s.boot_timeout} s; VM stopped"
-    return failed(boot, why, message, None)
-
-
-def ended(boot: Boot, marks: Marks, console: ConsoleWatch, vng_status: int | None) -> Outcome:
-    """The outcome of a VM that ended (or was stopped after its status): the workload's status if reported."""
-    if marks.reported is None and marks.started is not None:
-        marks.reported = reported_status(boot.shared)
-        marks.status = marks.ended if marks.reported is not None else None
-    if marks.reported is not None and marks.started is not None and marks.status is not None:
-        workload = marks.status - marks.started
-        return Outcome(boot.accel, marks.reported, "workload", marks.boot_seconds, workload)
-    if console.panicked():
-        return failed(boot, "panic", "the guest kernel panicked", marks.boot_seconds)
-    message = f"the VM ended without reporting a workload status (vng exit {vng_status})"
-    return failed(boot, "no-status", message, marks.boot_seconds)
-
-
-def guest_seconds(field: str) -> float | None:
-    """A number of seconds the guest wrote, when it is a plausible one."""
-    try:
-        value = float(field)
-    except ValueError:
-        return None
-    return value if 0.0 <= value < 1e6 else None
-
-
-def init_started(dmesg: bytes) -> float | None:
-    """When the guest kernel ran init, from its `Run /... as init process` line."""
-    found = _RUN_INIT.search(dmesg.decode(errors="replace"))
-    return guest_seconds(found[1]) if found else None
-
-
-# virtme-ng gives QEMU /proc/self/fd/1 and /2 as `file` chardevs (the guest's stdout and stderr),
-# which QEMU opens again with O_TRUNC: where ours is a regular file (`invoke boot > log 2>&1`),
-# everything written to it before the VM started would be erased. vng gets a pipe instead.
-def relayed_streams() -> dict[str, int | None]:
-    """Popen's stdout and stderr: a pipe in place of each of ours that is a regular file."""
-    return {name: subprocess.PIPE if _regular_file(fd) else None for name, fd in (("stdout", 1), ("stderr", 2))}
-
-
-def relay(process: subprocess.Popen[bytes]) -> list[threading.Thread]:
-    """Copy each piped stream to ours as it comes; the threads end when the session's writers do."""
-    threads = []
-    for pipe, fd in ((process.stdout, 1), (process.stderr, 2)):
-        if pipe is not None:
-            thread = threading.Thread(target=_copy, args=(pipe, fd), daemon=True)
-            thread.start()
-            threads.append(thread)
-    return threads
-
-
-def _copy(source: IO[bytes], target: int) -> None:
-    with source:
-        while chunk := os.read(source.fileno(), 65536):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(target, view) :]
-
-
-def _regular_file(fd: int) -> bool:
-    try:
-        return S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
-        return False
-
-
-def failed(boot: Boot, result: str, message: str, boot_seconds: float | None) -> Outcome:
-    """Say why the VM failed and show the end of its console."""
-    log.warn(message)
-    show_tail(boot.console_log)
-    return Outcome(boot.accel, NO_STATUS, result, boot_seconds, None)
-
-
-class ConsoleWatch:
-    """Follows the console log as QEMU writes it, for the panic line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.pending = b""
-        self.panic_at: float | None = None
-
-    def panicked_for(self, now: float) -> float:
-        """Seconds since a panic showed on the console (0 when none has)."""
-        if self.panic_at is None and self._read_panic():
-            self.panic_at = now
-        return 0.0 if self.panic_at is None else now - self.panic_at
-
-    def panicked(self) -> bool:
-        return self.panic_at is not None or self._read_panic()
-
-    def _read_panic(self) -> bool:
-        try:
-            with open(self.path, "rb") as console:
-                console.seek(self.offset)
-                chunk = console.read()
-        except FileNotFoundError:
-            return False
-        self.offset += len(chunk)
-        text = self.pending + chunk
-        # Keep a partial last line for the next read: the panic line may arrive in pieces.
-        self.pending = text[text.rfind(b"\n") + 1 :]
-        return PANIC.search(text.decode(errors="replace")) is not None
-
-
-def reported_status(run_dir: Path) -> int | None:
-    """The workload's exit status as the guest wrote it: a whole line holding 0 to 255, else None."""
-    text = read_guest_file(run_dir / "status", GUEST_LINE_BYTES) or b""
-    if not text.endswith(b"\n"):  # not written yet, or not all of it
-        return None
-    try:
-        status = int(text)
-    except ValueError:
-        return None
-    return status if 0 <= status <= 255 else None
-
-
-def read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_bytes().decode(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-
-
-def last_lines(lines: list[str], count: int = TAIL_LINES) -> list[str]:
-    """The last `count` lines that are not blank, without terminal control characters."""
-    kept = [_printable(line) for line in lines]
-    return [line for line in kept if line.strip()][-count:] if count > 0 else []
-
-
-def _printable(line: str) -> str:
-    return "".join(ch for ch in line if ch == "\t" or (ord(ch) >= 0x20 and ch != "\x7f")).rstrip()
-
-
-def show_tail(console_log: Path) -> None:
-    tail = last_lines(read_lines(console_log))
-    if not tail:
-        log.info(f"the guest console ({console_log}) is empty: the kernel printed nothing")
-        return
-    log.info(f"last {len(tail)} lines of the guest console ({console_log}):")
-    print("\n".join(tail), file=sys.stderr, flush=True)
-
-
-def find_splats(lines: list[str], allow: tuple[str, ...]) -> list[str]:
-    """Kernel splat lines (timestamps dropped, each once), minus those an allow regex matches."""
-    allowed = [re.compile(pattern) for pattern in allow]
-    found: list[str] = []
-    for raw in lines:
-        line = _TIMESTAMP.sub("", _printable(raw))
-        if SPLAT_PATTERN.search(line) and not any(a.search(line) for a in allowed) and line not in found:
-            found.append(line)
-    return found
-
-
-def guest_release(outcome: Outcome, console_lines: list[str]) -> str:
-    """`uname -r` from the guest, else the console banner's, else empty."""
-    if outcome.release:
-        return outcome.release
-    for line in console_lines:
-        banner = re.search(r"Linux version (\S+)", line)
-        if banner:
-            return banner[1]
-    return ""
-
-
-def conclude(settings: Settings, kernel: Path, attempted: Attempt, environ: Mapping[str, str]) -> int:
-    """Splat check of this run's own console and dmesg, its logs and vng-run.json published together,
-    the step summary: the run's final status."""
-    outcome = attempted.outcome
-    console_lines = attempted.console.decode(errors="replace").splitlines()
-    dmesg_lines = (attempted.dmesg or b"").decode(errors="replace").splitlines()
-    splats: list[str] = []
-    if settings.splat_check:
-        # dmesg is the whole ring buffer; the console also holds what came after it.
-        splats = find_splats(dmesg_lines + console_lines, settings.splat_allow)
-    status = judge(outcome, splats)
-    record = Record(
-        kernel=kernel,
-        release=guest_release(outcome, console_lines),
-        arch=settings.arch.name,
-        outcome=outcome,
-        status=status,
-        splats=tuple(splats),
-    )
-    publish(settings.log_dir, attempted, record)
-    summary = environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        append_summary(Path(summary), record)
-    return status
-
-
-def publish(log_dir: Path, attempted: Attempt, record: Record) -> None:
-    """The run's console, dmesg and vng-run.json into log-dir, under one lock: another run sharing the
-    log-dir may replace them, but the three always belong to one run."""
-    with open(log_dir / LOGS_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        (log_dir / CONSOLE_LOG).write_bytes(attempted.console)
-        if attempted.dmesg is None:
-            (log_dir / DMESG_LOG).unlink(missing_ok=True)
-        else:
-            (log_dir / DMESG_LOG).write_bytes(attempted.dmesg)
-        (log_dir / RUN_JSON).write_text(json.dumps(record_json(record, log_dir), indent=2) + "\n")
-
-
-def judge(outcome: Outcome, splats: list[str]) -> int:
-    """The workload's status, or SPLAT when it passed but the kernel splatted."""
-    if not splats or outcome.result not in ("workload", "run-timeout"):
-        return outcome.status
-    if outcome.status == 0:
-        log.warn(f"splat-check: the workload passed but the kernel logged {len(splats)} splat line(s):")
-    else:
-        log.warn(f"splat-check: the kernel logged {len(splats)} splat line(s) (status {outcome.status} kept):")
-    print("\n".join(splats[:TAIL_LINES]), file=sys.stderr, flush=True)
-    return SPLAT if outcome.status == 0 else outcome.status
-
-
-def record_json(record: Record, log_dir: Path) -> dict[str, object]:
-    outcome = record.outcome
-    return {
-        "kernel": str(record.kernel),
-        "console": str(log_dir / CONSOLE_LOG),  # the console this record judged, published with it
-        "release": record.release,
-        "arch": record.arch,
-        "accel": outcome.accel,
-        "boot_seconds": _rounded(outcome.boot_seconds),
-        "workload_seconds": _rounded(outcome.workload_seconds),
-        "phases": dict(outcome.phases),
-        "result": outcome.result,
-        "workload_status": outcome.status if outcome.result == "workload" else None,
-        "status": record.status,
-        "splats": list(record.splats),
-    }
-
-
-def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 1)
-
-
-def summary_row(record: Record) -> str:
-    """One markdown table row for $GITHUB_STEP_SUMMARY; '|' in values escaped."""
-    outcome = record.outcome
-    result = "" if outcome.result == "workload" and record.status == outcome.status else f" ({_result_name(record)})"
-    cells = [
-        f"{record.release or record.kernel.name} ({record.arch})",
-        outcome.accel,
-        _seconds(outcome.boot_seconds),
-        _seconds(outcome.workload_seconds),
-        f"{record.status}{result}",
-        str(len(record.splats)),
-    ]
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |\n"
-
-
-def _result_name(record: Record) -> str:
-    return "splat" if record.status == SPLAT and record.outcome.result == "workload" else record.outcome.result
-
-
-def _seconds(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.1f}"
-
-
-def append_summary(path: Path, record: Record) -> None:
-    """Our table's header once per summary file, then one row per run."""
-    try:
-        existing = path.read_text()
-    except FileNotFoundError:
-        existing = ""
-    with open(path, "a") as summary:
-        if SUMMARY_HEADER not in existing:
-            summary.write(("\n" if existing and not existing.endswith("\n") else "") + SUMMARY_HEADER)
-        summary.write(summary_row(record))
-
-
-def stop_session(process: subprocess.Popen[bytes]) -> None:
-    """End vng and everything it started (QEMU, virtiofsd), even ones that left its group."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        members = list(session_members(process.pid))
-        if not members:
-            break
-        for pid in members:
-            _signal(pid, sig)
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and any(session_members(process.pid)):
-            process.poll()
-            time.sleep(POLL_SECONDS)
-    process.poll()
-
-
-def session_members(sid: int) -> Iterable[int]:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # After the command name: state, ppid, pgrp, session; zombies are already gone.
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            yield int(stat.parent.name)
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)

@@ -1,0 +1,168 @@
+"""The run as reported, once it is over: its final status, its logs and record in log-dir, the step summary.
+
+A run's console, dmesg and `vng-run.json` are published into log-dir together, under the lock
+`.vng-logs.lock`: another run sharing the log-dir may replace them, but the three always belong
+to one run. On GitHub, each run adds one row to the step summary's table.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import log
+from .errors import SPLAT
+from .health import TAIL_LINES, find_splats
+from .settings import Settings
+from .supervise import Outcome
+
+CONSOLE_LOG = "vng-console.log"
+DMESG_LOG = "vng-dmesg.log"
+LOGS_LOCK = ".vng-logs.lock"  # held while a run publishes its logs into log-dir
+RUN_JSON = "vng-run.json"
+SUMMARY_HEADER = "| kernel | accel | boot (s) | workload (s) | status | splats |\n|---|---|---|---|---|---|\n"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One VM run as it ended, with its own console and dmesg (none of another run's)."""
+
+    outcome: Outcome
+    console: bytes
+    dmesg: bytes | None  # None: the guest wrote none (it never got to the end of its workload)
+
+
+@dataclass(frozen=True)
+class Record:
+    """The run as reported: vng-run.json and the step summary row."""
+
+    kernel: Path
+    release: str
+    arch: str
+    outcome: Outcome
+    status: int  # the task's exit status (the workload's, or SPLAT)
+    splats: tuple[str, ...]
+
+
+def conclude(settings: Settings, kernel: Path, attempted: Attempt, environ: Mapping[str, str]) -> int:
+    """Splat check of this run's own console and dmesg, its logs and vng-run.json published together,
+    the step summary: the run's final status."""
+    outcome = attempted.outcome
+    console_lines = attempted.console.decode(errors="replace").splitlines()
+    dmesg_lines = (attempted.dmesg or b"").decode(errors="replace").splitlines()
+    splats: list[str] = []
+    if settings.splat_check:
+        # dmesg is the whole ring buffer; the console also holds what came after it.
+        splats = find_splats(dmesg_lines + console_lines, settings.splat_allow)
+    status = judge(outcome, splats)
+    record = Record(
+        kernel=kernel,
+        release=guest_release(outcome, console_lines),
+        arch=settings.arch.name,
+        outcome=outcome,
+        status=status,
+        splats=tuple(splats),
+    )
+    publish(settings.log_dir, attempted, record)
+    summary = environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        append_summary(Path(summary), record)
+    return status
+
+
+def judge(outcome: Outcome, splats: list[str]) -> int:
+    """The workload's status, or SPLAT when it passed but the kernel splatted."""
+    if not splats or outcome.result not in ("workload", "run-timeout"):
+        return outcome.status
+    if outcome.status == 0:
+        log.warn(f"splat-check: the workload passed but the kernel logged {len(splats)} splat line(s):")
+    else:
+        log.warn(f"splat-check: the kernel logged {len(splats)} splat line(s) (status {outcome.status} kept):")
+    print("\n".join(splats[:TAIL_LINES]), file=sys.stderr, flush=True)
+    return SPLAT if outcome.status == 0 else outcome.status
+
+
+def guest_release(outcome: Outcome, console_lines: list[str]) -> str:
+    """`uname -r` from the guest, else the console banner's, else empty."""
+    if outcome.release:
+        return outcome.release
+    for line in console_lines:
+        banner = re.search(r"Linux version (\S+)", line)
+        if banner:
+            return banner[1]
+    return ""
+
+
+def publish(log_dir: Path, attempted: Attempt, record: Record) -> None:
+    """The run's console, dmesg and vng-run.json into log-dir, under one lock: another run sharing the
+    log-dir may replace them, but the three always belong to one run."""
+    with open(log_dir / LOGS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (log_dir / CONSOLE_LOG).write_bytes(attempted.console)
+        if attempted.dmesg is None:
+            (log_dir / DMESG_LOG).unlink(missing_ok=True)
+        else:
+            (log_dir / DMESG_LOG).write_bytes(attempted.dmesg)
+        (log_dir / RUN_JSON).write_text(json.dumps(record_json(record, log_dir), indent=2) + "\n")
+
+
+def record_json(record: Record, log_dir: Path) -> dict[str, object]:
+    outcome = record.outcome
+    return {
+        "kernel": str(record.kernel),
+        "console": str(log_dir / CONSOLE_LOG),  # the console this record judged, published with it
+        "release": record.release,
+        "arch": record.arch,
+        "accel": outcome.accel,
+        "boot_seconds": _rounded(outcome.boot_seconds),
+        "workload_seconds": _rounded(outcome.workload_seconds),
+        "phases": dict(outcome.phases),
+        "result": outcome.result,
+        "workload_status": outcome.status if outcome.result == "workload" else None,
+        "status": record.status,
+        "splats": list(record.splats),
+    }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
+def summary_row(record: Record) -> str:
+    """One markdown table row for $GITHUB_STEP_SUMMARY; '|' in values escaped."""
+    outcome = record.outcome
+    result = "" if outcome.result == "workload" and record.status == outcome.status else f" ({_result_name(record)})"
+    cells = [
+        f"{record.release or record.kernel.name} ({record.arch})",
+        outcome.accel,
+        _seconds(outcome.boot_seconds),
+        _seconds(outcome.workload_seconds),
+        f"{record.status}{result}",
+        str(len(record.splats)),
+    ]
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |\n"
+
+
+def _result_name(record: Record) -> str:
+    return "splat" if record.status == SPLAT and record.outcome.result == "workload" else record.outcome.result
+
+
+def _seconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}"
+
+
+def append_summary(path: Path, record: Record) -> None:
+    """Our table's header once per summary file, then one row per run."""
+    try:
+        existing = path.read_text()
+    except FileNotFoundError:
+        existing = ""
+    with open(path, "a") as summary:
+        if SUMMARY_HEADER not in existing:
+            summary.write(("\n" if existing and not existing.endswith("\n") else "") + SUMMARY_HEADER)
+        summary.write(summary_row(record))

@@ -1,0 +1,251 @@
+"""Running vng until the VM ends, is over its time or panics, and telling how it ended.
+
+The guest script (templates/guest.sh.j2) marks two moments in a run directory that the guest
+mounts read-write: "started" when the workload begins and "status" when it ends. The host
+therefore knows, without parsing the console, whether the VM booted, whether it is over its
+time, and what the workload returned; a VM that ends without a "status" never reported (panic,
+stall, no boot).
+
+This module knows plain things only (paths, seconds, a process): what a run is for is
+decided in vm.py, what the guest left is read by health.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from stat import S_ISREG
+from typing import IO
+
+from . import log
+from .errors import MISSING_TOOL, NO_STATUS, TIMEOUT, Failure
+from .health import GUEST_LINE_BYTES, ConsoleWatch, read_guest_file, reported_status, show_tail
+
+POLL_SECONDS = 0.1
+# After the workload's status, the guest powers off; a kernel that cannot (no ACPI on x86) or a
+# shutdown that hangs is stopped after this long: the run is over, and its files are synced.
+SHUTDOWN_GRACE_SECONDS = 10.0
+PANIC_GRACE_SECONDS = 5.0  # panic=-1 ends the VM at once; stop it ourselves after this
+
+
+@dataclass(frozen=True)
+class VmRun:
+    """One VM run as supervision sees it: where the guest reports, where its console goes, its limits."""
+
+    accel: str  # "kvm" or "tcg": named in the outcome and the log
+    shared: Path  # the run directory the guest writes "started" and "status" into
+    console_log: Path  # written by QEMU
+    boot_timeout: int  # seconds from vng start to workload start; 0: no limit
+    run_timeout: int  # seconds the workload may run; 0: no limit
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one VM run ended, as the host saw it."""
+
+    accel: str  # "kvm" or "tcg": what this run used
+    status: int
+    result: str  # "workload", "run-timeout", "boot-timeout", "panic" or "no-status"
+    boot_seconds: float | None  # vng start to workload start; None: never started
+    workload_seconds: float | None
+    release: str = ""  # the guest's `uname -r`, when it got that far
+    phases: tuple[tuple[str, float], ...] = ()  # where the time went (see Marks.phases), as far as known
+
+
+@dataclass
+class Marks:
+    """Moments of one run on the host's monotonic clock, and the guest's clock at workload start."""
+
+    probe: float  # seconds spent deciding the accelerator and the shared-directory transport
+    vng: float = 0.0  # vng started
+    started: float | None = None  # the guest's `started` appeared
+    status: float | None = None  # the guest's `status` appeared
+    ended: float | None = None  # vng ended
+    guest_uptime: float | None = None  # guest seconds since its kernel started, at workload start
+    guest_init: float | None = None  # guest seconds at which its kernel ran init (from its dmesg)
+    reported: int | None = None  # the workload's exit status, as the guest wrote it
+
+    @property
+    def boot_seconds(self) -> float | None:
+        """vng start to workload start; None: the workload never started."""
+        return None if self.started is None else self.started - self.vng
+
+    def phases(self) -> tuple[tuple[str, float], ...]:
+        """The phases below, each where both its ends are known; the guest's two numbers only when they fit."""
+        kernel_at = None
+        if self.started is not None and self.guest_uptime is not None:
+            kernel_at = self.started - self.guest_uptime
+        init = self.guest_init if self.guest_init is not None and self.guest_init <= (self.guest_uptime or 0) else None
+        spans = {
+            "probe": (0.0, self.probe),
+            "vng-start": (self.vng, kernel_at if kernel_at is not None and kernel_at >= self.vng else None),
+            "kernel": (0.0, init),
+            "init": (init, self.guest_uptime),
+            "workload": (self.started, self.status),
+            "shutdown": (self.status, self.ended),
+        }
+        return tuple(
+            (name, round(end - start, 2))
+            for name, (start, end) in spans.items()
+            if start is not None and end is not None
+        )
+
+
+def supervise(vm: VmRun, argv: list[str], env: Mapping[str, str], marks: Marks) -> Outcome:
+    """Run vng until the VM ends, is over its time or panics; `marks` notes when each thing happened."""
+    vm.console_log.unlink(missing_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True, **relayed_streams())
+    except FileNotFoundError:
+        raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
+    relays = relay(process)
+    marks.vng = time.monotonic()
+    console = ConsoleWatch(vm.console_log)
+    try:
+        while process.poll() is None:
+            time.sleep(POLL_SECONDS)
+            now = time.monotonic()
+            note_progress(vm, marks, now)
+            why = overdue(vm, marks, console, now)
+            if why is not None:
+                stop_session(process)
+                return stopped(vm, marks, why, now)
+            if marks.status is not None and now - marks.status > SHUTDOWN_GRACE_SECONDS:
+                log.info(f"the guest did not power off within {SHUTDOWN_GRACE_SECONDS:g} s of its status: VM stopped")
+                break
+        marks.ended = time.monotonic()
+        return ended(vm, marks, console, process.returncode)
+    finally:
+        stop_session(process)
+        for thread in relays:
+            thread.join(timeout=5)
+
+
+def note_progress(vm: VmRun, marks: Marks, now: float) -> None:
+    """Mark the workload's start, then its end, as the guest reports them in the run directory."""
+    if marks.started is None:
+        started = read_guest_file(vm.shared / "started", GUEST_LINE_BYTES)
+        if started is not None:  # it may still be empty: its line is read again at the end
+            marks.started = now
+            log.info(f"booted in {now - marks.vng:.1f} s ({vm.accel}); workload running")
+    elif marks.status is None:
+        marks.reported = reported_status(vm.shared)
+        marks.status = now if marks.reported is not None else None
+
+
+def overdue(vm: VmRun, marks: Marks, console: ConsoleWatch, now: float) -> str | None:
+    """Why the VM must be stopped now, if it must: "panic", "boot-timeout" or "run-timeout"."""
+    if console.panicked_for(now) > PANIC_GRACE_SECONDS:
+        return "panic"
+    if marks.started is None and vm.boot_timeout and now - marks.vng > vm.boot_timeout:
+        return "boot-timeout"
+    if marks.started is not None and marks.status is None and vm.run_timeout and now - marks.started > vm.run_timeout:
+        return "run-timeout"
+    return None
+
+
+def stopped(vm: VmRun, marks: Marks, why: str, now: float) -> Outcome:
+    """The outcome of a VM that `overdue` had stopped."""
+    if why == "run-timeout" and marks.started is not None:
+        log.warn(f"run-timeout: the workload ran over {vm.run_timeout} s; VM stopped")
+        return Outcome(vm.accel, TIMEOUT, why, marks.boot_seconds, now - marks.started)
+    if why == "panic":
+        return failed(vm, why, "the guest kernel panicked and the VM did not end; VM stopped", marks.boot_seconds)
+    message = f"boot-timeout: the guest did not start the workload within {vm.boot_timeout} s; VM stopped"
+    return failed(vm, why, message, None)
+
+
+def ended(vm: VmRun, marks: Marks, console: ConsoleWatch, vng_status: int | None) -> Outcome:
+    """The outcome of a VM that ended (or was stopped after its status): the workload's status if reported."""
+    if marks.reported is None and marks.started is not None:
+        marks.reported = reported_status(vm.shared)
+        marks.status = marks.ended if marks.reported is not None else None
+    if marks.reported is not None and marks.started is not None and marks.status is not None:
+        workload = marks.status - marks.started
+        return Outcome(vm.accel, marks.reported, "workload", marks.boot_seconds, workload)
+    if console.panicked():
+        return failed(vm, "panic", "the guest kernel panicked", marks.boot_seconds)
+    message = f"the VM ended without reporting a workload status (vng exit {vng_status})"
+    return failed(vm, "no-status", message, marks.boot_seconds)
+
+
+def failed(vm: VmRun, result: str, message: str, boot_seconds: float | None) -> Outcome:
+    """Say why the VM failed and show the end of its console."""
+    log.warn(message)
+    show_tail(vm.console_log)
+    return Outcome(vm.accel, NO_STATUS, result, boot_seconds, None)
+
+
+# virtme-ng gives QEMU /proc/self/fd/1 and /2 as `file` chardevs (the guest's stdout and stderr),
+# which QEMU opens again with O_TRUNC: where ours is a regular file (`invoke boot > log 2>&1`),
+# everything written to it before the VM started would be erased. vng gets a pipe instead.
+def relayed_streams() -> dict[str, int | None]:
+    """Popen's stdout and stderr: a pipe in place of each of ours that is a regular file."""
+    return {name: subprocess.PIPE if _regular_file(fd) else None for name, fd in (("stdout", 1), ("stderr", 2))}
+
+
+def relay(process: subprocess.Popen[bytes]) -> list[threading.Thread]:
+    """Copy each piped stream to ours as it comes; the threads end when the session's writers do."""
+    threads = []
+    for pipe, fd in ((process.stdout, 1), (process.stderr, 2)):
+        if pipe is not None:
+            thread = threading.Thread(target=_copy, args=(pipe, fd), daemon=True)
+            thread.start()
+            threads.append(thread)
+    return threads
+
+
+def _copy(source: IO[bytes], target: int) -> None:
+    with source:
+        while chunk := os.read(source.fileno(), 65536):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(target, view) :]
+
+
+def _regular_file(fd: int) -> bool:
+    try:
+        return S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def stop_session(process: subprocess.Popen[bytes]) -> None:
+    """End vng and everything it started (QEMU, virtiofsd), even ones that left its group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members = list(session_members(process.pid))
+        if not members:
+            break
+        for pid in members:
+            _signal(pid, sig)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(session_members(process.pid)):
+            process.poll()
+            time.sleep(POLL_SECONDS)
+    process.poll()
+
+
+def session_members(sid: int) -> Iterable[int]:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command name: state, ppid, pgrp, session; zombies are already gone.
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            yield int(stat.parent.name)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
