@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from invoke import Context
 
-from vngtasks import arches, build, cache, kconfig
+from vngtasks import arches, build, buildsteps, cache, kconfig, kernelmake
 from vngtasks.errors import Failure
 from vngtasks.settings import DEFAULTS, resolve
 
@@ -41,7 +41,7 @@ def remote(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 def test_fetch_checks_out_exactly_the_resolved_commit(tmp_path: Path, remote) -> None:
     repo, commits = remote
     tree = tmp_path / "tree"
-    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    buildsteps.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
     assert git(tree, "rev-parse", "HEAD") == commits["first"]
     assert (tree / "file").read_text() == "first"
     assert git(tree, "rev-list", "--count", "HEAD") == "1"  # shallow
@@ -51,7 +51,7 @@ def test_fetch_of_a_moved_tag_fetches_the_resolved_sha(tmp_path: Path, remote, c
     repo, commits = remote
     git(repo, "tag", "-f", "-a", "v1", "-m", "moved", commits["second"])
     tree = tmp_path / "tree"
-    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    buildsteps.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
     assert git(tree, "rev-parse", "HEAD") == commits["first"]
     assert "now points at" in capsys.readouterr().err
 
@@ -65,21 +65,21 @@ def test_fetch_fails_rather_than_build_another_commit(tmp_path: Path, remote, mo
     monkeypatch.setenv("GIT_CONFIG_VALUE_0", "0")
     tree = tmp_path / "tree"
     with pytest.raises(Failure, match=r"^tag: cannot fetch commit"):
-        build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+        buildsteps.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
 
 
 def test_fetch_reuses_a_work_tree(tmp_path: Path, remote) -> None:
     repo, commits = remote
     tree = tmp_path / "tree"
-    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    buildsteps.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
     (tree / "build-output.o").write_text("kept")  # an incremental build's objects survive
-    build.fetch(Context(), f"file://{repo}", "master", commits["third"], str(tree))
+    buildsteps.fetch(Context(), f"file://{repo}", "master", commits["third"], str(tree))
     assert (tree / "file").read_text() == "third" and (tree / "build-output.o").exists()
 
 
-def plan(**flags: str) -> build.Plan:
+def plan(**flags: str) -> buildsteps.Plan:
     settings = resolve(DEFAULTS, {"tag": "v6.12", **flags}, workspace=Path("/work/project"))
-    return build.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools")
+    return buildsteps.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools")
 
 
 @pytest.mark.parametrize(
@@ -95,8 +95,8 @@ def test_cross_builds_use_the_cross_gcc() -> None:
 
 
 def test_make_variables_are_what_vng_passes_on() -> None:
-    argv = build.vng_argv(plan(llvm="1"), "vng")
-    assert build.make_variables(argv) == [
+    argv = kernelmake.vng_argv(plan(llvm="1"), "vng")
+    assert kernelmake.make_variables(argv) == [
         "LOCALVERSION=__default__aaaaaaaaaaaa",
         "KBUILD_BUILD_TIMESTAMP=@0",
         "KBUILD_BUILD_USER=vngtasks",
@@ -108,13 +108,13 @@ def test_make_variables_are_what_vng_passes_on() -> None:
 
 def test_without_ccache_no_wrapper_and_no_ccache_env() -> None:
     p = plan(kernel_compile_cache="false")
-    assert not [a for a in build.vng_argv(p, "vng") if a.startswith("CC=")]
-    assert not [k for k in build.build_env(p, "/home/u") if k.startswith("CCACHE")]
+    assert not [a for a in kernelmake.vng_argv(p, "vng") if a.startswith("CC=")]
+    assert not [k for k in buildsteps.build_env(p, "/home/u") if k.startswith("CCACHE")]
 
 
 def test_progress_counts_objects() -> None:
     out = io.StringIO()
-    progress = build.BuildProgress(out, every=2)
+    progress = kernelmake.BuildProgress(out, every=2)
     progress.write("  CC      a.o\n  CC [M]  b.o\n  LD      vmlinux\n  C")
     progress.write("C      c.o\n")
     assert out.getvalue().count("objects built") == 1 and progress.objects == 3
