@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from invoke import Context
 
-from vngtasks import arches, build, buildsteps, cache, kconfig, kernelmake
+from vngtasks import arches, build, buildsteps, cache, kconfig, kernelmake, provide, vm
 from vngtasks.errors import Failure
+from vngtasks.resolve import Resolved
 from vngtasks.settings import DEFAULTS, resolve
 
 
@@ -191,3 +192,43 @@ def test_a_dry_run_prints_the_commands_and_touches_nothing(cli, tmp_path: Path, 
     assert booted.stdout.splitlines()[:-1] == lines
     boot_line = booted.stdout.splitlines()[-1]
     assert boot_line.startswith(str(Path(sys.executable).parent / "vng")) and "--run=" in boot_line
+
+
+FAKE_VNG = """\
+#!/bin/sh
+# Stands in for `vng --build` in a tree with no kernel: writes what a build of a kernel without modules makes.
+mkdir -p "$(dirname "$VNGTASKS_TEST_IMAGE")" include/config
+echo image > "$VNGTASKS_TEST_IMAGE"
+echo 6.12.0 > include/config/kernel.release
+echo "ffffffff81000000 T _text" > System.map
+"""
+
+
+def test_a_reused_work_tree_gives_no_earlier_build_s_outputs_to_the_entry(
+    tmp_path: Path, remote, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local work tree is reused per name and arch: what an earlier build there made and this one does not
+    (vmlinux.h of a build with BTF, the modules of a config with modules) must not land in this build's entry,
+    as it never does on a build host, whose tree is per key."""
+    repo, _ = remote
+    (repo / "Makefile").write_text("olddefconfig:\n\t@true\n")
+    git(repo, "add", "Makefile")
+    git(repo, "commit", "-q", "-m", "a Makefile")
+    git(repo, "tag", "-a", "v2", "-m", "v2")
+    vng = tmp_path / "vng"
+    vng.write_text(FAKE_VNG)
+    vng.chmod(0o755)
+    monkeypatch.setattr(vm, "vng_program", lambda: str(vng))
+    monkeypatch.setenv("VNGTASKS_TEST_IMAGE", arches.host().boot_images[0])
+    (tmp_path / "base.config").write_text("# CONFIG_MODULES is not set\n")
+    flags = {"tag": "v2", "kernel_url": f"file://{repo}", "kconfig_base": "base.config", "vmlinux_h": "false"}
+    settings = resolve(DEFAULTS, {**flags, "cache_dir": str(tmp_path / "c")}, workspace=tmp_path)
+    tree = tmp_path / "c" / "work" / f"default-{settings.arch.name}" / "linux"
+    (tree / "drivers").mkdir(parents=True)  # what a build of another key (BTF, modules) left in the tree
+    for name, text in {"vmlinux.h": "struct old;\n", "modules.order": "drivers/old.o\n", "drivers/old.ko": "x"}.items():
+        (tree / name).write_text(text)
+    sha = git(repo, "rev-parse", "v2^{commit}")
+    entry = provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v2", "remote"))
+    kept = sorted(str(p.relative_to(entry.path)) for p in entry.path.rglob("*") if p.is_file())
+    image = arches.host().boot_images[0]
+    assert kept == sorted([".config", "System.map", "include/config/kernel.release", "metadata.json", image])

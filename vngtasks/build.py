@@ -198,6 +198,7 @@ def dry_run_here(settings: Settings, sha: str, key: str) -> list[str]:
         shlex.join(buildsteps.fetch_argv(plan.tree, settings.kernel_url, want)),
         shlex.join(buildsteps.checkout_argv(plan.tree, plan.sha)),
         *(buildsteps.in_tree(plan.tree, step) for step in configure),
+        kernelmake.forget_outputs_command(plan.tree),
         buildsteps.in_tree(plan.tree, argv),
     ]
     return [*lines, kernelmake.vmlinux_h_command(plan.tree)] if settings.vmlinux_h else lines

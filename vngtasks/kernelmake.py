@@ -2,8 +2,10 @@
 
 The .config is made afresh every build from the base and the fragments (see kconfig.py, which
 decides what they are; the steps here write them beside the tree and run the kernel's own
-tools). Make runs through vng with the plan's toolchain, its output echoed with a running object
-count, timed, with the ccache hits and misses it caused. Every step takes the Context to run on.
+tools). A reused tree first loses the outputs a build makes only on some configs, so an earlier
+build's never pass for this one's in the entry (`forget_outputs_command`). Make runs through vng
+with the plan's toolchain, its output echoed with a running object count, timed, with the ccache
+hits and misses it caused. Every step takes the Context to run on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from invoke import Context
 from . import kconfig, log, render
 from .buildsteps import BUILD_TIMESTAMP, Plan, group, in_tree, put
 from .errors import FAILED, Failure
+
+# What an entry keeps that a build makes only on some configs: vmlinux.h with vmlinux-h and BTF, the module
+# lists with CONFIG_MODULES; and make deletes no module that the config dropped.
+MADE_ON_SOME_CONFIGS = ("vmlinux.h", "vmlinux.h.partial", "modules.order", "Module.symvers")
 
 
 def vng_argv(plan: Plan, vng: str) -> list[str]:
@@ -107,7 +113,15 @@ def compile_kernel(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> Non
     title = f"build {plan.settings.name} {plan.sha12} ({plan.settings.arch.name}, {plan.jobs} jobs)"
     with group(title):
         configure(c, plan, make_variables(argv), env)
+        c.run(forget_outputs_command(plan.tree), hide=True, in_stream=False)
         c.run(in_tree(plan.tree, argv), env=env, in_stream=False, out_stream=BuildProgress())
+
+
+def forget_outputs_command(tree: str) -> str:
+    """Remove from a reused tree what an entry keeps that this build may not make again (its objects stay:
+    make relinks a module it still builds)."""
+    modules = "find . -path ./.virtme_mods -prune -o -name '*.ko' -type f -exec rm -f {} +"
+    return in_tree(tree, ["rm", "-f", *MADE_ON_SOME_CONFIGS]) + f" && {modules}"
 
 
 @dataclass(frozen=True)
