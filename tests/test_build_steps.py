@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from invoke import Context
 
-from vngtasks import arches, build, cache, kconfig
+from vngtasks import arches, build, buildsteps, cache, kconfig, kernelmake, provide, vm
 from vngtasks.errors import Failure
+from vngtasks.resolve import Resolved
 from vngtasks.settings import DEFAULTS, resolve
 
 
@@ -41,7 +42,7 @@ def remote(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 def test_fetch_checks_out_exactly_the_resolved_commit(tmp_path: Path, remote) -> None:
     repo, commits = remote
     tree = tmp_path / "tree"
-    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    buildsteps.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
     assert git(tree, "rev-parse", "HEAD") == commits["first"]
     assert (tree / "file").read_text() == "first"
     assert git(tree, "rev-list", "--count", "HEAD") == "1"  # shallow
@@ -51,7 +52,7 @@ def test_fetch_of_a_moved_tag_fetches_the_resolved_sha(tmp_path: Path, remote, c
     repo, commits = remote
     git(repo, "tag", "-f", "-a", "v1", "-m", "moved", commits["second"])
     tree = tmp_path / "tree"
-    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    buildsteps.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
     assert git(tree, "rev-parse", "HEAD") == commits["first"]
     assert "now points at" in capsys.readouterr().err
 
@@ -65,21 +66,21 @@ def test_fetch_fails_rather_than_build_another_commit(tmp_path: Path, remote, mo
     monkeypatch.setenv("GIT_CONFIG_VALUE_0", "0")
     tree = tmp_path / "tree"
     with pytest.raises(Failure, match=r"^tag: cannot fetch commit"):
-        build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+        buildsteps.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
 
 
 def test_fetch_reuses_a_work_tree(tmp_path: Path, remote) -> None:
     repo, commits = remote
     tree = tmp_path / "tree"
-    build.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
+    buildsteps.fetch(Context(), f"file://{repo}", "v1", commits["first"], str(tree))
     (tree / "build-output.o").write_text("kept")  # an incremental build's objects survive
-    build.fetch(Context(), f"file://{repo}", "master", commits["third"], str(tree))
+    buildsteps.fetch(Context(), f"file://{repo}", "master", commits["third"], str(tree))
     assert (tree / "file").read_text() == "third" and (tree / "build-output.o").exists()
 
 
-def plan(**flags: str) -> build.Plan:
+def plan(**flags: str) -> buildsteps.Plan:
     settings = resolve(DEFAULTS, {"tag": "v6.12", **flags}, workspace=Path("/work/project"))
-    return build.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools")
+    return buildsteps.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools")
 
 
 @pytest.mark.parametrize(
@@ -95,8 +96,8 @@ def test_cross_builds_use_the_cross_gcc() -> None:
 
 
 def test_make_variables_are_what_vng_passes_on() -> None:
-    argv = build.vng_argv(plan(llvm="1"), "vng")
-    assert build.make_variables(argv) == [
+    argv = kernelmake.vng_argv(plan(llvm="1"), "vng")
+    assert kernelmake.make_variables(argv) == [
         "LOCALVERSION=__default__aaaaaaaaaaaa",
         "KBUILD_BUILD_TIMESTAMP=@0",
         "KBUILD_BUILD_USER=vngtasks",
@@ -108,13 +109,13 @@ def test_make_variables_are_what_vng_passes_on() -> None:
 
 def test_without_ccache_no_wrapper_and_no_ccache_env() -> None:
     p = plan(kernel_compile_cache="false")
-    assert not [a for a in build.vng_argv(p, "vng") if a.startswith("CC=")]
-    assert not [k for k in build.build_env(p, "/home/u") if k.startswith("CCACHE")]
+    assert not [a for a in kernelmake.vng_argv(p, "vng") if a.startswith("CC=")]
+    assert not [k for k in buildsteps.build_env(p, "/home/u") if k.startswith("CCACHE")]
 
 
 def test_progress_counts_objects() -> None:
     out = io.StringIO()
-    progress = build.BuildProgress(out, every=2)
+    progress = kernelmake.BuildProgress(out, every=2)
     progress.write("  CC      a.o\n  CC [M]  b.o\n  LD      vmlinux\n  C")
     progress.write("C      c.o\n")
     assert out.getvalue().count("objects built") == 1 and progress.objects == 3
@@ -191,3 +192,43 @@ def test_a_dry_run_prints_the_commands_and_touches_nothing(cli, tmp_path: Path, 
     assert booted.stdout.splitlines()[:-1] == lines
     boot_line = booted.stdout.splitlines()[-1]
     assert boot_line.startswith(str(Path(sys.executable).parent / "vng")) and "--run=" in boot_line
+
+
+FAKE_VNG = """\
+#!/bin/sh
+# Stands in for `vng --build` in a tree with no kernel: writes what a build of a kernel without modules makes.
+mkdir -p "$(dirname "$VNGTASKS_TEST_IMAGE")" include/config
+echo image > "$VNGTASKS_TEST_IMAGE"
+echo 6.12.0 > include/config/kernel.release
+echo "ffffffff81000000 T _text" > System.map
+"""
+
+
+def test_a_reused_work_tree_gives_no_earlier_build_s_outputs_to_the_entry(
+    tmp_path: Path, remote, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local work tree is reused per name and arch: what an earlier build there made and this one does not
+    (vmlinux.h of a build with BTF, the modules of a config with modules) must not land in this build's entry,
+    as it never does on a build host, whose tree is per key."""
+    repo, _ = remote
+    (repo / "Makefile").write_text("olddefconfig:\n\t@true\n")
+    git(repo, "add", "Makefile")
+    git(repo, "commit", "-q", "-m", "a Makefile")
+    git(repo, "tag", "-a", "v2", "-m", "v2")
+    vng = tmp_path / "vng"
+    vng.write_text(FAKE_VNG)
+    vng.chmod(0o755)
+    monkeypatch.setattr(vm, "vng_program", lambda: str(vng))
+    monkeypatch.setenv("VNGTASKS_TEST_IMAGE", arches.host().boot_images[0])
+    (tmp_path / "base.config").write_text("# CONFIG_MODULES is not set\n")
+    flags = {"tag": "v2", "kernel_url": f"file://{repo}", "kconfig_base": "base.config", "vmlinux_h": "false"}
+    settings = resolve(DEFAULTS, {**flags, "cache_dir": str(tmp_path / "c")}, workspace=tmp_path)
+    tree = tmp_path / "c" / "work" / f"default-{settings.arch.name}" / "linux"
+    (tree / "drivers").mkdir(parents=True)  # what a build of another key (BTF, modules) left in the tree
+    for name, text in {"vmlinux.h": "struct old;\n", "modules.order": "drivers/old.o\n", "drivers/old.ko": "x"}.items():
+        (tree / name).write_text(text)
+    sha = git(repo, "rev-parse", "v2^{commit}")
+    entry = provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v2", "remote"))
+    kept = sorted(str(p.relative_to(entry.path)) for p in entry.path.rglob("*") if p.is_file())
+    image = arches.host().boot_images[0]
+    assert kept == sorted([".config", "System.map", "include/config/kernel.release", "metadata.json", image])

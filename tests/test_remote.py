@@ -23,7 +23,7 @@ from conftest import TinyBuild
 from invoke import Context
 from linux_remote import CCACHE_DIR, KCONFIG
 
-from vngtasks import arches, build, remote, untar
+from vngtasks import arches, buildhost, buildhost_ssh, buildsteps, kernelmake, untar
 from vngtasks.errors import Failure
 from vngtasks.settings import DEFAULTS, resolve
 
@@ -142,12 +142,12 @@ def error_line(stderr: str) -> str:
 
 
 def test_host_parsing():
-    assert remote.Host.parse("build.example.org") == remote.Host(None, "build.example.org", 22)
-    assert remote.Host.parse("ci@10.0.0.2:2222") == remote.Host("ci", "10.0.0.2", 2222)
-    assert remote.Host.parse("ci@h:2222").known_hosts_name == "[h]:2222"
-    assert remote.Host.parse("h").known_hosts_name == "h"
+    assert buildhost_ssh.Host.parse("build.example.org") == buildhost_ssh.Host(None, "build.example.org", 22)
+    assert buildhost_ssh.Host.parse("ci@10.0.0.2:2222") == buildhost_ssh.Host("ci", "10.0.0.2", 2222)
+    assert buildhost_ssh.Host.parse("ci@h:2222").known_hosts_name == "[h]:2222"
+    assert buildhost_ssh.Host.parse("h").known_hosts_name == "h"
     with pytest.raises(ValueError, match="build-host"):
-        remote.Host.parse("h:70000")
+        buildhost_ssh.Host.parse("h:70000")
 
 
 def test_a_port_out_of_range_is_bad_input(cli, tmp_path: Path):
@@ -158,15 +158,15 @@ def test_a_port_out_of_range_is_bad_input(cli, tmp_path: Path):
 
 
 def test_local_repositories_are_pushed_and_urls_fetched_there(tmp_path: Path):
-    assert remote.local_repo(f"file://{tmp_path}") == tmp_path
-    assert remote.local_repo(str(tmp_path)) == tmp_path
-    assert remote.local_repo("https://git.kernel.org/linux.git") is None
-    assert remote.local_repo("git@github.com:torvalds/linux.git") is None
+    assert buildhost.local_repo(f"file://{tmp_path}") == tmp_path
+    assert buildhost.local_repo(str(tmp_path)) == tmp_path
+    assert buildhost.local_repo("https://git.kernel.org/linux.git") is None
+    assert buildhost.local_repo("git@github.com:torvalds/linux.git") is None
 
 
 def test_git_ssh_is_as_strict_as_paramiko(home: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HOME", str(home / "a b"))
-    command = remote.git_ssh_command(remote.Host("u", "h", 2222))
+    command = buildhost_ssh.git_ssh_command(buildhost_ssh.Host("u", "h", 2222))
     assert "StrictHostKeyChecking=yes" in command and "-F none" in command and "BatchMode=yes" in command
     assert f"'UserKnownHostsFile={home}/a b/.ssh/known_hosts'" in command
 
@@ -324,7 +324,7 @@ def _build_host_tree(start_sshd, home: Path, tmp_path: Path, monkeypatch, image:
     (tree / "arch" / "x86" / "boot" / "bzImage").write_bytes(image)
     dest = tmp_path / "entry"
     dest.mkdir()
-    return remote.connect(remote.Host("root", "127.0.0.1", sshd.port), accept_new=False), tree, dest
+    return buildhost_ssh.connect(buildhost_ssh.Host("root", "127.0.0.1", sshd.port), accept_new=False), tree, dest
 
 
 def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_path: Path, monkeypatch):
@@ -332,7 +332,7 @@ def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_
     conn, tree, dest = _build_host_tree(start_sshd, home, tmp_path, monkeypatch, image)
     (tree / "System.map").write_text("ffffffff81000000 T _text\n")
     (tree / "not-kept").write_text("x")
-    received = remote.download(conn, str(tree), ["System.map", "arch/x86/boot/bzImage"], dest)
+    received = buildhost.download(conn, str(tree), ["System.map", "arch/x86/boot/bzImage"], dest)
     conn.close()
     assert (dest / "arch" / "x86" / "boot" / "bzImage").read_bytes() == image
     assert (dest / "System.map").read_text() == "ffffffff81000000 T _text\n"
@@ -345,7 +345,7 @@ def test_a_link_the_build_host_sends_back_is_refused(start_sshd, home: Path, tmp
     conn, tree, dest = _build_host_tree(start_sshd, home, tmp_path, monkeypatch, b"kernel")
     (tree / "System.map").symlink_to("/etc/passwd")
     with pytest.raises(untar.UnsafeMember, match=r"^'System.map': a symlink to '/etc/passwd'"):
-        remote.download(conn, str(tree), ["System.map", "arch/x86/boot/bzImage"], dest)
+        buildhost.download(conn, str(tree), ["System.map", "arch/x86/boot/bzImage"], dest)
     conn.close()
     assert list(dest.iterdir()) == []
 
@@ -354,11 +354,11 @@ def test_builds_of_one_key_on_one_host_take_turns(start_sshd, home: Path, monkey
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    host = remote.Host("root", "127.0.0.1", sshd.port)
+    host = buildhost_ssh.Host("root", "127.0.0.1", sshd.port)
     lock = str(sshd.remote_home / "vng-kernel-k.lock")
-    first, second = remote.connect(host, accept_new=False), remote.connect(host, accept_new=False)
-    remote.hold_lock(first, lock, "k")
-    waiter = threading.Thread(target=remote.hold_lock, args=(second, lock, "k"))
+    first, second = buildhost_ssh.connect(host, accept_new=False), buildhost_ssh.connect(host, accept_new=False)
+    buildhost.hold_lock(first, lock, "k")
+    waiter = threading.Thread(target=buildhost.hold_lock, args=(second, lock, "k"))
     waiter.start()
     waiter.join(timeout=4)
     assert waiter.is_alive(), "the second build did not wait"
@@ -373,15 +373,15 @@ def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeyp
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    host = remote.Host("root", "127.0.0.1", sshd.port)
-    conn = remote.connect(host, accept_new=False)
+    host = buildhost_ssh.Host("root", "127.0.0.1", sshd.port)
+    conn = buildhost_ssh.connect(host, accept_new=False)
     conn.pidfile = str(sshd.remote_home / "command.pid")
     seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"  # names our sleep in ps
     failures: list[Failure] = []
 
     def run() -> None:
         try:
-            with remote.stage(conn, host, "build"):
+            with buildhost_ssh.stage(conn, host, "build"):
                 conn.run(f"echo started; sleep {seconds}", in_stream=False, hide=True)
         except Failure as failure:
             failures.append(failure)
@@ -402,7 +402,7 @@ def test_a_failing_command_is_stopped_as_a_whole_while_connected(start_sshd, hom
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    conn = remote.connect(remote.Host("root", "127.0.0.1", sshd.port), accept_new=False)
+    conn = buildhost_ssh.connect(buildhost_ssh.Host("root", "127.0.0.1", sshd.port), accept_new=False)
     conn.pidfile = str(sshd.remote_home / "command.pid")
     seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
     thread = threading.Thread(
@@ -427,26 +427,26 @@ def test_the_build_host_hits_objects_compiled_here(start_sshd, home: Path, tmp_p
     sshd.trust(home)
     source = f"int vngtasks_probe_{random.getrandbits(64)}(void) {{ return 1; }}\n"  # new to the ccache
     settings = resolve(DEFAULTS, {"tag": SHA}, workspace=tmp_path)
-    here = build.Plan(
+    here = buildsteps.Plan(
         settings, SHA, str(tmp_path / "here" / "linux"), arches.host(), 1, str(tmp_path / "here" / "tools")
     )
-    compile_one(Context(), here, build.build_env(here, str(home)), source)
-    host = remote.Host("root", "127.0.0.1", sshd.port)
-    conn = remote.connect(host, accept_new=False)
-    far = remote.survey(conn, host)
-    there = remote.remote_plan(settings, SHA, far, f"{sshd.remote_home}/work")
-    env = remote.remote_env(there, far)
-    before = build.ccache_stats(conn, env)
+    compile_one(Context(), here, buildsteps.build_env(here, str(home)), source)
+    host = buildhost_ssh.Host("root", "127.0.0.1", sshd.port)
+    conn = buildhost_ssh.connect(host, accept_new=False)
+    far = buildhost.survey(conn, host)
+    there = buildsteps.plan_on(settings, SHA, far, f"{sshd.remote_home}/work")
+    env = buildsteps.make_env(there, far)
+    before = kernelmake.ccache_stats(conn, env)
     compile_one(conn, there, env, source)
-    after = build.ccache_stats(conn, env)
+    after = kernelmake.ccache_stats(conn, env)
     conn.close()
     assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 0)
 
 
-def compile_one(c: Context, plan: build.Plan, env: dict[str, str], source: str) -> None:
+def compile_one(c: Context, plan: buildsteps.Plan, env: dict[str, str], source: str) -> None:
     """Compile one C file in the plan's tree through its compiler wrapper, as make would."""
     c.run(shlex.join(["mkdir", "-p", plan.tree]), hide=True, in_stream=False)
-    build.write_tools(c, plan)
+    buildsteps.write_tools(c, plan)
     c.run(f"cat > {shlex.quote(plan.tree)}/probe.c", in_stream=io.StringIO(source), hide=True)
     with c.cd(plan.tree):
         c.run(

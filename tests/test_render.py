@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import arches, build, kconfig, render, vm
+from vngtasks import arches, buildsteps, kconfig, kernelmake, render, vm
 from vngtasks.arches import Arch
 from vngtasks.settings import DEFAULTS, InputError, resolve
 
@@ -99,8 +99,8 @@ def test_config_steps(arch: str, base: str, tmp_path: Path) -> None:
     (tmp_path / "full.config").write_text("CONFIG_64BIT=y\n")
     flags = {"arch": arch, "kconfig": "ci/kernel.config", "kconfig_base": "full.config" if base == "file" else base}
     settings = resolve(DEFAULTS, flags, workspace=tmp_path)
-    plan = build.Plan(settings, "a" * 40, "/w/linux", X86_64, 16, "/w/tools")
-    steps = build.config_steps(plan, build.make_variables(build.vng_argv(plan, "vng")))
+    plan = buildsteps.Plan(settings, "a" * 40, "/w/linux", X86_64, 16, "/w/tools")
+    steps = kernelmake.config_steps(plan, kernelmake.make_variables(kernelmake.vng_argv(plan, "vng")))
     check_golden(f"kconfig-{arch}-{base}.steps", [shlex.join(step) for step in steps])
 
 

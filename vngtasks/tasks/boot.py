@@ -16,19 +16,19 @@ def boot(c: Context, dry_run: bool = False, **flags: str | None):
     s = _common.settings(c, **flags, run=_common.remainder() or None)
     if not s.run:
         raise Exit("vngtasks: run: nothing to run: put the command after `--`", code=BAD_INPUT)
-    from .. import build, cache, kernels, resolve, vm  # here: `invoke resolve` and `invoke settings` start without them
+    from .. import cache, kernels, provide, resolve, vm  # here: `invoke resolve`, `invoke settings` start without them
 
     if dry_run:
         with _common.exit_statuses():
             kernel, commands = (s.kernel or kernels.host_kernel(), [])
             if s.tag:
-                kernel, commands = build.dry_run(s, resolve.resolve_kernel(c, s, record=False))
+                kernel, commands = provide.dry_run(s, resolve.resolve_kernel(c, s, record=False))
             print("\n".join([*commands, vm.dry_run_line(s, kernel)]))
         return
     with _common.stopped_by_signals(), _common.exit_statuses():
         make_directory("log_dir", s.log_dir)  # before any build: a log-dir that cannot be is bad input
         if s.tag:
-            entry = build.ensure_kernel(c, s, resolve.resolve_kernel(c, s))
+            entry = provide.ensure_kernel(c, s, resolve.resolve_kernel(c, s))
             with cache.KernelCache(cache.kernels_root(s)).using(entry.key) as in_use:  # prune leaves it be
                 status = vm.run(s, in_use.path, s.run)
         else:

@@ -1,16 +1,10 @@
-"""Building a kernel on another machine over SSH, with the same steps as a local build.
-
-A Fabric `Connection` is an invoke `Context`, so `build.py`'s steps run on the build host
-unchanged: its cores, its ccache, a work tree per cache key under `~/.cache/vngtasks` there.
-A local kernel tree (a path or `file://` URL the build host cannot see) is pushed with git
-over ssh to a bare repository there, so only missing objects travel. The trimmed result comes
-back as one tar stream into the local cache's temp directory, which becomes the entry in one
-rename, exactly as a local build's does.
+"""The SSH connection to a build host: its address, its host key checked, commands that die with it.
 
 Host keys are checked strictly, for paramiko and for git's ssh alike: a key not in
 `~/.ssh/known_hosts` is refused unless `build-host-accept-new` is true (then it is recorded,
 like OpenSSH's `accept-new`); a changed key is always refused. `~/.ssh/config` is not read.
-Every failure is one line: `build-host: HOST:PORT: STAGE: REASON`.
+A command run without stdin runs under a guard that kills its whole session when our channel
+goes away. Every failure is one line: `build-host: HOST:PORT: STAGE: REASON` (`stage`).
 """
 
 from __future__ import annotations
@@ -19,36 +13,27 @@ import base64
 import contextlib
 import errno
 import hashlib
-import io
 import re
 import shlex
 import socket
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 from fabric import Config, Connection
-from invoke import Context
 from invoke.exceptions import UnexpectedExit
 
-from . import arches, build, cache, deps, log, untar
-from .errors import BAD_INPUT, FAILED, MISSING_TOOL, Failure
-from .resolve import Resolved
-from .settings import InputError, Settings
+from . import log
+from .errors import FAILED, Failure
+from .settings import InputError
 
 CONNECT_TIMEOUT_SECONDS = 30
 KEEPALIVE_SECONDS = 15
-REMOTE_ROOT = ".cache/vngtasks"  # under the build host's $HOME
-LOW_DISK_BYTES = 10 * 1024**3  # a kernel build with debug info needs several GiB
 _HOST = re.compile(r"(?:(?P<user>[^@]+)@)?(?P<hostname>[^:@]+)(?::(?P<port>[0-9]+))?")
-# Paths we hand to `cd` and make: invoke's `cd` escapes spaces only, so keep them plain.
-_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
-_WRITTEN = re.compile(r"Writing objects: 100% \([0-9]+/[0-9]+\), ([0-9.]+) (bytes|KiB|MiB|GiB)")
 _ERROR = re.compile(r"(?i)\b(error|fatal|denied|failed|refused|cannot|could not)\b")
-_UNITS = {"bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
 
 # Runs one command in a session of its own (pid in "$2"), killed as a whole when our SSH
 # channel goes away: the guard reads the channel's stdin, which reaches EOF only then.
@@ -275,7 +260,7 @@ def stage(conn: BuildHost, host: Host, name: str) -> Iterator[None]:
             raise
         raise host.failure(name, _lost_or(conn, str(failure)), failure.code) from None
     except UnexpectedExit as error:
-        raise host.failure(name, _lost_or(conn, _command_problem(error.result), error.result.exited)) from None
+        raise host.failure(name, _lost_or(conn, command_problem(error.result), error.result.exited)) from None
     except (EOFError, paramiko.SSHException) as error:  # the transport gave up under us
         raise host.failure(name, _lost_or(conn, _describe(error), -1)) from None
     except (OSError, tarfile.TarError) as error:
@@ -289,7 +274,7 @@ def _lost_or(conn: BuildHost, reason: str, exited: int = 0) -> str:
     return reason
 
 
-def _command_problem(result: object) -> str:
+def command_problem(result: object) -> str:
     stdout, stderr = getattr(result, "stdout", ""), getattr(result, "stderr", "")
     if "No space left on device" in stdout + stderr:
         return "no space left on device"
@@ -305,69 +290,6 @@ def _short(line: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-@dataclass(frozen=True)
-class Remote:
-    """What we learn about the build host before building there."""
-
-    home: str
-    arch: arches.Arch
-    jobs: int
-    vng: str
-    path: str
-    ccache_dir: str
-
-    @property
-    def root(self) -> str:
-        return f"{self.home}/{REMOTE_ROOT}"
-
-
-def survey(conn: BuildHost, host: Host) -> Remote:
-    probe = 'printf "%s\\n" "$HOME" "$(uname -m)" "$(nproc)" "$(command -v vng)" "$PATH" "${CCACHE_DIR:-}"'
-    lines = conn.run(probe, hide=True, in_stream=False).stdout.split("\n")
-    home, machine, jobs, vng, path, ccache_dir = (lines + [""] * 6)[:6]
-    if not _PLAIN_PATH.fullmatch(home):
-        raise host.failure("survey", f"$HOME is {home!r}: vngtasks needs a plain absolute path there")
-    try:
-        arch = arches.lookup(machine)
-    except KeyError:
-        raise host.failure("survey", f"unknown machine {machine!r} (uname -m)") from None
-    return Remote(home, arch, int(jobs) if jobs.isdigit() else 1, vng, path, ccache_dir)
-
-
-def build_packages(settings: Settings, distro: deps.Distro, host_arch: arches.Arch) -> list[str]:
-    """What `invoke deps` would install, less what only booting needs."""
-    boot_only = {settings.arch.qemu_package, *deps.BOOT_PACKAGES, *distro.names("virtiofsd", settings.arch)}
-    boot_only |= set(settings.packages)
-    boot_only -= set(deps.BUILD_PACKAGES)
-    return [name for name in deps.wanted(settings, distro, host_arch, False) if name not in boot_only]
-
-
-def check_toolchain(conn: BuildHost, host: Host, settings: Settings, remote: Remote) -> None:
-    """Fail, listing what to install, unless the build host has the build packages and vng."""
-    problems = []
-    if conn.run("command -v dpkg-query", hide=True, warn=True, in_stream=False).ok:
-        distro = deps.Distro.of(conn.run("cat /etc/os-release", hide=True, warn=True, in_stream=False).stdout)
-        missing = deps.missing(conn, build_packages(settings, distro, remote.arch))
-        if missing:
-            problems.append(f"packages {' '.join(missing)} (`sudo apt-get install -y {shlex.join(missing)}` there)")
-    else:
-        log.warn(f"build-host: {host.label}: no dpkg there: not checking its build packages")
-    if not remote.vng:
-        problems.append("vng (`pip install virtme-ng` there, on the PATH of a non-interactive ssh session)")
-    if problems:
-        raise host.failure("deps", "missing on the build host: " + "; ".join(problems), MISSING_TOOL)
-
-
-def local_repo(url: str) -> Path | None:
-    """The local repository a kernel-url names, when the build host could not see it."""
-    if url.startswith("file://"):
-        return Path(url[len("file://") :])
-    if "://" in url or re.match(r"[^/]+:", url):  # a URL, or scp-like host:path
-        return None
-    path = Path(url).expanduser()
-    return path.resolve() if path.exists() else None
-
-
 def git_ssh_command(host: Host) -> str:
     """ssh for git push with the same policy as our connection (keys were checked on connect)."""
     argv = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
@@ -381,191 +303,3 @@ def identity_files() -> list[Path]:
     """The key files paramiko tries by default, those that exist."""
     ssh = Path.home() / ".ssh"
     return [ssh / name for name in ("id_rsa", "id_dsa", "id_ecdsa", "id_ed25519") if (ssh / name).is_file()]
-
-
-def push(c: Context, conn: BuildHost, host: Host, repo: Path, sha: str, bare: str, ref: str) -> int:
-    """Push commit `sha` of the local `repo` to `ref` of `bare` on the build host; bytes sent."""
-    conn.run(f"test -d {shlex.quote(bare)} || git init -q --bare {shlex.quote(bare)}", hide=True, in_stream=False)
-    user = f"{host.user}@" if host.user else ""
-    url = f"ssh://{user}{host.hostname}:{host.port}{bare}"
-    pushed = c.run(
-        shlex.join(["git", "-C", str(repo), "push", "--progress", "--no-verify", url, f"+{sha}:{ref}"]),
-        env={"GIT_SSH_COMMAND": git_ssh_command(host), "GIT_TERMINAL_PROMPT": "0"},
-        hide=True,
-        warn=True,
-        in_stream=False,
-    )
-    if not pushed.ok:
-        raise host.failure("push", _command_problem(pushed))
-    written = _WRITTEN.search(pushed.stderr.replace("\r", "\n"))
-    return round(float(written[1]) * _UNITS[written[2]]) if written else 0
-
-
-def remote_plan(settings: Settings, sha: str, remote: Remote, work: str) -> build.Plan:
-    return build.Plan(
-        settings=settings,
-        sha=sha,
-        tree=f"{work}/linux",
-        host_arch=remote.arch,
-        jobs=remote.jobs,
-        tools_dir=f"{work}/tools",
-    )
-
-
-def remote_env(plan: build.Plan, remote: Remote) -> dict[str, str]:
-    """build_env on the build host: its ccache, and vng's directory first on its PATH."""
-    env = build.build_env(plan, remote.home)
-    if plan.settings.kernel_compile_cache:
-        env["CCACHE_DIR"] = remote.ccache_dir or f"{remote.home}/.cache/ccache"
-    env["PATH"] = f"{remote.vng.rsplit('/', 1)[0]}:{remote.path}"
-    return env
-
-
-def check_disk(conn: BuildHost, host: Host, path: str) -> None:
-    free = conn.run(f"df -Pk {shlex.quote(path)} | awk 'NR==2 {{print $4}}'", hide=True, warn=True, in_stream=False)
-    kib = free.stdout.strip()
-    if kib.isdigit() and int(kib) * 1024 < LOW_DISK_BYTES:
-        log.warn(f"build-host: {host.label}: only {cache.human_size(int(kib) * 1024)} free under {path}")
-
-
-def hold_lock(conn: BuildHost, path: str, key: str) -> None:
-    """Take flock(1) of `path` on the build host, waiting for its holder; held until `conn` closes."""
-    transport = conn.client.get_transport()
-    if transport is None or not transport.is_active():
-        raise EOFError("connection lost")
-    channel = transport.open_session()  # left open: closing the connection releases the lock
-    channel.exec_command(shlex.join(["flock", path, "sh", "-c", "echo locked && exec cat >/dev/null"]))
-    channel.settimeout(2)
-    try:
-        answer = channel.recv(16)
-    except TimeoutError:
-        log.info(f"lock: another build of {key} is running on the build host: waiting for it")
-        channel.settimeout(None)
-        answer = channel.recv(16)
-    if not answer.startswith(b"locked"):
-        raise OSError(f"flock {path} failed (exit status {channel.recv_exit_status()})")
-
-
-def download(conn: BuildHost, tree: str, paths: list[str], dest: Path) -> int:
-    """`paths` of the remote `tree` into `dest` as one tar stream over the SSH channel; bytes read."""
-    transport = conn.client.get_transport()
-    if transport is None or not transport.is_active():
-        raise EOFError("connection lost")
-    channel = transport.open_session()
-    try:
-        channel.exec_command(shlex.join(["tar", "-C", tree, "-cf", "-", "--files-from=-"]))
-        channel.sendall(("\n".join(paths) + "\n").encode())
-        channel.shutdown_write()
-        stream = _Counted(channel.makefile("rb"))
-        untar.unpack(stream, dest)
-        while stream.read(65536):  # tar's trailing padding
-            pass
-        status = channel.recv_exit_status()
-        if status != 0:
-            problem = channel.makefile_stderr("rb").read().decode(errors="replace").strip().splitlines()
-            raise OSError(f"tar exited with status {status}: {(problem or ['?'])[-1]}")
-        return stream.count
-    finally:
-        channel.close()
-
-
-class _Counted(io.RawIOBase):
-    """A binary reader that counts what passes through."""
-
-    def __init__(self, inner: io.BufferedIOBase | paramiko.ChannelFile) -> None:
-        self.inner, self.count = inner, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.inner.read(size)
-        self.count += len(data)
-        return data
-
-
-def build_entry(
-    c: Context, settings: Settings, kernels: cache.KernelCache, key: str, resolved: Resolved
-) -> cache.Entry:
-    """Build `resolved` on the build host and store the result as cache entry `key`."""
-    try:
-        host = Host.parse(settings.build_host)
-    except InputError as error:
-        raise Failure(str(error), BAD_INPUT) from None
-    started = time.monotonic()
-    conn = connect(host, settings.build_host_accept_new)
-    try:
-        return _build(c, conn, host, settings, kernels, key, resolved, started)
-    except BaseException:
-        conn.stop_build()
-        raise
-    finally:
-        conn.close()
-
-
-def _build(
-    c: Context,
-    conn: BuildHost,
-    host: Host,
-    s: Settings,
-    kernels: cache.KernelCache,
-    key: str,
-    resolved: Resolved,
-    started: float,
-) -> cache.Entry:
-    with stage(conn, host, "survey"):
-        remote = survey(conn, host)
-    with stage(conn, host, "deps"):
-        check_toolchain(conn, host, s, remote)
-    work = f"{remote.root}/remote-work/{key}"
-    plan = remote_plan(s, resolved.sha, remote, work)
-    with stage(conn, host, "prepare"):
-        conn.run(shlex.join(["mkdir", "-p", work]), hide=True, in_stream=False)
-        check_disk(conn, host, work)
-    with stage(conn, host, "lock"):  # builds of this key from other machines take turns
-        hold_lock(conn, f"{work}.lock", key)
-    conn.pidfile = f"{work}/command.pid"
-    pushed = 0
-    repo = local_repo(s.kernel_url)
-    with build.group(f"fetch {s.tag} ({plan.sha12}) on {host.label}"):
-        if repo is not None:
-            bare = f"{remote.root}/remote-git/{s.name}.git"
-            with stage(conn, host, "push"):
-                pushed = push(c, conn, host, repo, plan.sha, bare, f"refs/vngtasks/{s.name}-{s.arch.name}")
-            log.info(f"push: {repo} to {host.label}: {cache.human_size(pushed)} sent")
-            with stage(conn, host, "fetch"):
-                build.fetch(conn, bare, plan.sha, plan.sha, plan.tree)
-        else:
-            with stage(conn, host, "fetch"):
-                build.fetch(conn, s.kernel_url, s.tag, plan.sha, plan.tree)
-    with stage(conn, host, "prepare"):
-        build.write_tools(conn, plan)
-    env = remote_env(plan, remote)
-    with stage(conn, host, "build"):
-        compiled = build.compile_measured(conn, plan, remote.vng, env)
-    with stage(conn, host, "vmlinux-h"):
-        has_header = build.write_vmlinux_h(conn, plan.tree) if s.vmlinux_h else False
-    with stage(conn, host, "collect"):
-        paths = build.kept_paths(conn, plan.tree, s.arch)
-        metadata = {
-            **build.describe(conn, plan, resolved, compiled, has_header),
-            "built_on": host.label,
-            "build_jobs": plan.jobs,
-            "pushed_bytes": pushed,
-        }
-    with stage(conn, host, "download"):
-        metadata["build_seconds"] = round(time.monotonic() - started, 1)
-        with kernels.create(key, metadata) as temp:
-            received = download(conn, plan.tree, paths, temp)
-            build.prepare_modules(temp)
-    entry = kernels.lookup(key)
-    if entry is None:
-        raise Failure(f"cache: {key} missing right after it was stored", FAILED)
-    log.info(
-        f"build: {key} built on {host.label} and stored ({cache.human_size(entry.size_bytes)},"
-        f" {cache.human_size(received)} received) in {round(time.monotonic() - started, 1)} s"
-    )
-    conn.pidfile = ""
-    with contextlib.suppress(Exception):  # the work tree was for this key only; ccache keeps the objects
-        conn.run(shlex.join(["rm", "-rf", work]), hide=True, warn=True, in_stream=False)
-    return entry

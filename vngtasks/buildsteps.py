@@ -1,0 +1,220 @@
+"""One kernel build's plan, and its steps outside make, each through an invoke Context.
+
+A `Plan` says what to build and where (paths on the machine that builds, as strings: they
+may be remote); a `Machine` says what that machine offers (home, arch, cores, vng, PATH,
+CCACHE_DIR). The steps here — fetch the commit into the work tree, write the compiler
+wrapper and small files, list what a cache entry keeps — take the Context to run on: invoke's
+own for this machine, or a Fabric Connection (which is a Context) for a build host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from invoke import Context
+
+from . import log
+from .arches import Arch
+from .errors import FAILED, Failure
+from .settings import Settings
+
+CCACHE_MAX_SIZE = "5G"
+# Fixed build identity: the same sources give the same objects, so ccache hits across trees.
+BUILD_TIMESTAMP = "@0"
+# ccache hashes these four into every object's key (they change the compiler's messages): pinned, so a
+# build host whose SSH sessions set no locale hits what a terminal with LANG=C.UTF-8 compiled, and back.
+LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_CTYPE": "C", "LC_MESSAGES": "C"}
+# Files of a build tree that a cache entry keeps (besides boot images and modules).
+KEPT_FILES = (
+    ".config", "System.map", "Module.symvers", "modules.order", "modules.builtin",
+    "modules.builtin.modinfo", "include/config/kernel.release", "vmlinux.h",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The machine a build runs on, as the build sees it: this one, or a build host surveyed over SSH."""
+
+    home: str
+    arch: Arch
+    jobs: int
+    vng: str  # the vng program there
+    path: str  # make's PATH there (vng's directory first)
+    ccache_dir: str  # CCACHE_DIR in its environment; "" when unset
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One build, decided before it starts."""
+
+    settings: Settings
+    sha: str
+    tree: str  # path on the build host (a string: it may be remote)
+    host_arch: Arch
+    jobs: int
+    tools_dir: str  # the compiler wrapper and the kconfig files, on the build host
+
+    @property
+    def sha12(self) -> str:
+        return self.sha[:12]
+
+    @property
+    def compiler(self) -> str:
+        s = self.settings
+        if s.cc:
+            return s.cc
+        if s.llvm:
+            return "clang" if s.llvm == "1" else f"clang{s.llvm}"
+        return "gcc" if self.settings.arch == self.host_arch else f"{self.settings.arch.cross_compile}gcc"
+
+
+def plan_on(settings: Settings, sha: str, machine: Machine, work: str) -> Plan:
+    """A build on `machine` in the work directory `work` there: the tree and the tools under it."""
+    return Plan(
+        settings=settings,
+        sha=sha,
+        tree=f"{work}/linux",
+        host_arch=machine.arch,
+        jobs=machine.jobs,
+        tools_dir=f"{work}/tools",
+    )
+
+
+def build_env(plan: Plan, home: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Make's environment: a fixed build identity and locale, and ccache's settings when it is on.
+    `home` and `environ` are the building machine's: its CCACHE_DIR, else its ~/.cache/ccache."""
+    env = {
+        **LOCALE,
+        "KBUILD_BUILD_TIMESTAMP": BUILD_TIMESTAMP,
+        "KBUILD_BUILD_USER": "vngtasks",
+        "KBUILD_BUILD_HOST": "vngtasks",
+    }
+    if plan.settings.kernel_compile_cache:
+        env |= {
+            "CCACHE_DIR": environ.get("CCACHE_DIR") or f"{home}/.cache/ccache",
+            "CCACHE_MAXSIZE": CCACHE_MAX_SIZE,
+            "CCACHE_BASEDIR": plan.tree,
+            "CCACHE_NOHASHDIR": "true",
+        }
+    return env
+
+
+def make_env(plan: Plan, machine: Machine) -> dict[str, str]:
+    """build_env on `machine`: its ccache, and its PATH with vng's directory first."""
+    return {**build_env(plan, machine.home, {"CCACHE_DIR": machine.ccache_dir}), "PATH": machine.path}
+
+
+def fetch(c: Context, url: str, tag: str, sha: str, tree: str) -> None:
+    """Make `tree` hold exactly commit `sha`: a shallow fetch of the tag, or of the sha itself."""
+    if not c.run(f"test -d {shlex.quote(tree)}/.git", warn=True, hide=True, in_stream=False).ok:
+        c.run(shlex.join(git_init_argv(tree)), hide=True, in_stream=False)
+    for want in fetch_wants(tag, sha):
+        fetched = c.run(
+            shlex.join(fetch_argv(tree, url, want)), warn=True, in_stream=False, env={"GIT_TERMINAL_PROMPT": "0"}
+        )
+        if not fetched.ok:
+            continue
+        got = c.run(shlex.join(_git(tree, "rev-parse", "FETCH_HEAD^{commit}")), hide=True, in_stream=False)
+        if got.stdout.strip() == sha:
+            break
+        log.warn(f"tag: {tag} now points at {got.stdout.strip()[:12]}, not the resolved {sha[:12]}; fetching that")
+    else:
+        raise Failure(f"tag: cannot fetch commit {sha[:12]} of {tag} from {url}", FAILED)
+    c.run(shlex.join(checkout_argv(tree, sha)), in_stream=False)
+    head = c.run(shlex.join(_git(tree, "rev-parse", "HEAD")), hide=True, in_stream=False).stdout.strip()
+    if head != sha:
+        raise Failure(f"tag: checked out {head[:12]}, expected {sha[:12]}", FAILED)
+
+
+def fetch_wants(tag: str, sha: str) -> list[str]:
+    """What to fetch, in order: the tag (or branch), else the commit itself (a tag that moved since)."""
+    return [sha] if tag == sha else [f"refs/tags/{tag}", f"refs/heads/{tag}", sha]
+
+
+def _git(tree: str, *args: str) -> list[str]:
+    return ["git", "-C", tree, *args]
+
+
+def git_init_argv(tree: str) -> list[str]:
+    return ["git", "init", "-q", tree]
+
+
+def fetch_argv(tree: str, url: str, want: str) -> list[str]:
+    return _git(tree, "fetch", "--depth", "1", "--no-tags", *_progress(), "--", url, want)
+
+
+def checkout_argv(tree: str, sha: str) -> list[str]:
+    return _git(tree, "checkout", "-q", "--force", "--detach", sha)
+
+
+def _progress() -> list[str]:
+    # Through invoke git's stderr is a pipe: ask for progress when a person is watching.
+    return ["--progress"] if sys.stderr.isatty() else []
+
+
+def write_tools(c: Context, plan: Plan) -> None:
+    """The compiler wrapper: make takes one program as CC."""
+    wrapper = f'#!/bin/sh\nexec ccache {shlex.quote(plan.compiler)} "$@"\n'
+    cc = f"{plan.tools_dir}/cc"
+    c.run(shlex.join(["mkdir", "-p", plan.tools_dir]), in_stream=False)
+    put(c, wrapper, cc)
+    c.run(shlex.join(["chmod", "+x", cc]), in_stream=False)
+
+
+def in_tree(tree: str, argv: list[str]) -> str:
+    """A command line that runs `argv` in `tree` (invoke's `cd` would quote spaces only)."""
+    return f"cd {shlex.quote(tree)} && {shlex.join(argv)}"
+
+
+def put(c: Context, text: str, path: str) -> None:
+    """Write `text` to the file `path` where `c` runs."""
+    c.run(f"cat > {shlex.quote(path)}", in_stream=_Text(text), hide=True)
+
+
+class _Text:
+    """A readable stream for `c.run(in_stream=...)`, which feeds the command's stdin."""
+
+    def __init__(self, text: str) -> None:
+        self._chunks: Iterator[str] = iter([text])
+
+    def read(self, size: int = -1) -> str:
+        return next(self._chunks, "")
+
+
+@contextlib.contextmanager
+def group(title: str) -> Iterator[None]:
+    """A foldable group in GitHub Actions' log; a plain heading elsewhere."""
+    in_actions = os.environ.get("GITHUB_ACTIONS") == "true"
+    print(f"::group::{title}" if in_actions else f"vngtasks: {title}", flush=True)
+    try:
+        yield
+    finally:
+        if in_actions:
+            print("::endgroup::", flush=True)
+
+
+def kept_paths(c: Context, tree: str, arch: Arch) -> list[str]:
+    """Tree-relative paths a cache entry keeps: what vng boots from and what users read."""
+    wanted = [*KEPT_FILES, *arch.boot_images]
+    listing = c.run(
+        f"cd {shlex.quote(tree)} && ls -d {shlex.join(wanted)} 2>/dev/null;"
+        " find . -path ./.virtme_mods -prune -o -name '*.ko' -type f -printf '%P\\n'",
+        hide=True,
+        warn=True,
+        in_stream=False,
+    )
+    return sorted(set(listing.stdout.split()))
+
+
+def copy_tree_files(c: Context, tree: str, paths: list[str], dest: str) -> None:
+    """Copy `paths` of `tree` into the directory `dest` on the same machine, keeping their layout."""
+    c.run(
+        f"tar -C {shlex.quote(tree)} -cf - --files-from=- | tar -C {shlex.quote(dest)} -xf -",
+        in_stream=_Text("\n".join(paths) + "\n"),
+        hide=True,
+    )

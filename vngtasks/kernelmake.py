@@ -1,0 +1,170 @@
+"""Making the kernel in a fetched work tree: its .config, `vng --build`, and vmlinux.h.
+
+The .config is made afresh every build from the base and the fragments (see kconfig.py, which
+decides what they are; the steps here write them beside the tree and run the kernel's own
+tools). A reused tree first loses the outputs a build makes only on some configs, so an earlier
+build's never pass for this one's in the entry (`forget_outputs_command`). Make runs through vng
+with the plan's toolchain, its output echoed with a running object count, timed, with the ccache
+hits and misses it caused. Every step takes the Context to run on.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from invoke import Context
+
+from . import kconfig, log, render
+from .buildsteps import BUILD_TIMESTAMP, Plan, group, in_tree, put
+from .errors import FAILED, Failure
+
+# What an entry keeps that a build makes only on some configs: vmlinux.h with vmlinux-h and BTF, the module
+# lists with CONFIG_MODULES; and make deletes no module that the config dropped.
+MADE_ON_SOME_CONFIGS = ("vmlinux.h", "vmlinux.h.partial", "modules.order", "Module.symvers")
+
+
+def vng_argv(plan: Plan, vng: str) -> list[str]:
+    s = plan.settings
+    cc = str(Path(plan.tools_dir) / "cc") if s.kernel_compile_cache else s.cc
+    return render.argv(
+        "vng-build.argv.j2",
+        vng=vng,
+        arch=s.arch,
+        host_arch=plan.host_arch,
+        jobs=plan.jobs,
+        name=s.name,
+        sha12=plan.sha12,
+        build_timestamp=BUILD_TIMESTAMP,
+        cc=cc,
+        llvm=s.llvm,
+    )
+
+
+def make_variables(argv: list[str]) -> list[str]:
+    """The NAME=value arguments vng passes on to make."""
+    return [arg for arg in argv[1:] if not arg.startswith("-") and "=" in arg]
+
+
+def config_steps(plan: Plan, variables: list[str]) -> list[list[str]]:
+    """The commands that make the tree's .config, in the tree: the base, then the fragments merged."""
+    s = plan.settings
+    context = {"arch": s.arch, "host_arch": plan.host_arch, "variables": variables}
+    if s.kconfig_base == "vng":
+        steps = [render.argv("configkernel.argv.j2", **context)]
+    elif s.kconfig_base == "tiny":
+        steps = [render.argv("make.argv.j2", **context, targets=[target]) for target in kconfig.TINY_TARGETS]
+    else:
+        steps = [["cp", f"{plan.tools_dir}/{kconfig.BASE_FILE}", ".config"]]
+    merged = [f"{plan.tools_dir}/{name}" for name, _ in kconfig.fragments(s)]
+    if merged:
+        steps.append(render.argv("merge-config.argv.j2", fragments=merged))
+    return [*steps, render.argv("make.argv.j2", **context, targets=["olddefconfig"])]
+
+
+def configure(c: Context, plan: Plan, variables: list[str], env: dict[str, str]) -> None:
+    """The tree's .config, made afresh from the base and the fragments (see kconfig.py)."""
+    s = plan.settings
+    fragments = kconfig.fragments(s)
+    files = dict(fragments)
+    if isinstance(s.kconfig_base, Path):
+        files[kconfig.BASE_FILE] = s.kconfig_base.read_text()
+    for name, text in files.items():
+        put(c, text, f"{plan.tools_dir}/{name}")
+    log.info(f"kconfig: base {s.kconfig_base}" + "".join(f" + {name}" for name, _ in fragments))
+    for argv in config_steps(plan, variables):
+        done = c.run(in_tree(plan.tree, argv), env=env, hide=True, warn=True, in_stream=False)
+        if not done.ok:
+            problem = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.exited}").splitlines()[-1]
+            raise Failure(f"kconfig: {shlex.join(argv[:2])} failed: {problem}", FAILED)
+    config = c.run(shlex.join(["cat", f"{plan.tree}/.config"]), hide=True, in_stream=False).stdout
+    for name, text in fragments:
+        if name in kconfig.CHECKED:
+            kconfig.warn_dropped(kconfig.CHECKED[name], text, config)
+
+
+class BuildProgress:
+    """Echo make's output and, every `every` compiled objects, a running count."""
+
+    def __init__(self, out: TextIO = sys.stdout, every: int = 250) -> None:
+        self.out, self.every, self.objects, self._partial = out, every, 0, ""
+
+    def write(self, data: str) -> int:
+        self.out.write(data)
+        lines = (self._partial + data).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.lstrip().startswith(("CC ", "CC [M] ", "AS ", "LD [M] ")):
+                self.objects += 1
+                if self.objects % self.every == 0:
+                    self.out.write(f"vngtasks: build: {self.objects} objects built\n")
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def compile_kernel(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> None:
+    argv = vng_argv(plan, vng)
+    title = f"build {plan.settings.name} {plan.sha12} ({plan.settings.arch.name}, {plan.jobs} jobs)"
+    with group(title):
+        configure(c, plan, make_variables(argv), env)
+        c.run(forget_outputs_command(plan.tree), hide=True, in_stream=False)
+        c.run(in_tree(plan.tree, argv), env=env, in_stream=False, out_stream=BuildProgress())
+
+
+def forget_outputs_command(tree: str) -> str:
+    """Remove from a reused tree what an entry keeps that this build may not make again (its objects stay:
+    make relinks a module it still builds)."""
+    modules = "find . -path ./.virtme_mods -prune -o -name '*.ko' -type f -exec rm -f {} +"
+    return in_tree(tree, ["rm", "-f", *MADE_ON_SOME_CONFIGS]) + f" && {modules}"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    seconds: float
+    ccache: dict[str, int] | None  # hits and misses of this build; None without ccache
+
+
+def compile_measured(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> Compiled:
+    """compile_kernel, timed, with the ccache hits and misses it caused."""
+    before = ccache_stats(c, env)
+    started = time.monotonic()
+    compile_kernel(c, plan, vng, env)
+    seconds = time.monotonic() - started
+    after = ccache_stats(c, env)
+    delta = {k: after[k] - before[k] for k in after} if plan.settings.kernel_compile_cache else None
+    return Compiled(seconds, delta)
+
+
+def ccache_stats(c: Context, env: dict[str, str]) -> dict[str, int]:
+    done = c.run("ccache --print-stats", env=env, hide=True, warn=True, in_stream=False)
+    stats = dict(line.split("\t", 1) for line in done.stdout.splitlines() if "\t" in line)
+    hits = sum(int(stats.get(k, 0)) for k in ("direct_cache_hit", "preprocessed_cache_hit"))
+    return {"hits": hits, "misses": int(stats.get("cache_miss", 0))}
+
+
+def write_vmlinux_h(c: Context, tree: str) -> bool:
+    """vmlinux.h from the kernel's BTF with the distro's bpftool; False (and a warning) without BTF."""
+    config = c.run(f"cat {shlex.quote(tree)}/.config", hide=True, in_stream=False).stdout
+    if "CONFIG_DEBUG_INFO_BTF=y" not in config.splitlines():
+        log.warn("vmlinux-h: the kernel has no BTF (CONFIG_DEBUG_INFO_BTF unset: pahole missing or too old?)")
+        return False
+    done = c.run(vmlinux_h_command(tree), warn=True, hide=True, in_stream=False)
+    if not done.ok:
+        log.warn(f"vmlinux-h: bpftool failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return done.ok
+
+
+def vmlinux_h_command(tree: str) -> str:
+    """vmlinux.h from the tree's vmlinux, written whole or not at all (the distro's bpftool)."""
+    bpftool = "$(command -v bpftool || echo /usr/sbin/bpftool)"
+    quoted = shlex.quote(tree)
+    return (
+        f"{bpftool} btf dump file {quoted}/vmlinux format c > {quoted}/vmlinux.h.partial"
+        f" && mv {quoted}/vmlinux.h.partial {quoted}/vmlinux.h"
+    )

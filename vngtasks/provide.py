@@ -1,0 +1,49 @@
+"""The kernel of a resolved commit: found in the cache, or built once, here or on the build host.
+
+The one place that chooses where a build runs: build.py builds on this machine, buildhost.py
+on the `build-host`; both run build.py's one sequence. Builds of one key take turns on the
+cache's lock: the second finds the first's entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from invoke import Context
+
+from . import build, cache, log
+from .errors import FAILED, Failure
+from .resolve import Resolved
+from .settings import Settings, make_directory
+
+
+def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.Entry:
+    """The cache entry of the resolved commit: found, or built once (others wait on the lock)."""
+    make_directory("cache_dir", settings.cache_dir)
+    kernels = cache.KernelCache(cache.kernels_root(settings))
+    key = cache.key_for(settings, resolved.sha12)
+    with kernels.lock(key):
+        entry = kernels.lookup(key)
+        if entry is not None:
+            log.info(f"cache: hit {key}")
+            return entry
+        if resolved.source == "stale":
+            raise Failure(f"cache: {key} vanished while the remote is unreachable", FAILED)
+        log.info(f"cache: miss {key}: building")
+        if settings.build_host:
+            from . import buildhost  # here: paramiko and Fabric load only for a build on a build host
+
+            return buildhost.build_entry(c, settings, kernels, key, resolved)
+        return build.build_here(c, settings, kernels, key, resolved)
+
+
+def dry_run(settings: Settings, resolved: Resolved) -> tuple[Path, list[str]]:
+    """The cache entry of the resolved commit (there now, or where a build would put it) and, on a miss,
+    the commands that build it: found without making, locking or writing anything."""
+    kernels = cache.KernelCache(cache.kernels_root(settings))
+    key = cache.key_for(settings, resolved.sha12)
+    if kernels.lookup(key) is not None:
+        return kernels.root / key, [f"# cache hit {key}: nothing to build"]
+    if settings.build_host:
+        return kernels.root / key, [f"# cache miss {key}: built on {settings.build_host} over SSH, then kept here"]
+    return kernels.root / key, build.dry_run_here(settings, resolved.sha, key)
