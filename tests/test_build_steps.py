@@ -14,7 +14,7 @@ from invoke import Context
 from vngtasks import arches, build, buildsteps, cache, kconfig, kernelmake, provide, vm
 from vngtasks.errors import Failure
 from vngtasks.resolve import Resolved
-from vngtasks.settings import DEFAULTS, resolve
+from vngtasks.settings import DEFAULTS, effective
 
 
 def git(repo: Path, *args: str) -> str:
@@ -79,7 +79,7 @@ def test_fetch_reuses_a_work_tree(tmp_path: Path, remote) -> None:
 
 
 def plan(**flags: str) -> buildsteps.Plan:
-    settings = resolve(DEFAULTS, {"tag": "v6.12", **flags}, workspace=Path("/work/project"))
+    settings = effective(DEFAULTS, {"tag": "v6.12", **flags}, workspace=Path("/work/project"))
     return buildsteps.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools")
 
 
@@ -140,23 +140,23 @@ def test_a_fragment_line_kconfig_dropped_is_named() -> None:
 
 def test_fragments_merge_in_order_tiny_btf_then_the_users(tmp_path: Path) -> None:
     (tmp_path / "k.config").write_text("CONFIG_IKCONFIG=y\n")
-    settings = resolve(DEFAULTS, {"kconfig_base": "tiny", "kconfig": "k.config"}, workspace=tmp_path)
+    settings = effective(DEFAULTS, {"kconfig_base": "tiny", "kconfig": "k.config"}, workspace=tmp_path)
     assert [name for name, _ in kconfig.fragments(settings)] == ["tiny.config", "btf.config", "kconfig.config"]
-    settings = resolve(DEFAULTS, {"vmlinux_h": "false"}, workspace=tmp_path)
+    settings = effective(DEFAULTS, {"vmlinux_h": "false"}, workspace=tmp_path)
     assert kconfig.fragments(settings) == []
 
 
 def test_the_kconfig_base_is_part_of_the_cache_key(tmp_path: Path) -> None:
     (tmp_path / "a.config").write_text("CONFIG_64BIT=y\n")
     keys = {
-        base: cache.key_for(resolve(DEFAULTS, {"kconfig_base": base, "arch": "x86_64"}, workspace=tmp_path), "0" * 12)
+        base: cache.key_for(effective(DEFAULTS, {"kconfig_base": base, "arch": "x86_64"}, workspace=tmp_path), "0" * 12)
         for base in ("vng", "tiny", "a.config")
     }
     assert keys["vng"] == "vng-kernel-default-x86_64-000000000000-v2"  # the seed's key, unchanged
     assert keys["tiny"] == "vng-kernel-default-x86_64-000000000000-v2+tiny"
     assert re.fullmatch(r"vng-kernel-default-x86_64-000000000000-v2\+config-[0-9a-f]{12}", keys["a.config"])
     (tmp_path / "a.config").write_text("CONFIG_64BIT=y\nCONFIG_SMP=y\n")
-    changed = cache.key_for(resolve(DEFAULTS, {"kconfig_base": "a.config"}, workspace=tmp_path), "0" * 12)
+    changed = cache.key_for(effective(DEFAULTS, {"kconfig_base": "a.config"}, workspace=tmp_path), "0" * 12)
     assert changed != keys["a.config"]
 
 
@@ -222,7 +222,7 @@ def test_a_reused_work_tree_gives_no_earlier_build_s_outputs_to_the_entry(
     monkeypatch.setenv("VNGTASKS_TEST_IMAGE", arches.host().boot_images[0])
     (tmp_path / "base.config").write_text("# CONFIG_MODULES is not set\n")
     flags = {"tag": "v2", "kernel_url": f"file://{repo}", "kconfig_base": "base.config", "vmlinux_h": "false"}
-    settings = resolve(DEFAULTS, {**flags, "cache_dir": str(tmp_path / "c")}, workspace=tmp_path)
+    settings = effective(DEFAULTS, {**flags, "cache_dir": str(tmp_path / "c")}, workspace=tmp_path)
     tree = tmp_path / "c" / "work" / f"default-{settings.arch.name}" / "linux"
     (tree / "drivers").mkdir(parents=True)  # what a build of another key (BTF, modules) left in the tree
     for name, text in {"vmlinux.h": "struct old;\n", "modules.order": "drivers/old.o\n", "drivers/old.ko": "x"}.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vngtasks import arches, deps
-from vngtasks.settings import DEFAULTS, resolve
+from vngtasks.settings import DEFAULTS, effective
 
 DPKG_FRONTEND_LOCK = Path("/var/lib/dpkg/lock-frontend")
 ABSENT = "hello"  # a small real package that no test installs
@@ -29,7 +29,7 @@ def test_all_present_runs_no_apt(cli):
 
 
 def test_wanted_follows_arch_toolchain_and_distro(tmp_path: Path):
-    s = resolve(DEFAULTS, {"arch": "arm64", "llvm": "-14", "packages": "sl"}, workspace=tmp_path)
+    s = effective(DEFAULTS, {"arch": "arm64", "llvm": "-14", "packages": "sl"}, workspace=tmp_path)
     debian = deps.Distro.of('ID=debian\nVERSION_ID="12"\n')
     ubuntu = deps.Distro.of('ID=ubuntu\nVERSION_ID="24.04"\n')
     names = deps.wanted(s, debian, arches.lookup("x86_64"), need_kernel_image=True)

@@ -10,8 +10,9 @@ import pytest
 
 from vngtasks import health, runrecord, supervise, vm
 from vngtasks.errors import NO_STATUS, SPLAT
-from vngtasks.settings import DEFAULTS, InputError, resolve
+from vngtasks.settings import DEFAULTS, effective
 from vngtasks.supervise import Marks
+from vngtasks.validate import InputError
 
 BOOT_LOG = [
     "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org) #1 SMP",
@@ -29,7 +30,7 @@ BOOT_LOG = [
 
 
 def make(tmp_path: Path, **flags: str):
-    return resolve(DEFAULTS, {"extra_rwdirs": "", "cache_dir": str(tmp_path / "cache"), **flags}, workspace=tmp_path)
+    return effective(DEFAULTS, {"extra_rwdirs": "", "cache_dir": str(tmp_path / "cache"), **flags}, workspace=tmp_path)
 
 
 def outcome(status: int = 0, result: str = "workload", accel: str = "tcg") -> supervise.Outcome:
@@ -57,7 +58,7 @@ def test_splat_allow_is_one_regex_per_line(tmp_path: Path) -> None:
     assert s.splat_allow == ("at fake\\.c:1 test", "rcu_sched detected stalls")
     assert make(tmp_path).splat_allow == () and make(tmp_path).splat_check
     # A YAML list in invoke.yaml: one regex per item, spaces kept.
-    listed = resolve({**DEFAULTS, "splat_allow": ["a b", "c"]}, {}, workspace=tmp_path)
+    listed = effective({**DEFAULTS, "splat_allow": ["a b", "c"]}, {}, workspace=tmp_path)
     assert listed.splat_allow == ("a b", "c")
 
 

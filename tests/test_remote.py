@@ -25,7 +25,7 @@ from linux_remote import CCACHE_DIR, KCONFIG
 
 from vngtasks import arches, buildhost, buildhost_ssh, buildsteps, kernelmake, untar
 from vngtasks.errors import Failure
-from vngtasks.settings import DEFAULTS, resolve
+from vngtasks.settings import DEFAULTS, effective
 
 SSHD = Path("/usr/sbin/sshd")
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -426,7 +426,7 @@ def test_the_build_host_hits_objects_compiled_here(start_sshd, home: Path, tmp_p
     sshd = start_sshd()
     sshd.trust(home)
     source = f"int vngtasks_probe_{random.getrandbits(64)}(void) {{ return 1; }}\n"  # new to the ccache
-    settings = resolve(DEFAULTS, {"tag": SHA}, workspace=tmp_path)
+    settings = effective(DEFAULTS, {"tag": SHA}, workspace=tmp_path)
     here = buildsteps.Plan(
         settings, SHA, str(tmp_path / "here" / "linux"), arches.host(), 1, str(tmp_path / "here" / "tools")
     )

@@ -13,7 +13,8 @@ import pytest
 
 from vngtasks import arches, buildsteps, kconfig, kernelmake, render, vm
 from vngtasks.arches import Arch
-from vngtasks.settings import DEFAULTS, InputError, resolve
+from vngtasks.settings import DEFAULTS, effective
+from vngtasks.validate import InputError
 
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = os.environ.get("VNGTASKS_REGEN_GOLDEN") == "1"
@@ -57,7 +58,7 @@ def check_golden(name: str, lines: list[str]) -> None:
 @pytest.mark.parametrize("arch", arches.ARCHES, ids=lambda a: a.name)
 def test_boot_argv(arch: Arch, accel: str, variant: str) -> None:
     flags, environ = VARIANTS[variant]
-    settings = resolve(DEFAULTS, {**flags, "arch": arch.name, "accel": "auto"}, workspace=WORKSPACE)
+    settings = effective(DEFAULTS, {**flags, "arch": arch.name, "accel": "auto"}, workspace=WORKSPACE)
     # KVM only ever runs natively; TCG is shown from an x86_64 host (cross for the others).
     host = vm.Host(arch=arch if accel == "kvm" else X86_64, memory_mib=16384, vng="vng", environ=environ)
     boot = vm.Boot(
@@ -98,7 +99,7 @@ def test_config_steps(arch: str, base: str, tmp_path: Path) -> None:
     (tmp_path / "ci" / "kernel.config").write_text("CONFIG_IKCONFIG=y\n")
     (tmp_path / "full.config").write_text("CONFIG_64BIT=y\n")
     flags = {"arch": arch, "kconfig": "ci/kernel.config", "kconfig_base": "full.config" if base == "file" else base}
-    settings = resolve(DEFAULTS, flags, workspace=tmp_path)
+    settings = effective(DEFAULTS, flags, workspace=tmp_path)
     plan = buildsteps.Plan(settings, "a" * 40, "/w/linux", X86_64, 16, "/w/tools")
     steps = kernelmake.config_steps(plan, kernelmake.make_variables(kernelmake.vng_argv(plan, "vng")))
     check_golden(f"kconfig-{arch}-{base}.steps", [shlex.join(step) for step in steps])
@@ -106,7 +107,7 @@ def test_config_steps(arch: str, base: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arch", [a for a in arches.ARCHES if a.tiny_kconfig], ids=lambda a: a.name)
 def test_tiny_fragment(arch: Arch, tmp_path: Path) -> None:
-    settings = resolve(DEFAULTS, {"arch": arch.name, "kconfig_base": "tiny"}, workspace=tmp_path)
+    settings = effective(DEFAULTS, {"arch": arch.name, "kconfig_base": "tiny"}, workspace=tmp_path)
     (name, text), *_ = kconfig.fragments(settings)
     assert name == "tiny.config"
     check_golden(f"kconfig-tiny-{arch.name}.config", text.splitlines())
@@ -123,14 +124,14 @@ def test_guest_script() -> None:
 
 
 def test_default_memory_is_capped_under_tcg_only() -> None:
-    settings = resolve(DEFAULTS, {"extra_rwdirs": ""}, workspace=WORKSPACE)
+    settings = effective(DEFAULTS, {"extra_rwdirs": ""}, workspace=WORKSPACE)
     assert vm.memory_mib(settings, "kvm", 24000) == 21600
     assert vm.memory_mib(settings, "tcg", 24000) == settings.arch.tcg_memory_cap_mib
     assert vm.memory_mib(settings, "tcg", 2000) == 1800
 
 
 def test_cpu_host_is_dropped_without_kvm() -> None:
-    settings = resolve(DEFAULTS, {"qemu_opts": "-cpu host,pmu=off -smp 2"}, workspace=WORKSPACE)
+    settings = effective(DEFAULTS, {"qemu_opts": "-cpu host,pmu=off -smp 2"}, workspace=WORKSPACE)
     console = RUN_DIR / "console.log"
     assert "host,pmu=off" in vm.qemu_options(settings, "kvm", console)
     assert vm.qemu_options(settings, "tcg", console)[:2] == ["-cpu", settings.arch.tcg_cpu]
@@ -139,11 +140,11 @@ def test_cpu_host_is_dropped_without_kvm() -> None:
 
 @pytest.mark.parametrize("arch", arches.ARCHES, ids=lambda a: a.name)
 def test_console_log_is_a_virtconsole_of_its_own(arch: Arch) -> None:
-    settings = resolve(DEFAULTS, {"arch": arch.name}, workspace=WORKSPACE)
+    settings = effective(DEFAULTS, {"arch": arch.name}, workspace=WORKSPACE)
     opts = vm.qemu_options(settings, "tcg", RUN_DIR / "console.log")
     assert f"file,id=vngtasks-log,path={RUN_DIR}/console.log" in opts
     with pytest.raises(InputError, match=r"^log-dir: '/logs/a,b': vng pastes this path"):  # "," is QEMU's separator
-        resolve(DEFAULTS, {"arch": arch.name, "log_dir": "/logs/a,b"}, workspace=WORKSPACE)
+        effective(DEFAULTS, {"arch": arch.name, "log_dir": "/logs/a,b"}, workspace=WORKSPACE)
     assert "virtconsole,chardev=vngtasks-log,bus=vngtasks-log-bus.0" in opts
 
 

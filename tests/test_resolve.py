@@ -120,7 +120,7 @@ def closed_url() -> str:
 
 def make_settings(workspace: Path, cache_dir: Path, **flags: str) -> settings.Settings:
     workspace.mkdir(exist_ok=True)
-    return settings.resolve({}, {"cache_dir": str(cache_dir), **flags}, workspace=workspace)
+    return settings.effective({}, {"cache_dir": str(cache_dir), **flags}, workspace=workspace)
 
 
 def attempts(stderr: str) -> int:

@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 
 from vngtasks import settings
-from vngtasks.settings import DEFAULTS, InputError, resolve
+from vngtasks.settings import DEFAULTS, effective
+from vngtasks.validate import InputError
 
 
 def make(workspace: Path, **flags: object) -> settings.Settings:
-    return resolve(DEFAULTS, flags, workspace=workspace)
+    return effective(DEFAULTS, flags, workspace=workspace)
 
 
 def test_defaults_are_the_seeds(tmp_path: Path) -> None:
@@ -114,7 +115,7 @@ def test_unknown_flag_is_refused(tmp_path: Path) -> None:
 
 def test_flags_beat_config(tmp_path: Path) -> None:
     config = {**DEFAULTS, "memory": "1G", "cpus": "1"}
-    s = resolve(config, {"memory": "2G", "cpus": None}, workspace=tmp_path)
+    s = effective(config, {"memory": "2G", "cpus": None}, workspace=tmp_path)
     assert (s.memory_mib, s.cpus) == (2048, 1)
 
 

@@ -27,7 +27,8 @@ from .buildhost_ssh import BuildHost, Host, command_problem, connect, git_ssh_co
 from .buildsteps import Machine, Plan, fetch, plan_on
 from .errors import BAD_INPUT, MISSING_TOOL, Failure
 from .resolve import Resolved
-from .settings import InputError, Settings
+from .settings import Settings
+from .validate import InputError
 
 ROOT = ".cache/vngtasks"  # under the build host's $HOME
 LOW_DISK_BYTES = 10 * 1024**3  # a kernel build with debug info needs several GiB

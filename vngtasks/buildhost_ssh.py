@@ -27,7 +27,7 @@ from invoke.exceptions import UnexpectedExit
 
 from . import log
 from .errors import FAILED, Failure
-from .settings import InputError
+from .validate import InputError
 
 CONNECT_TIMEOUT_SECONDS = 30
 KEEPALIVE_SECONDS = 15

@@ -31,7 +31,8 @@ from pathlib import Path
 from . import log
 from .errors import FAILED, Failure
 from .kconfig import key_tag
-from .settings import InputError, Settings
+from .settings import Settings
+from .validate import InputError
 
 KERNELS = "kernels"
 TEMP = ".tmp"

@@ -14,7 +14,8 @@ from invoke import Context
 from . import build, cache, log
 from .errors import FAILED, Failure
 from .resolve import Resolved
-from .settings import Settings, make_directory
+from .settings import Settings
+from .validate import make_directory
 
 
 def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.Entry:
@@ -37,7 +38,7 @@ def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.E
         return build.build_here(c, settings, kernels, key, resolved)
 
 
-def dry_run(settings: Settings, resolved: Resolved) -> tuple[Path, list[str]]:
+def planned(settings: Settings, resolved: Resolved) -> tuple[Path, list[str]]:
     """The cache entry of the resolved commit (there now, or where a build would put it) and, on a miss,
     the commands that build it: found without making, locking or writing anything."""
     kernels = cache.KernelCache(cache.kernels_root(settings))

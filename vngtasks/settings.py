@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import arches, validate
 from .arches import Arch
-from .validate import Given, InputError, Parser, make_directory, plain_path  # noqa: F401  (until callers import validate)
+from .validate import Given, InputError, Parser
 
 TORVALDS_URL = "https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git"
 
@@ -211,6 +211,3 @@ def _text(key: str, value: object) -> str:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ("\n" if key in _LINE_LISTS else " ").join(value)
     raise InputError(key, f"expected a string, got {type(value).__name__}")
-
-
-resolve = effective  # until every caller says effective

@@ -26,8 +26,9 @@ from .arches import Arch
 from .errors import BAD_INPUT, Failure
 from .hostprobe import HostProbes, virtme_ng_init_runs
 from .runrecord import Attempt, conclude
-from .settings import Settings, make_directory, plain_path
+from .settings import Settings
 from .supervise import Marks, Outcome, VmRun, supervise
+from .validate import make_directory, plain_path
 
 # GitHub's step files: the workload may write them, so their folders are shared rw.
 GITHUB_FILES = ("GITHUB_OUTPUT", "GITHUB_ENV", "GITHUB_PATH", "GITHUB_STEP_SUMMARY")

@@ -15,7 +15,8 @@ from invoke.exceptions import Exit, ParseError, UnexpectedExit
 from invoke.util import yaml
 
 from ..errors import BAD_INPUT, FAILED, Failure
-from ..settings import BY_NAME, HELP, InputError, Settings, effective, taken_by
+from ..settings import BY_NAME, HELP, Settings, effective, taken_by
+from ..validate import InputError
 
 ENV_PREFIX = "INVOKE_VNG_"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from invoke import Collection, Context, task
 
 from .. import action, cache, log
-from .. import resolve as kernel_refs
+from ..resolve import RemoteFailed, resolve_kernel, sha_file
 from ..settings import DEFAULTS, effective
 from ..validate import InputError
 from . import _common
@@ -43,15 +43,15 @@ def resolve(c: Context, first: bool = False):
     with _common.exit_statuses():
         action.stage_in(action.stage_dir(s), cache.kernels_root(s))
         try:
-            resolved = kernel_refs.resolve_kernel(c, s)
-        except kernel_refs.RemoteFailed as failure:
+            resolved = resolve_kernel(c, s)
+        except RemoteFailed as failure:
             if not first:
                 raise
             log.warn(f"{failure}: trying the newest cached kernel of {s.name} in the actions cache")
             action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"retry": "true"})
             return
         answer(s, resolved)
-        if kernel_refs.sha_file(s.workspace, s.name).is_file():
+        if sha_file(s.workspace, s.name).is_file():
             action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"propagate": "true"})
 
 
@@ -72,12 +72,12 @@ def kernel(c: Context):
 @task
 def build(c: Context):
     """`invoke build`, timed; the entry is staged (hard links) for the kernel cache layer to save."""
-    from .. import build as kernel_build
+    from ..provide import ensure_kernel  # here: the other steps start without the build modules
 
     s = _common.settings(c)
     with _common.stopped_by_signals(), _common.exit_statuses():
         started = time.monotonic()
-        entry = kernel_build.ensure_kernel(c, s, kernel_refs.resolve_kernel(c, s))
+        entry = ensure_kernel(c, s, resolve_kernel(c, s))
         seconds = round(time.monotonic() - started)
         action.stage_out(entry.path, action.stage_dir(s))
         action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"seconds": str(seconds)})

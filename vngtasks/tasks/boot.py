@@ -6,7 +6,7 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from ..errors import BAD_INPUT
-from ..settings import make_directory
+from ..validate import make_directory
 from . import _common
 
 
@@ -22,7 +22,7 @@ def boot(c: Context, dry_run: bool = False, **flags: str | None):
         with _common.exit_statuses():
             kernel, commands = (s.kernel or kernels.host_kernel(), [])
             if s.tag:
-                kernel, commands = provide.dry_run(s, resolve.resolve_kernel(c, s, record=False))
+                kernel, commands = provide.planned(s, resolve.resolve_kernel(c, s, record=False))
             print("\n".join([*commands, vm.dry_run_line(s, kernel)]))
         return
     with _common.stopped_by_signals(), _common.exit_statuses():

@@ -15,13 +15,13 @@ def build(c: Context, dry_run: bool = False, **flags: str | None):
     s = _common.settings(c, **flags)
     if not s.tag:
         raise Exit("vngtasks: tag: required: a tag, branch or 40-hex commit", code=BAD_INPUT)
-    from .. import provide  # here: tasks that build nothing start without it
-    from .. import resolve as kernel_refs
+    from ..provide import ensure_kernel, planned  # here: tasks that build nothing start without them
+    from ..resolve import resolve_kernel
 
     with _common.stopped_by_signals(), _common.exit_statuses():
         if dry_run:
-            _, commands = provide.dry_run(s, kernel_refs.resolve_kernel(c, s, record=False))
+            _, commands = planned(s, resolve_kernel(c, s, record=False))
             print("\n".join(commands))
             return
-        entry = provide.ensure_kernel(c, s, kernel_refs.resolve_kernel(c, s))
+        entry = ensure_kernel(c, s, resolve_kernel(c, s))
     print(entry.path)

@@ -7,10 +7,10 @@ import time
 from invoke import Context
 from invoke.exceptions import Exit
 
-from .. import cache as kernel_cache
 from .. import log
+from ..cache import KernelCache, human_age, human_size, kernels_root, parse_age, parse_keep, parse_size
 from ..errors import BAD_INPUT
-from ..settings import InputError
+from ..validate import InputError
 from . import _common
 
 
@@ -26,12 +26,12 @@ def cache(c: Context, keep=None, max_size=None, max_age=None, **flags: str | Non
     """List cached kernels (key, size, age, kernel release); with --keep, --max-size or --max-age, prune them."""
     s = _common.settings(c, **flags)
     try:
-        keep_per_name = None if keep is None else kernel_cache.parse_keep(keep)
-        max_bytes = None if max_size is None else kernel_cache.parse_size(max_size)
-        max_seconds = None if max_age is None else kernel_cache.parse_age(max_age)
+        keep_per_name = None if keep is None else parse_keep(keep)
+        max_bytes = None if max_size is None else parse_size(max_size)
+        max_seconds = None if max_age is None else parse_age(max_age)
     except InputError as error:
         raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
-    store = kernel_cache.KernelCache(kernel_cache.kernels_root(s))
+    store = KernelCache(kernels_root(s))
     if keep_per_name is None and max_bytes is None and max_seconds is None:
         entries = store.entries()
         if not entries:
@@ -39,12 +39,12 @@ def cache(c: Context, keep=None, max_size=None, max_age=None, **flags: str | Non
         now = time.time()
         for entry in entries:
             release = entry.metadata.get("kernel_release") or "-"
-            size = kernel_cache.human_size(entry.size_bytes)
-            print(f"{entry.key}\t{size}\t{kernel_cache.human_age(now - entry.created)}\t{release}")
+            size = human_size(entry.size_bytes)
+            print(f"{entry.key}\t{size}\t{human_age(now - entry.created)}\t{release}")
         return
     removed = store.prune(keep_per_name, max_bytes, max_seconds)
     for entry in removed:
-        print(f"removed {entry.key}\t{kernel_cache.human_size(entry.size_bytes)}")
+        print(f"removed {entry.key}\t{human_size(entry.size_bytes)}")
     left = store.entries()
-    total = kernel_cache.human_size(sum(entry.size_bytes for entry in left))
+    total = human_size(sum(entry.size_bytes for entry in left))
     log.info(f"cache: removed {len(removed)}, kept {len(left)} ({total})")

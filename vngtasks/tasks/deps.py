@@ -12,8 +12,8 @@ from . import _common
 def deps(c: Context, **flags: str | None):
     """Install the kernel build toolchain, QEMU for the target arch and extra packages; no-op when present."""
     s = _common.settings(c, **flags)
-    from .. import deps as host_deps  # here: other tasks start without it
+    from ..deps import install  # here: other tasks start without it
 
     with _common.exit_statuses():
-        installed = host_deps.install(c, s, arches.host())
+        installed = install(c, s, arches.host())
     log.info(f"deps: installed {' '.join(installed)}" if installed else "deps: everything is already installed")

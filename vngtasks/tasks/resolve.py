@@ -7,10 +7,11 @@ import os
 from invoke import Context
 from invoke.exceptions import Exit
 
-from .. import cache
-from .. import resolve as kernel_refs
+from ..cache import KernelCache, kernels_root, key_for
 from ..errors import BAD_INPUT
-from ..settings import InputError, Settings
+from ..resolve import Resolved, resolve_kernel
+from ..settings import Settings
+from ..validate import InputError
 from . import _common
 
 
@@ -21,13 +22,13 @@ def resolve(c: Context, **flags: str | None):
     if not s.tag:
         raise Exit(f"vngtasks: {InputError('tag', 'required: a tag, branch or 40-hex commit')}", code=BAD_INPUT)
     with _common.exit_statuses():
-        answer(s, kernel_refs.resolve_kernel(c, s))
+        answer(s, resolve_kernel(c, s))
 
 
-def answer(s: Settings, resolved: kernel_refs.Resolved) -> dict[str, str]:
+def answer(s: Settings, resolved: Resolved) -> dict[str, str]:
     """Print what `resolved` means here (and append it to $GITHUB_OUTPUT when set); return it."""
-    key = cache.key_for(s, resolved.sha12)
-    hit = cache.KernelCache(cache.kernels_root(s)).lookup(key) is not None
+    key = key_for(s, resolved.sha12)
+    hit = KernelCache(kernels_root(s)).lookup(key) is not None
     lines = {
         "sha12": resolved.sha12,
         "sha": resolved.sha,
