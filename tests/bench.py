@@ -215,7 +215,7 @@ def _one_line_push(repo: Path, tmp: Path, home: Path, port: int) -> None:
     makefile.write_text(makefile.read_text() + "# one more line\n")
     git(clone, "commit", "-q", "-a", "-m", "one line")
     os.environ["HOME"] = str(home)
-    host = buildhost_ssh.Host("root", "127.0.0.1", port)
+    host = buildhost_ssh.SshAddress("root", "127.0.0.1", port)
     conn = buildhost_ssh.connect(host, accept_new=False)
     bare = f"{tmp}/remote-home/.cache/vngtasks/remote-git/bench.git"
     ref = "refs/vngtasks/bench-x86_64"  # what a build of name bench pushes to

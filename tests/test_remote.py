@@ -142,12 +142,13 @@ def error_line(stderr: str) -> str:
 
 
 def test_host_parsing():
-    assert buildhost_ssh.Host.parse("build.example.org") == buildhost_ssh.Host(None, "build.example.org", 22)
-    assert buildhost_ssh.Host.parse("ci@10.0.0.2:2222") == buildhost_ssh.Host("ci", "10.0.0.2", 2222)
-    assert buildhost_ssh.Host.parse("ci@h:2222").known_hosts_name == "[h]:2222"
-    assert buildhost_ssh.Host.parse("h").known_hosts_name == "h"
+    address = buildhost_ssh.SshAddress
+    assert address.parse("build.example.org") == address(None, "build.example.org", 22)
+    assert buildhost_ssh.SshAddress.parse("ci@10.0.0.2:2222") == buildhost_ssh.SshAddress("ci", "10.0.0.2", 2222)
+    assert buildhost_ssh.SshAddress.parse("ci@h:2222").known_hosts_name == "[h]:2222"
+    assert buildhost_ssh.SshAddress.parse("h").known_hosts_name == "h"
     with pytest.raises(ValueError, match="build-host"):
-        buildhost_ssh.Host.parse("h:70000")
+        buildhost_ssh.SshAddress.parse("h:70000")
 
 
 def test_a_port_out_of_range_is_bad_input(cli, tmp_path: Path):
@@ -166,7 +167,7 @@ def test_local_repositories_are_pushed_and_urls_fetched_there(tmp_path: Path):
 
 def test_git_ssh_is_as_strict_as_paramiko(home: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HOME", str(home / "a b"))
-    command = buildhost_ssh.git_ssh_command(buildhost_ssh.Host("u", "h", 2222))
+    command = buildhost_ssh.git_ssh_command(buildhost_ssh.SshAddress("u", "h", 2222))
     assert "StrictHostKeyChecking=yes" in command and "-F none" in command and "BatchMode=yes" in command
     assert f"'UserKnownHostsFile={home}/a b/.ssh/known_hosts'" in command
 
@@ -324,7 +325,7 @@ def _build_host_tree(start_sshd, home: Path, tmp_path: Path, monkeypatch, image:
     (tree / "arch" / "x86" / "boot" / "bzImage").write_bytes(image)
     dest = tmp_path / "entry"
     dest.mkdir()
-    return buildhost_ssh.connect(buildhost_ssh.Host("root", "127.0.0.1", sshd.port), accept_new=False), tree, dest
+    return buildhost_ssh.connect(buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port), accept_new=False), tree, dest
 
 
 def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_path: Path, monkeypatch):
@@ -354,7 +355,7 @@ def test_builds_of_one_key_on_one_host_take_turns(start_sshd, home: Path, monkey
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    host = buildhost_ssh.Host("root", "127.0.0.1", sshd.port)
+    host = buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port)
     lock = str(sshd.remote_home / "vng-kernel-k.lock")
     first, second = buildhost_ssh.connect(host, accept_new=False), buildhost_ssh.connect(host, accept_new=False)
     buildhost.hold_lock(first, lock, "k")
@@ -373,7 +374,7 @@ def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeyp
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    host = buildhost_ssh.Host("root", "127.0.0.1", sshd.port)
+    host = buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port)
     conn = buildhost_ssh.connect(host, accept_new=False)
     conn.pidfile = str(sshd.remote_home / "command.pid")
     seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"  # names our sleep in ps
@@ -402,7 +403,7 @@ def test_a_failing_command_is_stopped_as_a_whole_while_connected(start_sshd, hom
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    conn = buildhost_ssh.connect(buildhost_ssh.Host("root", "127.0.0.1", sshd.port), accept_new=False)
+    conn = buildhost_ssh.connect(buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port), accept_new=False)
     conn.pidfile = str(sshd.remote_home / "command.pid")
     seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
     thread = threading.Thread(
@@ -431,7 +432,7 @@ def test_the_build_host_hits_objects_compiled_here(start_sshd, home: Path, tmp_p
         settings, SHA, str(tmp_path / "here" / "linux"), arches.host(), 1, str(tmp_path / "here" / "tools")
     )
     compile_one(Context(), here, buildsteps.build_env(here, str(home)), source)
-    host = buildhost_ssh.Host("root", "127.0.0.1", sshd.port)
+    host = buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port)
     conn = buildhost_ssh.connect(host, accept_new=False)
     far = buildhost.survey(conn, host)
     there = buildsteps.plan_on(settings, SHA, far, f"{sshd.remote_home}/work")

@@ -23,7 +23,7 @@ import paramiko
 from invoke import Context
 
 from . import arches, build, cache, deps, log, untar
-from .buildhost_ssh import BuildHost, Host, command_problem, connect, git_ssh_command, stage
+from .buildhost_ssh import BuildHost, SshAddress, command_problem, connect, git_ssh_command, stage
 from .buildsteps import Machine, Plan, fetch, plan_on
 from .errors import BAD_INPUT, MISSING_TOOL, Failure
 from .resolve import Resolved
@@ -38,7 +38,7 @@ _WRITTEN = re.compile(r"Writing objects: 100% \([0-9]+/[0-9]+\), ([0-9.]+) (byte
 _UNITS = {"bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
-def survey(conn: BuildHost, host: Host) -> Machine:
+def survey(conn: BuildHost, host: SshAddress) -> Machine:
     """What we learn about the build host before building there (make's PATH: vng's directory first)."""
     probe = 'printf "%s\\n" "$HOME" "$(uname -m)" "$(nproc)" "$(command -v vng)" "$PATH" "${CCACHE_DIR:-}"'
     lines = conn.run(probe, hide=True, in_stream=False).stdout.split("\n")
@@ -61,7 +61,7 @@ def build_packages(settings: Settings, distro: deps.Distro, host_arch: arches.Ar
     return [name for name in deps.wanted(settings, distro, host_arch, False) if name not in boot_only]
 
 
-def check_toolchain(conn: BuildHost, host: Host, settings: Settings, machine: Machine) -> None:
+def check_toolchain(conn: BuildHost, host: SshAddress, settings: Settings, machine: Machine) -> None:
     """Fail, listing what to install, unless the build host has the build packages and vng."""
     problems = []
     if conn.run("command -v dpkg-query", hide=True, warn=True, in_stream=False).ok:
@@ -87,7 +87,7 @@ def local_repo(url: str) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
-def push(c: Context, conn: BuildHost, host: Host, repo: Path, sha: str, bare: str, ref: str) -> int:
+def push(c: Context, conn: BuildHost, host: SshAddress, repo: Path, sha: str, bare: str, ref: str) -> int:
     """Push commit `sha` of the local `repo` to `ref` of `bare` on the build host; bytes sent."""
     conn.run(f"test -d {shlex.quote(bare)} || git init -q --bare {shlex.quote(bare)}", hide=True, in_stream=False)
     user = f"{host.user}@" if host.user else ""
@@ -105,7 +105,7 @@ def push(c: Context, conn: BuildHost, host: Host, repo: Path, sha: str, bare: st
     return round(float(written[1]) * _UNITS[written[2]]) if written else 0
 
 
-def check_disk(conn: BuildHost, host: Host, path: str) -> None:
+def check_disk(conn: BuildHost, host: SshAddress, path: str) -> None:
     free = conn.run(f"df -Pk {shlex.quote(path)} | awk 'NR==2 {{print $4}}'", hide=True, warn=True, in_stream=False)
     kib = free.stdout.strip()
     if kib.isdigit() and int(kib) * 1024 < LOW_DISK_BYTES:
@@ -173,7 +173,7 @@ def build_entry(
 ) -> cache.Entry:
     """Build `resolved` on the build host and store the result as cache entry `key`."""
     try:
-        host = Host.parse(settings.build_host)
+        host = SshAddress.parse(settings.build_host)
     except InputError as error:
         raise Failure(str(error), BAD_INPUT) from None
     started = time.monotonic()
@@ -190,7 +190,7 @@ def build_entry(
 def _build_there(
     c: Context,
     conn: BuildHost,
-    host: Host,
+    host: SshAddress,
     s: Settings,
     kernels: cache.KernelCache,
     key: str,
@@ -216,7 +216,7 @@ def _build_there(
     return entry
 
 
-def there(c: Context, conn: BuildHost, host: Host, s: Settings, machine: Machine) -> build.Site:
+def there(c: Context, conn: BuildHost, host: SshAddress, s: Settings, machine: Machine) -> build.Site:
     """The build host as a site: a local tree pushed (else kernel-url fetched there), the result streamed home."""
 
     def bring_source(plan: Plan) -> int:

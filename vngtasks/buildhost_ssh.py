@@ -54,7 +54,7 @@ exit "$status"
 
 
 @dataclass(frozen=True)
-class Host:
+class SshAddress:
     """`[user@]host[:port]`, as the `build-host` setting gives it."""
 
     user: str | None
@@ -62,7 +62,7 @@ class Host:
     port: int
 
     @classmethod
-    def parse(cls, text: str) -> Host:
+    def parse(cls, text: str) -> SshAddress:
         found = _HOST.fullmatch(text)
         port = int(found["port"]) if found and found["port"] else 22
         if not found or not 1 <= port <= 65535:
@@ -195,7 +195,7 @@ class BuildHost(Connection):
             )
 
 
-def connect(host: Host, accept_new: bool) -> BuildHost:
+def connect(host: SshAddress, accept_new: bool) -> BuildHost:
     """An open connection whose host key matched known_hosts (or was new and accepted)."""
     config = Config(lazy=True, overrides={"load_ssh_configs": False, "timeouts": {"connect": CONNECT_TIMEOUT_SECONDS}})
     conn = BuildHost(host.hostname, user=host.user, port=host.port, config=config)
@@ -251,7 +251,7 @@ def _describe(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def stage(conn: BuildHost, host: Host, name: str) -> Iterator[None]:
+def stage(conn: BuildHost, host: SshAddress, name: str) -> Iterator[None]:
     """Turn whatever fails inside into one line naming the host and `name`."""
     try:
         yield
@@ -290,7 +290,7 @@ def _short(line: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def git_ssh_command(host: Host) -> str:
+def git_ssh_command(host: SshAddress) -> str:
     """ssh for git push with the same policy as our connection (keys were checked on connect)."""
     argv = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
     argv += ["-o", f"UserKnownHostsFile={known_hosts_file()}", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_SECONDS}"]
