@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from invoke.util import yaml
 
 from . import cache, log
+from .files import write_atomically
 from .settings import SETTINGS, Settings
 from .validate import InputError
 
@@ -53,14 +53,7 @@ def write_settings_file(directory: Path, raw: Mapping[str, str]) -> Path:
     user only; every later step reads it with INVOKE_RUNTIME_CONFIG."""
     text = yaml.safe_dump({"vng": dict(raw)}, sort_keys=True)
     path = directory / f"vngtasks-settings-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
-    fd, temp = tempfile.mkstemp(prefix=".vngtasks-", dir=directory)  # 0600
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text)  # 0600
     return path
 
 

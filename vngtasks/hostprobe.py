@@ -18,11 +18,11 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .arches import Arch
+from .files import write_atomically
 
 PROBES_FILE = "host-probes.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -153,10 +153,7 @@ class HostProbes:
             return
         with contextlib.suppress(OSError):  # a cache we cannot write only costs a probe next time
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, temp = tempfile.mkstemp(prefix=".host-probes-", dir=self.path.parent)
-            with os.fdopen(fd, "w") as out:
-                json.dump(self.answers, out, indent=2, sort_keys=True)
-            os.replace(temp, self.path)
+            write_atomically(self.path, json.dumps(self.answers, indent=2, sort_keys=True))
 
 
 def _boot_id() -> str:

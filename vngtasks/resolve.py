@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from invoke.exceptions import CommandTimedOut
 from . import log
 from .cache import KernelCache, kernels_root
 from .errors import BAD_INPUT, FAILED, Failure
+from .files import write_atomically
 from .kconfig import key_tag
 from .settings import Settings
 
@@ -170,19 +170,8 @@ def propagate(workspace: Path, name: str, question: Question, sha: str, environ:
         "run_attempt": environ.get("GITHUB_RUN_ATTEMPT", ""),
         "sha": sha,
     }
-    _write_atomically(path, json.dumps(record) + "\n")
+    write_atomically(path, json.dumps(record) + "\n")
     return path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def stale(settings: Settings) -> Resolved | None:
