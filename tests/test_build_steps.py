@@ -107,6 +107,11 @@ def test_make_variables_are_what_vng_passes_on() -> None:
     ]
 
 
+def test_ccache_max_size_reaches_the_build_s_ccache() -> None:
+    assert buildsteps.build_env(plan(), "/home/u")["CCACHE_MAXSIZE"] == "5G"  # the seed's cap
+    assert buildsteps.build_env(plan(ccache_max_size="20G"), "/home/u")["CCACHE_MAXSIZE"] == "20G"
+
+
 def test_without_ccache_no_wrapper_and_no_ccache_env() -> None:
     p = plan(kernel_compile_cache="false")
     assert not [a for a in kernelmake.vng_argv(p, "vng") if a.startswith("CC=")]

@@ -84,6 +84,8 @@ def test_valid_values(tmp_path: Path, flags: dict[str, object], expected: tuple[
         ("tag", "--upload-pack=evil"),
         ("version", "v2/../../x"),
         ("build_host", "host; id"),
+        ("ccache_max_size", "5 G"),
+        ("ccache_max_size", "-1"),
         ("extra_rwdirs", "/tmp/a=b"),
     ],
 )

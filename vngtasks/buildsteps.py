@@ -23,7 +23,6 @@ from .arches import Arch
 from .errors import FAILED, Failure
 from .settings import Settings
 
-CCACHE_MAX_SIZE = "5G"
 # Fixed build identity: the same sources give the same objects, so ccache hits across trees.
 BUILD_TIMESTAMP = "@0"
 # ccache hashes these four into every object's key (they change the compiler's messages): pinned, so a
@@ -97,7 +96,7 @@ def build_env(plan: Plan, home: str, environ: Mapping[str, str] = os.environ) ->
     if plan.settings.kernel_compile_cache:
         env |= {
             "CCACHE_DIR": environ.get("CCACHE_DIR") or f"{home}/.cache/ccache",
-            "CCACHE_MAXSIZE": CCACHE_MAX_SIZE,
+            "CCACHE_MAXSIZE": plan.settings.ccache_max_size,
             "CCACHE_BASEDIR": plan.tree,
             "CCACHE_NOHASHDIR": "true",
         }

@@ -93,6 +93,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("llvm", "", (DEPS, *_BUILDS), validate.LLVM,
             "LLVM toolchain for the kernel build: 1 or a suffix such as -14"),
     Setting("kernel_compile_cache", "true", _BUILDS, validate.boolean, "build through ccache"),
+    Setting("ccache_max_size", "5G", _BUILDS, validate.CCACHE_SIZE,
+            "the most the building machine's ccache may hold, e.g. 500M, 20G; 0 = no limit (ccache's max_size)"),
     Setting("vmlinux_h", "true", _BUILDS, validate.boolean,
             "build with BTF and write vmlinux.h into the cache entry"),
     Setting("build_host", "", _BUILDS, validate.build_host, "[user@]host[:port] to build on over SSH"),
@@ -156,6 +158,7 @@ class Settings:
     cc: str
     llvm: str
     kernel_compile_cache: bool
+    ccache_max_size: str
     vmlinux_h: bool
     build_host: str
     build_host_accept_new: bool

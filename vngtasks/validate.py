@@ -101,6 +101,7 @@ NETWORK = matching(_NETWORK, "user, loop, bridge or bridge=NAME", empty_ok=True)
 CC = matching(_TOOL, "a compiler name such as clang or gcc-12", empty_ok=True)
 LLVM = matching(_LLVM, "1 or a version suffix such as -14", empty_ok=True)
 ACCEL = matching(re.compile("|".join(ACCELS)), "auto, kvm or tcg")
+CCACHE_SIZE = matching(re.compile(r"0|[1-9][0-9]*[MGT]"), "a size such as 500M or 20G, or 0 for no limit")
 
 
 def kernel_url(key: str, value: str, given: Given) -> str:
