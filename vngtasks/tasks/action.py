@@ -61,7 +61,8 @@ def kernel(c: Context):
     s = _common.settings(c)
     with _common.exit_statuses():
         again = os.environ.get("AGAIN", "")
-        chosen = (again, "AGAIN") if '"key"' in again else (os.environ.get("FIRST", ""), "FIRST")
+        retried = '"key"' in again  # a skipped step's outputs are {} (or null): no key in them
+        chosen = (again, "AGAIN") if retried else (os.environ.get("FIRST", ""), "FIRST")
         found = action.kernel_from_outputs(*chosen, hit="cache-hit")
         shutil.rmtree(action.stage_dir(s), ignore_errors=True)
         if found.remote_failed:
