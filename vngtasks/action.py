@@ -18,14 +18,15 @@ from pathlib import Path
 
 from invoke.util import yaml
 
-from . import cache, log
+from . import log
 from .files import write_atomically
+from .reference import action_input_name
+from .resolve import is_sha
 from .settings import SETTINGS, Settings
 from .validate import InputError
 
 INPUTS_VARIABLE = "VNGTASKS_ACTION_INPUTS"  # the action's `toJSON(inputs)`
-SETTING_OF_INPUT = {setting.action_input or setting.dashed: setting.name for setting in SETTINGS}
-_SHA = re.compile(r"[0-9a-f]{40}")
+SETTING_OF_INPUT = {action_input_name(setting): setting.name for setting in SETTINGS}
 _KEY = re.compile(r"vng-kernel-[A-Za-z0-9._+-]+")
 _SECONDS = re.compile(r"[0-9]{1,7}")
 
@@ -142,7 +143,7 @@ def kernel_from_outputs(outputs_json: str, where: str, hit: str) -> Kernel:
         raise InputError(where, "expected a step's outputs as a JSON object")
     sha, key = str(outputs.get("sha", "")), str(outputs.get("key", ""))
     flags = {name: str(outputs.get(name, "")) for name in (hit, "remote-failed")}
-    if not _SHA.fullmatch(sha) or not _KEY.fullmatch(key) or sha[:12] not in key:
+    if not is_sha(sha) or not _KEY.fullmatch(key) or sha[:12] not in key:
         raise InputError(where, f"no resolved kernel in these outputs: sha {sha!r}, key {key!r}")
     if any(value not in ("true", "false") for value in flags.values()):
         raise InputError(where, f"{hit} and remote-failed must be true or false: {flags}")
@@ -199,7 +200,3 @@ def add_summary_row(summary: Path, name: str, tag: str, sha12: str, how: str) ->
         if SUMMARY_HEADER not in existing:
             out.write(f"\n{SUMMARY_HEADER}\n|---|---|---|\n")
         out.write(f"| {name} | {escaped} → {sha12} | {how} |\n")
-
-
-def entry_path(s: Settings, key: str) -> Path:
-    return cache.kernels_root(s) / key

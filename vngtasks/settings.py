@@ -10,7 +10,7 @@ table and the action its inputs (vngtasks/reference.py).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import arches, validate
@@ -199,11 +199,6 @@ def _check_together(s: Settings) -> None:
         raise InputError("kconfig_base", f"tiny is not available for {s.arch.name} yet: use vng or a .config file")
     if s.accel == "kvm" and s.arch != arches.host():
         raise InputError("accel", f"kvm cannot run {s.arch.name} guests on a {arches.host().name} host: use tcg")
-
-
-def settings_fields() -> list[str]:
-    """The `Settings` fields the table fills (all but the workspace)."""
-    return [field.name for field in fields(Settings) if field.name != "workspace"]
 
 
 def _text(key: str, value: object) -> str:

@@ -10,12 +10,19 @@ from pathlib import Path
 
 from invoke import Collection, Context, task
 
-from .. import action, cache, log
+from .. import cache, log
 from ..resolve import RemoteFailed, resolve_kernel, sha_file
 from ..settings import DEFAULTS, effective
 from ..validate import InputError
 from . import _common
 from .resolve import answer
+
+
+def _steps():
+    """vngtasks/action.py, loaded by the action's steps only: every other task starts without it."""
+    from .. import action
+
+    return action
 
 
 def _environ(name: str) -> str:
@@ -29,6 +36,7 @@ def _environ(name: str) -> str:
 def check_inputs(c: Context):
     """Check the action's inputs ($VNGTASKS_ACTION_INPUTS, JSON) and write the settings file every later
     step reads; outputs its path and the cache layers' paths."""
+    action = _steps()
     with _common.exit_statuses():
         raw = action.raw_settings(_environ(action.INPUTS_VARIABLE))
         s = effective(DEFAULTS, raw)
@@ -39,6 +47,7 @@ def check_inputs(c: Context):
 @task(help={"first": "an unreachable remote with no cached kernel is not an error: outputs retry=true"})
 def resolve(c: Context, first: bool = False):
     """Move kernels the actions cache restored into the cache, then `invoke resolve`."""
+    action = _steps()
     s = _common.settings(c)
     with _common.exit_statuses():
         action.stage_in(action.stage_dir(s), cache.kernels_root(s))
@@ -58,6 +67,7 @@ def resolve(c: Context, first: bool = False):
 @task
 def kernel(c: Context):
     """The resolved kernel ($AGAIN's outputs when the retry ran, else $FIRST's), checked, as outputs."""
+    action = _steps()
     s = _common.settings(c)
     with _common.exit_statuses():
         again = os.environ.get("AGAIN", "")
@@ -73,6 +83,7 @@ def kernel(c: Context):
 @task
 def build(c: Context):
     """`invoke build`, timed; the entry is staged (hard links) for the kernel cache layer to save."""
+    action = _steps()
     from ..provide import ensure_kernel  # here: the other steps start without the build modules
 
     s = _common.settings(c)
@@ -89,6 +100,7 @@ def finish(c: Context):
     """The kernel's cache entry in place, linked at $GITHUB_WORKSPACE/linux; outputs cache-hit and
     kernel-dir, and a row of the job summary. From $KERNEL (the kernel step's outputs), $RESTORED
     (the kernel cache layer's cache-hit) and $BUILD_SECONDS."""
+    action = _steps()
     s = _common.settings(c)
     with _common.exit_statuses():
         found = action.kernel_from_outputs(os.environ.get("KERNEL", ""), "KERNEL", hit="local-hit")
@@ -97,9 +109,10 @@ def finish(c: Context):
         if restored:
             action.stage_in(action.stage_dir(s), cache.kernels_root(s))
         shutil.rmtree(action.stage_dir(s), ignore_errors=True)
-        entry = action.entry_path(s, found.key)
-        if not (entry / "metadata.json").is_file():
+        cached = cache.KernelCache(cache.kernels_root(s)).lookup(found.key)
+        if cached is None:
             raise InputError("KERNEL", f"{found.key} is not in the kernel cache")
+        entry = cached.path
         action.link_workspace(s.workspace, entry)
         hit, how = action.how_it_came(found, restored, built)
         action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"cache-hit": str(hit).lower(), "kernel-dir": str(entry)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from invoke import Context
 from invoke.exceptions import Exit
@@ -38,8 +39,7 @@ def answer(s: Settings, resolved: Resolved) -> dict[str, str]:
     }
     print("\n".join(f"{name}={value}" for name, value in lines.items()))
     if os.environ.get("GITHUB_OUTPUT"):
-        with open(os.environ["GITHUB_OUTPUT"], "a") as outputs:
-            outputs.write(
-                "".join(f"{name}={value}\n" for name, value in {**lines, "kernel-sha": resolved.sha12}.items())
-            )
+        from ..action import write_outputs  # here: only a run under GitHub Actions loads it
+
+        write_outputs(Path(os.environ["GITHUB_OUTPUT"]), {**lines, "kernel-sha": resolved.sha12})
     return lines
