@@ -180,3 +180,19 @@ def test_the_kernel_and_finish_steps_hand_the_kernel_on(tmp_path: Path) -> None:
     assert outputs() == {"cache-hit": "true", "kernel-dir": str(cache_dir / "kernels" / KEY)}
     assert os.readlink(tmp_path / "linux") == str(cache_dir / "kernels" / KEY)
     assert f"| ci | v6.12 → {SHA[:12]} | cache hit (local) |" in (tmp_path / "s").read_text()
+
+
+def test_a_runtime_config_file_is_above_the_environment_and_the_workspace_file(tmp_path: Path) -> None:
+    """README's order: ... vngtasks.yaml, INVOKE_VNG_* env, a runtime config file (`invoke -f FILE` or
+    INVOKE_RUNTIME_CONFIG), then flags."""
+    (tmp_path / "vngtasks.yaml").write_text("vng: {memory: 1G, cpus: '1'}\n")
+    (tmp_path / "run.yaml").write_text("vng: {memory: 2G}\n")
+    env = {"INVOKE_VNG_MEMORY": "3G", "INVOKE_VNG_CPUS": "2"}
+    by_flag = invoke(["-f", str(tmp_path / "run.yaml"), "settings"], env, tmp_path)
+    by_env = invoke(["settings"], {**env, "INVOKE_RUNTIME_CONFIG": str(tmp_path / "run.yaml")}, tmp_path)
+    for shown in (by_flag, by_env):
+        assert "memory-mib=2048\n" in shown.stdout and "cpus=2\n" in shown.stdout, shown.stderr
+    flagged = invoke(
+        ["-f", str(tmp_path / "run.yaml"), "boot", "--memory", "4G", "--dry-run", "--", "true"], env, tmp_path
+    )
+    assert "--memory=4096M" in flagged.stdout, flagged.stderr

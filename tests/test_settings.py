@@ -38,6 +38,7 @@ def test_defaults_are_the_seeds(tmp_path: Path) -> None:
         ({"llvm": "-14"}, ("llvm", "-14")),
         ({"name": "sched_ext-6.12"}, ("name", "sched_ext-6.12")),
         ({"build_host": "me@big.example:2222"}, ("build_host", "me@big.example:2222")),
+        ({"ccache_max_size": "0"}, ("ccache_max_size", "0")),  # ccache's "no limit"
     ],
     ids=lambda v: str(v),
 )
