@@ -10,11 +10,14 @@ cold build then fits what CI pays on a fresh machine.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
-from conftest import CCACHE_ENV, TinyBuild
+from conftest import CCACHE_ENV, TinyBuild, tiny_flags
 from linux_remote import KCONFIG, TAG
+
+from vngtasks import arches
 
 pytestmark = pytest.mark.slow
 
@@ -103,3 +106,34 @@ def test_a_changed_fragment_applies_to_the_next_build_in_the_same_work_tree(
     assert "config.gz-present" not in done.stdout and f"__ci__{sha[:12]}" in done.stdout
     entry = tiny_build.entry.parent / f"vng-kernel-ci-x86_64-{sha[:12]}-v3+tiny"
     assert "# CONFIG_IKCONFIG is not set" in (entry / ".config").read_text()
+
+
+def test_an_arm64_tiny_kernel_is_cross_built_with_its_vmlinux_h(cli, tmp_path: Path, workspace: Path, remote):
+    """v6.12 cross-built for arm64 on this x86_64 machine, kconfig-base tiny, through the tests' ccache: the
+    entry holds arm64's boot image, vmlinux.h made by the host's bpftool from the arm64 vmlinux's BTF, and the
+    release that `uname -r` will print. (Booting it needs a guest root of arm64's: the foreign-arch boots.)"""
+    url, sha = remote
+    arm64 = arches.lookup("arm64")
+    (workspace / "ci").mkdir()
+    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+    args = ("build", *tiny_flags(url), "--arch", "arm64", "--cache-dir", str(tmp_path / "cache"))
+    started = time.monotonic()
+    done = cli(*args, env=CCACHE_ENV, timeout=3600)
+    print(f"arm64 cross build: {time.monotonic() - started:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "did not survive" not in done.stderr  # every line of BTF's and the tests' fragment
+    entry = Path(done.stdout.strip().splitlines()[-1])
+    assert entry.name == f"vng-kernel-ci-arm64-{sha[:12]}-v2+tiny"
+    image = (entry / arm64.boot_images[0]).read_bytes()
+    assert len(image) > 1_000_000 and image[56:60] == b"ARM\x64"  # the arm64 Image header's magic
+    metadata = json.loads((entry / "metadata.json").read_text())
+    assert metadata["arch"] == "arm64" and metadata["kconfig_base"] == "tiny" and metadata["vmlinux_h"] is True
+    assert metadata["toolchain"].startswith(arm64.cross_compile + "gcc")
+    release = (entry / "include" / "config" / "kernel.release").read_text().strip()
+    assert release == metadata["kernel_release"] and f"__ci__{sha[:12]}" in release
+    config = set((entry / ".config").read_text().splitlines())
+    assert {"CONFIG_ARM64=y", "CONFIG_SERIAL_AMBA_PL011_CONSOLE=y", "CONFIG_VIRTIO_MMIO=y"} <= config
+    assert {"CONFIG_DEBUG_INFO_BTF=y", "CONFIG_IKCONFIG_PROC=y", "CONFIG_9P_FS=y"} <= config
+    header = (entry / "vmlinux.h").read_text()
+    assert len(header) > 500_000 and "struct task_struct {" in header  # 0.97 MB for this config
+    assert "struct user_pt_regs {" in header  # arm64's registers: the target's BTF, not the host's

@@ -95,6 +95,67 @@ def test_cross_builds_use_the_cross_gcc() -> None:
     assert plan(arch="arm64").compiler == "aarch64-linux-gnu-gcc"
 
 
+def make_steps(p: buildsteps.Plan) -> list[list[str]]:
+    """Every command of a build that runs make: the .config steps, then vng's build line."""
+    argv = kernelmake.vng_argv(p, "vng")
+    steps = kernelmake.config_steps(p, kernelmake.make_variables(argv))
+    return [step for step in steps if step[0] in ("make", "virtme-configkernel")] + [argv]
+
+
+def cross_plan(arch: arches.Arch, base: str, tmp_path: Path, **flags: str) -> buildsteps.Plan:
+    (tmp_path / "full.config").write_text("CONFIG_64BIT=y\n")
+    flags = {"arch": arch.name, "kconfig_base": "full.config" if base == "file" else base, **flags}
+    settings = effective(DEFAULTS, flags, workspace=tmp_path)
+    return buildsteps.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools")
+
+
+CROSS = [
+    (arch, base)
+    for arch in arches.ARCHES
+    if arch.name != "x86_64"
+    for base in ("vng", "tiny", "file")
+    if base != "tiny" or arch.tiny_kconfig
+]
+
+
+@pytest.mark.parametrize(("arch", "base"), CROSS, ids=[f"{a.name}-{b}" for a, b in CROSS])
+def test_every_make_step_of_a_cross_build_names_the_target(arch: arches.Arch, base: str, tmp_path: Path) -> None:
+    """tinyconfig, kvm_guest.config, olddefconfig (after the BTF fragment), configkernel and vng's build (with
+    the modules): each gets the row's ARCH and CROSS_COMPILE, so none configures the tree for the host."""
+    steps = make_steps(cross_plan(arch, base, tmp_path))
+    assert len(steps) == {"vng": 3, "tiny": 4, "file": 2}[base]
+    for step in steps:
+        if step[0] == "make":
+            assert step[1:3] == [f"ARCH={arch.kernel_arch}", f"CROSS_COMPILE={arch.cross_compile}"], step
+        elif step[0] == "virtme-configkernel":  # it makes ARCH= of --arch itself
+            assert step[2:4] == [f"--arch={arch.uname_m}", f"CROSS_COMPILE={arch.cross_compile}"], step
+        else:
+            assert step[3:5] == [f"--arch={arch.vng_name}", f"--cross-compile={arch.cross_compile}"], step
+
+
+@pytest.mark.parametrize("llvm", ["1", "-14"])
+@pytest.mark.parametrize("base", ["vng", "tiny"])
+def test_a_cross_llvm_build_gives_make_arch_and_llvm_and_no_cross_prefix(llvm: str, base: str, tmp_path: Path) -> None:
+    """With LLVM=1 clang and the LLVM tools target ARCH themselves (the kernel's Documentation/kbuild/llvm.rst):
+    no CROSS_COMPILE prefix, and an empty one after vng's own (make takes the later value)."""
+    arm64 = arches.lookup("arm64")
+    for step in make_steps(cross_plan(arm64, base, tmp_path, llvm=llvm)):
+        assert f"LLVM={llvm}" in step and "CC=/w/tools/cc" in step, step
+        assert [arg for arg in step if "CROSS_COMPILE=" in arg or arg.startswith("--cross")] == ["CROSS_COMPILE="]
+        assert f"ARCH={arm64.kernel_arch}" in step or f"--arch={arm64.uname_m}" in step or "--arch=arm64" in step
+    assert cross_plan(arm64, base, tmp_path, llvm=llvm).compiler == "clang" + ("" if llvm == "1" else llvm)
+
+
+@pytest.mark.parametrize("base", ["vng", "tiny", "file"])
+def test_a_native_build_names_no_arch(base: str, tmp_path: Path) -> None:
+    (tmp_path / "full.config").write_text("CONFIG_64BIT=y\n")
+    flags = {"arch": "x86_64", "kconfig_base": "full.config" if base == "file" else base}
+    settings = effective(DEFAULTS, flags, workspace=tmp_path)
+    p = buildsteps.Plan(settings, "a" * 40, "/w/linux", arches.lookup("x86_64"), 8, "/w/tools")
+    for step in make_steps(p):
+        assert not [arg for arg in step if arg.startswith(("ARCH=", "CROSS_COMPILE=", "--arch", "--cross"))], step
+
+
 def test_make_variables_are_what_vng_passes_on() -> None:
     argv = kernelmake.vng_argv(plan(llvm="1"), "vng")
     assert kernelmake.make_variables(argv) == [

@@ -89,7 +89,9 @@ def test_build_argv(arch: Arch) -> None:
     check_golden(f"build-{arch.name}.argv", argv)
 
 
-CONFIG_CASES = [("x86_64", "vng"), ("x86_64", "tiny"), ("x86_64", "file"), ("arm64", "vng"), ("arm64", "file")]
+CONFIG_CASES = [
+    ("x86_64", "vng"), ("x86_64", "tiny"), ("x86_64", "file"), ("arm64", "vng"), ("arm64", "tiny"), ("arm64", "file"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("arch", "base"), CONFIG_CASES, ids=[f"{a}-{b}" for a, b in CONFIG_CASES])

@@ -99,6 +99,7 @@ def test_bad_value_names_its_input(tmp_path: Path, key: str, value: str) -> None
 def test_kconfig_base_is_vng_tiny_or_a_config_file(tmp_path: Path) -> None:
     assert make(tmp_path).kconfig_base == "vng"
     assert make(tmp_path, kconfig_base="tiny").kconfig_base == "tiny"
+    assert make(tmp_path, kconfig_base="tiny", arch="arm64").kconfig_base == "tiny"
     (tmp_path / "my.config").write_text("CONFIG_64BIT=y\n")
     assert make(tmp_path, kconfig_base="my.config").kconfig_base == tmp_path / "my.config"
     with pytest.raises(InputError, match=r"^kconfig-base: tiny is not available for s390x yet"):

@@ -54,7 +54,7 @@ ARCHES: tuple[Arch, ...] = (
         name="x86_64",
         vng_name="amd64",
         aliases=("amd64", "x64", "x86-64"),
-        kernel_arch="x86",
+        kernel_arch="x86_64",  # as vng gives make: a 64-bit kernel whatever the config says
         uname_m="x86_64",
         dpkg_arch="amd64",
         elf_machine=62,
@@ -125,6 +125,16 @@ ARCHES: tuple[Arch, ...] = (
         cross_compile="aarch64-linux-gnu-",
         tcg_memory_cap_mib=4096,
         log_console_bus="virtio-serial-device",
+        # QEMU's virt machine, booted from its device tree: arm64 is always 64-bit and selects the GIC,
+        # the architected timer, the AMBA bus and PSCI (which powers the guest off) itself.
+        tiny_kconfig=(
+            "CONFIG_SERIAL_AMBA_PL011=y",  # ttyAMA0, the serial console
+            "CONFIG_SERIAL_AMBA_PL011_CONSOLE=y",  # and earlycon=pl011, which vng appends
+            "CONFIG_ARM_PSCI_FW=y",  # selected by arm64; named here as what powers off the guest
+            "CONFIG_VIRTIO_MMIO=y",  # vng's virtio devices on arm64 are virtio-*-device, on MMIO
+            "CONFIG_PCI_HOST_GENERIC=y",  # the ECAM host bridge, for virtio-*-pci devices (qemu-opts)
+            "# CONFIG_SERIAL_8250 is not set",  # kvm_guest.config's; the virt machine has none
+        ),
         # At the flash base: movz w0,#8; movk w0,#0x8400,lsl 16; hvc #0 -- the
         # PSCI SYSTEM_OFF call, after which QEMU exits with status 0.
         probe_code="000180520080b072020000d4",

@@ -53,7 +53,7 @@ def make_variables(argv: list[str]) -> list[str]:
 def config_steps(plan: Plan, variables: list[str]) -> list[list[str]]:
     """The commands that make the tree's .config, in the tree: the base, then the fragments merged."""
     s = plan.settings
-    context = {"arch": s.arch, "host_arch": plan.host_arch, "variables": variables}
+    context = {"arch": s.arch, "host_arch": plan.host_arch, "llvm": s.llvm, "variables": variables}
     if s.kconfig_base == "vng":
         steps = [render.argv("configkernel.argv.j2", **context)]
     elif s.kconfig_base == "tiny":
