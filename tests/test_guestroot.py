@@ -147,3 +147,15 @@ def test_a_failed_index_of_another_arch_is_tolerated_the_hosts_is_not() -> None:
     assert deps.other_arch_indexes([SECURITY_SYNCING, host_index], X86_64) == []
     assert deps.other_arch_indexes(["Could not get lock /var/lib/dpkg/lock-frontend"], X86_64) == []
     assert deps.other_arch_indexes([], X86_64) == []
+
+
+@pytest.mark.unit
+def test_mountpoints_are_made_in_the_root_and_never_outside(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "var").mkdir(parents=True)
+    (root / "var" / "run").symlink_to(tmp_path / "host-run")  # as Debian's base-files has var/run -> /run
+    guestroot.make_mountpoints(root, [Path("/work/project"), Path("/var/cache/runs/x")])
+    assert (root / "work" / "project").is_dir() and (root / "var" / "cache" / "runs" / "x").is_dir()
+    with pytest.raises(Failure, match="leads out of"):
+        guestroot.make_mountpoints(root, [Path("/var/run/ws")])
+    assert not (tmp_path / "host-run").exists()

@@ -25,6 +25,7 @@ from urllib.parse import unquote
 from . import log, render
 from .arches import Arch
 from .errors import BAD_INPUT, FAILED, Failure
+from .files import write_atomically
 
 # What vng's shell init (virtme/guest/virtme-init: bash, mount, setsid, mknod, poweroff), its
 # initramfs (busybox, found in the root) and templates/guest.sh.j2 (dmesg, sync) run, and a bash workload.
@@ -84,6 +85,7 @@ class Apt:
     def __init__(self, cache_dir: Path, arch: Arch) -> None:
         self.arch = arch
         self.state = cache_dir / "apt-guest" / arch.dpkg_arch
+        self.updated = False  # the lists are fetched once per Apt
 
     def argv(self, *command: str) -> list[str]:
         return render.argv("apt-guest.argv.j2", arch=self.arch, state=self.state, command=list(command))
@@ -97,6 +99,9 @@ class Apt:
     def update(self) -> None:
         """Fetch this arch's package lists; a failure (a mirror syncing one index) is retried, then, when
         lists are there from this try or an earlier one, only warned about."""
+        if self.updated:
+            return
+        self.updated = True
         problem = ""
         for attempt in range(1, UPDATE_TRIES + 1):
             result = self.run("update")
@@ -165,6 +170,13 @@ def unpack_once(debs: list[Path], dest: Path) -> Path:
     return dest
 
 
+def _unpack_and_drop(debs: list[Path], dest: Path) -> None:
+    """Unpacked once, the package files are not needed again (a new version makes a new tree)."""
+    unpack_once(debs, dest)
+    for deb in debs:
+        deb.unlink(missing_ok=True)
+
+
 def current_root(cache_dir: Path, arch: Arch) -> Path | None:
     """The root `ensure_root` made last for `arch`, without asking apt (None: none yet)."""
     pointer = cache_dir / ROOTS / f"{arch.name}.current"
@@ -174,20 +186,18 @@ def current_root(cache_dir: Path, arch: Arch) -> Path | None:
     return root if root.is_dir() else None
 
 
-def ensure_root(cache_dir: Path, arch: Arch) -> Path:
+def ensure_root(cache_dir: Path, arch: Arch, apt: Apt | None = None) -> Path:
     """The guest root of `arch` for today's package versions: made once, reused after."""
     if why := refused(arch):
         raise Failure(why, BAD_INPUT)
-    apt = Apt(cache_dir, arch)
+    apt = apt or Apt(cache_dir, arch)
     apt.update()
     debs = apt.plan(packages(arch))
     key = root_key(arch, debs)
     dest = cache_dir / ROOTS / key
     if not dest.is_dir():
         log.info(f"guest root: {len(debs)} {arch.dpkg_arch} packages into {dest}")
-        unpack_once(apt.download(debs), dest)
-    from .files import write_atomically
-
+        _unpack_and_drop(apt.download(debs), dest)
     write_atomically(cache_dir / ROOTS / f"{arch.name}.current", key + "\n")
     return dest
 
@@ -199,6 +209,17 @@ def root_for_boot(cache_dir: Path, arch: Arch) -> Path:
     return current_root(cache_dir, arch) or ensure_root(cache_dir, arch)
 
 
+def make_mountpoints(root: Path, dirs: list[Path]) -> None:
+    """Empty directories in `root` where vng mounts the host's `dirs` at their own paths: the guest's root
+    is read-only, so its init cannot make them. A path that would leave the root (through one of its
+    symlinks, such as var/run -> /run) is refused."""
+    for wanted in dirs:
+        inside = root / wanted.relative_to("/")
+        if not inside.resolve().is_relative_to(root.resolve()):
+            raise Failure(f"guest root: {wanted} leads out of {root} there: it cannot be shared", BAD_INPUT)
+        inside.mkdir(parents=True, exist_ok=True)
+
+
 def kernel_image(tree: Path) -> Path:
     """The one `boot/vmlinu[xz]-V` of an unpacked kernel package."""
     images = sorted((tree / "boot").glob("vmlinu[xz]-*"))
@@ -207,15 +228,17 @@ def kernel_image(tree: Path) -> Path:
     return images[0]
 
 
-def ensure_kernel(cache_dir: Path, arch: Arch) -> Path:
+def ensure_kernel(cache_dir: Path, arch: Arch, apt: Apt | None = None) -> Path:
     """Debian's distro kernel of `arch`, unpacked once under cache-dir; returns its image."""
     if not arch.debian_kernel:
         raise Failure(f"distro kernel: Debian 12 has no {arch.name} kernel package", BAD_INPUT)
-    apt = Apt(cache_dir, arch)
+    apt = apt or Apt(cache_dir, arch)
     apt.update()
     meta = f"{arch.debian_kernel}:{arch.dpkg_arch}"
     images = [deb for deb in apt.plan([meta]) if deb.name.startswith("linux-image-") and deb.name != arch.debian_kernel]
     if len(images) != 1:
         raise Failure(f"distro kernel: package {meta} needs {len(images)} kernel images, not one", FAILED)
     dest = cache_dir / KERNELS / images[0].file.removesuffix(".deb")
-    return kernel_image(unpack_once(apt.download(images), dest))
+    if not dest.is_dir():
+        _unpack_and_drop(apt.download(images), dest)
+    return kernel_image(dest)
