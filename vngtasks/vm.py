@@ -152,6 +152,14 @@ def shared_dirs(settings: Settings, run_dir: Path, environ: Mapping[str, str]) -
     return list(dict.fromkeys(path.resolve() for path in wanted))
 
 
+def visible_dirs(boot: Boot) -> list[Path]:
+    """Host directories a guest of its own root sees read-only: a workspace it may not write (the host's
+    root, which a host-arch guest sees whole, is not there)."""
+    if boot.root is None or boot.settings.workspace_rw:
+        return []
+    return [boot.settings.workspace.resolve()]
+
+
 def github_dirs(environ: Mapping[str, str]) -> list[Path]:
     """The directories of GitHub's step files that are set: plain paths, as vng shares them."""
     return [plain_path(name, Path(environ[name]).parent.resolve()) for name in GITHUB_FILES if environ.get(name)]
@@ -172,6 +180,7 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         verbose=s.verbose,
         append=s.append,
         rwdirs=shared_dirs(s, boot.shared, host.environ),
+        rodirs=visible_dirs(boot),
         workdir=s.workspace,
         qemu_opts=qemu_options(s, boot.accel, boot.console_log),
         guest_script=boot.guest_script,
@@ -200,7 +209,7 @@ def prepare(boot: Boot, workload: str, environ: Mapping[str, str]) -> None:
     (boot.shared / "environ").write_bytes(guest_environment(environ))
     boot.guest_script.write_text(render.text("guest.sh.j2", run_dir=boot.shared, workdir=boot.settings.workspace))
     if boot.root is not None:
-        guestroot.make_mountpoints(boot.root, shared_dirs(boot.settings, boot.shared, environ))
+        guestroot.make_mountpoints(boot.root, [*shared_dirs(boot.settings, boot.shared, environ), *visible_dirs(boot)])
 
 
 def new_run_dir(settings: Settings) -> Path:
