@@ -27,9 +27,9 @@ from .arches import Arch
 from .errors import BAD_INPUT, FAILED, Failure
 from .files import write_atomically
 
-# What vng's shell init (virtme/guest/virtme-init: bash, mount, setsid, mknod, poweroff), its
+# What vng's init= (/bin/sh: dash), its shell init (virtme/guest/virtme-init: bash, mount, setsid, poweroff), its
 # initramfs (busybox, found in the root) and templates/guest.sh.j2 (dmesg, sync) run, and a bash workload.
-GUEST_PACKAGES = ("bash", "busybox-static", "coreutils", "kmod", "mount", "util-linux")
+GUEST_PACKAGES = ("bash", "busybox-static", "coreutils", "dash", "kmod", "mount", "util-linux")
 UPDATE_TRIES = 2
 RETRY_DELAY_SECONDS = 5.0
 ROOTS = "guest-roots"
