@@ -97,6 +97,7 @@ def test_unpack_once_makes_the_tree_whole_then_reuses_it(tmp_path: Path) -> None
     assert guestroot.unpack_once(debs, dest) == dest
     assert (dest / "bin" / "a").read_text() == "A" and (dest / "usr" / "bin" / "b").read_text() == "B"
     assert not (dest / "DEBIAN").exists()
+    assert not (dest / "etc" / "passwd").exists()  # only a root is finished as one
     assert [p.name for p in dest.parent.iterdir()] == ["arm64-key"]  # no temporary directory left
     (dest / "bin" / "a").write_text("kept")
     guestroot.unpack_once(debs, dest)  # a second run reuses it
@@ -159,3 +160,12 @@ def test_mountpoints_are_made_in_the_root_and_never_outside(tmp_path: Path) -> N
     with pytest.raises(Failure, match="leads out of"):
         guestroot.make_mountpoints(root, [Path("/var/run/ws")])
     assert not (tmp_path / "host-run").exists()
+
+
+@pytest.mark.unit
+def test_a_root_gets_what_maintainer_scripts_would_make(tmp_path: Path) -> None:
+    deb = make_deb(tmp_path, "a", {"etc/group": "kept:x:0:\n"})
+    dest = guestroot.unpack_once([deb], tmp_path / "roots" / "arm64-key", guestroot.finish_root)
+    assert (dest / "etc" / "passwd").read_text().startswith("root:x:0:0:")
+    assert (dest / "etc" / "group").read_text() == "kept:x:0:\n"  # a package's file wins
+    assert all((dest / name).is_dir() for name in ("opt", "srv", "tmp"))

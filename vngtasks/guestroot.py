@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -29,7 +30,11 @@ from .files import write_atomically
 
 # What vng's init= (/bin/sh: dash), its shell init (virtme/guest/virtme-init: bash, mount, setsid, poweroff), its
 # initramfs (busybox, found in the root) and templates/guest.sh.j2 (dmesg, sync) run, and a bash workload.
-GUEST_PACKAGES = ("bash", "busybox-static", "coreutils", "dash", "kmod", "mount", "util-linux")
+GUEST_PACKAGES = ("bash", "busybox-static", "coreutils", "dash", "grep", "kmod", "mount", "sed", "util-linux")
+# What packages' maintainer scripts would make (they never run here): vng's init reads the users, and
+# mounts its overlays on these directories.
+ROOT_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/bash\n", "etc/group": "root:x:0:\n"}
+ROOT_DIRS = ("opt", "srv", "root", "tmp", "run")
 UPDATE_TRIES = 2
 RETRY_DELAY_SECONDS = 5.0
 ROOTS = "guest-roots"
@@ -148,7 +153,16 @@ def _named(result: subprocess.CompletedProcess[str], asked: list[str]) -> str:
     return f"apt-get failed for {' '.join(asked)}: {_last_error(result)}"
 
 
-def unpack_once(debs: list[Path], dest: Path) -> Path:
+def finish_root(tree: Path) -> None:
+    """The files and directories a root needs that no package holds (see ROOT_FILES)."""
+    for name in ROOT_DIRS:
+        (tree / name).mkdir(exist_ok=True)
+    for name, text in ROOT_FILES.items():
+        if not (tree / name).exists():
+            (tree / name).write_text(text)
+
+
+def unpack_once(debs: list[Path], dest: Path, finish: Callable[[Path], None] | None = None) -> Path:
     """`debs` unpacked into `dest`, made whole in a temporary directory beside it and renamed there;
     an existing `dest` is reused as it is."""
     if dest.is_dir():
@@ -158,6 +172,8 @@ def unpack_once(debs: list[Path], dest: Path) -> Path:
     try:
         for deb in debs:
             subprocess.run(["dpkg-deb", "-x", str(deb), str(temp)], check=True, capture_output=True)
+        if finish:
+            finish(temp)
         temp.chmod(0o755)
         os.rename(temp, dest)
     except OSError:
@@ -170,9 +186,9 @@ def unpack_once(debs: list[Path], dest: Path) -> Path:
     return dest
 
 
-def _unpack_and_drop(debs: list[Path], dest: Path) -> None:
+def _unpack_and_drop(debs: list[Path], dest: Path, finish: Callable[[Path], None] | None = None) -> None:
     """Unpacked once, the package files are not needed again (a new version makes a new tree)."""
-    unpack_once(debs, dest)
+    unpack_once(debs, dest, finish)
     for deb in debs:
         deb.unlink(missing_ok=True)
 
@@ -197,7 +213,7 @@ def ensure_root(cache_dir: Path, arch: Arch, apt: Apt | None = None) -> Path:
     dest = cache_dir / ROOTS / key
     if not dest.is_dir():
         log.info(f"guest root: {len(debs)} {arch.dpkg_arch} packages into {dest}")
-        _unpack_and_drop(apt.download(debs), dest)
+        _unpack_and_drop(apt.download(debs), dest, finish_root)
     write_atomically(cache_dir / ROOTS / f"{arch.name}.current", key + "\n")
     return dest
 
