@@ -169,3 +169,4 @@ def test_a_root_gets_what_maintainer_scripts_would_make(tmp_path: Path) -> None:
     assert (dest / "etc" / "passwd").read_text().startswith("root:x:0:0:")
     assert (dest / "etc" / "group").read_text() == "kept:x:0:\n"  # a package's file wins
     assert all((dest / name).is_dir() for name in ("opt", "srv", "tmp"))
+    assert (dest / "sbin" / "poweroff").readlink() == Path("/bin/busybox")

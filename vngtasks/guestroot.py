@@ -35,6 +35,9 @@ GUEST_PACKAGES = ("bash", "busybox-static", "coreutils", "dash", "grep", "kmod",
 # mounts its overlays on these directories.
 ROOT_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/bash\n", "etc/group": "root:x:0:\n"}
 ROOT_DIRS = ("opt", "srv", "root", "tmp", "run")
+# Commands vng's init runs that no package of the root holds: busybox's, by the name it is called with.
+# (Without poweroff, init exits after the workload and the kernel panics.)
+BUSYBOX_APPLETS = ("sbin/poweroff",)
 UPDATE_TRIES = 2
 RETRY_DELAY_SECONDS = 5.0
 ROOTS = "guest-roots"
@@ -160,6 +163,10 @@ def finish_root(tree: Path) -> None:
     for name, text in ROOT_FILES.items():
         if not (tree / name).exists():
             (tree / name).write_text(text)
+    for name in BUSYBOX_APPLETS:
+        if not (tree / name).exists() and not (tree / name).is_symlink():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).symlink_to("/bin/busybox")
 
 
 def unpack_once(debs: list[Path], dest: Path, finish: Callable[[Path], None] | None = None) -> Path:
