@@ -68,6 +68,8 @@ def test_boot_argv(arch: Arch, accel: str, variant: str) -> None:
         run_dir=RUN_DIR,
         force_9p=variant == "options",  # a host whose virtiofsd cannot start (hostprobe.py)
         native_init=variant == "defaults",  # an arm64 host with the wheel's x86-64 virtme-ng-init
+        # A foreign guest boots its own root (guestroot.py), named by its key.
+        root=None if host.arch == arch else Path(f"/cache/vngtasks/guest-roots/{arch.name}-0123456789abcdef"),
     )
     check_golden(f"boot-{arch.name}-{accel}-{variant}.argv", vm.vng_argv(boot, host))
 

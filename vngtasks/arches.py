@@ -47,6 +47,10 @@ class Arch:
     # kconfig-base tiny: what this arch needs on top of tinyconfig, kvm_guest.config and
     # templates/kconfig-tiny.config.j2 (empty: no tiny kernel for this arch yet).
     tiny_kconfig: tuple[str, ...] = ()
+    # Debian 12's distro kernel metapackage of this arch (guestroot.py fetches it for a foreign guest),
+    # and whether Debian 12 has a userland of this arch to make a guest root from (guestroot.py).
+    debian_kernel: str = ""
+    debian_userland: bool = True
 
 
 ARCHES: tuple[Arch, ...] = (
@@ -73,6 +77,7 @@ ARCHES: tuple[Arch, ...] = (
         # from the start the kernel never patches that key. (40 boots of a vng-base 6.12 kernel under
         # multi-threaded TCG, 10 beside two busy loops, showed no splat with or without it.)
         tcg_append="tsc=unstable",
+        debian_kernel="linux-image-amd64",
         console="ttyS0",
         boot_images=("arch/x86/boot/bzImage",),
         cross_compile="x86_64-linux-gnu-",
@@ -120,6 +125,7 @@ ARCHES: tuple[Arch, ...] = (
         tcg_machine="virt",
         tcg_cpu="max",
         tcg_accel="tcg",
+        debian_kernel="linux-image-arm64",
         console="ttyAMA0",
         boot_images=("arch/arm64/boot/Image",),
         cross_compile="aarch64-linux-gnu-",
@@ -157,6 +163,7 @@ ARCHES: tuple[Arch, ...] = (
         tcg_machine="virt",
         tcg_cpu="rv64",
         tcg_accel="tcg",
+        debian_userland=False,  # riscv64 is not a release architecture of Debian 12
         console="ttyS0",
         boot_images=("arch/riscv/boot/Image",),
         cross_compile="riscv64-linux-gnu-",
@@ -178,6 +185,7 @@ ARCHES: tuple[Arch, ...] = (
         tcg_machine="s390-ccw-virtio",
         tcg_cpu="max",
         tcg_accel="tcg",
+        debian_kernel="linux-image-s390x",
         console="ttysclp0",
         boot_images=("arch/s390/boot/bzImage",),
         cross_compile="s390x-linux-gnu-",
@@ -199,6 +207,7 @@ ARCHES: tuple[Arch, ...] = (
         tcg_machine="pseries",
         tcg_cpu="POWER9",
         tcg_accel="tcg",
+        debian_kernel="linux-image-powerpc64le",
         console="hvc0",
         boot_images=("vmlinux",),
         cross_compile="powerpc64le-linux-gnu-",

@@ -45,6 +45,9 @@ DISTRO_PACKAGES: dict[tuple[str, int, str], tuple[str, ...]] = {
 }
 
 _APT_ERROR = re.compile(r"^E: (.*)$", re.MULTILINE)
+# apt-get update's error for one index that did not download: the architecture is in its URL.
+_FAILED_INDEX = re.compile(r"^Failed to fetch \S*/binary-([a-z0-9]+)/")
+_INDEXES_IGNORED = "Some index files failed to download"
 _APT_PACKAGE = re.compile(r"(?:Unable to locate package |Package '?)([A-Za-z0-9.+:=~_-]+)")
 KVM_RULE = Path("/etc/udev/rules.d/99-vngtasks-kvm.rules")
 
@@ -108,14 +111,33 @@ def install(c: Context, settings: Settings, host: Arch) -> list[str]:
     distro = Distro.of(c.run("cat /etc/os-release", hide=True, in_stream=False).stdout)
     need_image = not c.run("ls /boot/vmlinuz-* >/dev/null 2>&1", warn=True, hide=True, in_stream=False).ok
     todo = missing(c, wanted(settings, distro, host, need_image))
+    sudo = "" if c.run("id -u", hide=True, in_stream=False).stdout.strip() == "0" else "sudo "
+    if settings.arch != host:
+        _add_architecture(c, sudo, settings.arch)
     if todo:
-        sudo = "" if c.run("id -u", hide=True, in_stream=False).stdout.strip() == "0" else "sudo "
-        _apt(c, sudo, settings, todo)
+        _apt(c, sudo, settings, todo, host)
     _kvm_access(c)
     return todo
 
 
-def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None:
+def _add_architecture(c: Context, sudo: str, arch: Arch) -> None:
+    """dpkg learns the foreign arch (its packages become installable as `pkg:ARCH`); a no-op when it knows it."""
+    known = c.run("dpkg --print-foreign-architectures", hide=True, in_stream=False).stdout.split()
+    if arch.dpkg_arch not in known:
+        log.info(f"deps: dpkg --add-architecture {arch.dpkg_arch}")
+        c.run(f"{sudo}dpkg --add-architecture {shlex.quote(arch.dpkg_arch)}", hide=True, in_stream=False)
+
+
+def other_arch_indexes(apt_errors: list[str], host: Arch) -> list[str]:
+    """The architectures of the indexes apt-get update failed on, when every error is such an index
+    of an architecture other than the host's (whose packages we install); else empty."""
+    failed = [_FAILED_INDEX.match(error) for error in apt_errors if not error.startswith(_INDEXES_IGNORED)]
+    if not failed or not all(match and match[1] != host.dpkg_arch for match in failed):
+        return []
+    return list(dict.fromkeys(match[1] for match in failed if match))
+
+
+def _apt(c: Context, sudo: str, settings: Settings, packages: list[str], host: Arch) -> None:
     # apt waits for a busy dpkg lock (another apt, unattended-upgrades); deps-timeout bounds the wait.
     options = ["-y", "-q", f"-oDPkg::Lock::Timeout={LOCK_WAIT_SECONDS}"]
     if not settings.install_recommends:
@@ -125,10 +147,12 @@ def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None
         options.append(f"-oDir::Cache::Archives={archives}")
         c.run(f"mkdir -p {shlex.quote(str(archives / 'partial'))}", in_stream=False)
     env = {"DEBIAN_FRONTEND": "noninteractive"}
-    command = f"{sudo}apt-get update -q && {sudo}apt-get install {shlex.join(options)} {shlex.join(packages)}"
+    update = f"{sudo}apt-get update -q"
+    install = f"{sudo}apt-get install {shlex.join(options)} {shlex.join(packages)}"
     log.info(f"deps: installing {' '.join(packages)}")
     for attempt in range(1, settings.deps_retries + 1):
-        problem = _attempt(c, command, env, settings.deps_timeout)
+        problem = _attempt(c, update, env, settings.deps_timeout, host, last=attempt == settings.deps_retries)
+        problem = problem or _attempt(c, install, env, settings.deps_timeout, host)
         if problem is None:
             if settings.apt_cache and sudo:  # apt ran as root: the .deb files are for this user's cache
                 c.run(f"sudo chown -R {os.getuid()}:{os.getgid()} {shlex.quote(str(archives))}", in_stream=False)
@@ -140,8 +164,10 @@ def _apt(c: Context, sudo: str, settings: Settings, packages: list[str]) -> None
     raise Failure(f"deps: apt-get failed {settings.deps_retries} times: {problem}", FAILED)
 
 
-def _attempt(c: Context, command: str, env: dict[str, str], timeout: int) -> str | None:
-    """One try of the whole apt command: None when it worked, else why not (output shown).
+def _attempt(c: Context, command: str, env: dict[str, str], timeout: int, host: Arch, last: bool = False) -> str | None:
+    """One try of one apt command: None when it worked, else why not (output shown). An index of
+    another architecture than the host's that fails to download (a mirror syncing) is a problem to
+    retry, and on the `last` try only a warning: the host's packages do not come from it.
 
     coreutils' timeout, not invoke's: on expiry it signals its whole process group, so no
     apt-get is left behind still waiting for a lock or half way through a download.
@@ -155,6 +181,10 @@ def _attempt(c: Context, command: str, env: dict[str, str], timeout: int) -> str
     if timeout and result.exited in TIMED_OUT:
         return f"timed out after {timeout} s (deps-timeout)"
     errors = _APT_ERROR.findall(result.stderr + result.stdout)
+    others = other_arch_indexes(errors, host)
+    if others and last:
+        log.warn(f"deps: going on without the {', '.join(others)} package index: {errors[0]}")
+        return None
     named = [m for error in errors for m in _APT_PACKAGE.findall(error)]
     if named:
         return f"package {', '.join(dict.fromkeys(named))}: {errors[0]}"

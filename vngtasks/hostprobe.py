@@ -97,11 +97,11 @@ def runs_here(binary: Path, host: Arch) -> bool:
     return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big") == host.elf_machine
 
 
-def virtme_ng_init_runs(host: Arch) -> bool:
-    """vng boots a guest of the host's arch with virtme-ng-init from its guest tools, whatever arch that
-    binary is for (the PyPI wheel ships an x86-64 one): true when it can run on this host."""
+def virtme_ng_init_runs(guest: Arch) -> bool:
+    """vng boots a guest with virtme-ng-init from its guest tools, whatever arch that binary is for
+    (the PyPI wheel ships an x86-64 one): true when it can run in a guest of `guest`'s arch."""
     tools = guest_tools()
-    return tools is not None and runs_here(tools / "bin" / "virtme-ng-init", host)
+    return tools is not None and runs_here(tools / "bin" / "virtme-ng-init", guest)
 
 
 class HostProbes:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel, arches, health, log, render
+from . import accel, arches, guestroot, health, log, render
 from .arches import Arch
 from .errors import BAD_INPUT, Failure
 from .hostprobe import HostProbes, virtme_ng_init_runs
@@ -71,7 +71,8 @@ class Boot:
     accel: str
     run_dir: Path
     force_9p: bool = False  # vng's virtiofsd cannot start here (see hostprobe.py)
-    native_init: bool = True  # virtme-ng-init is built for this host's arch (see hostprobe.py)
+    native_init: bool = True  # virtme-ng-init is built for the guest's arch (see hostprobe.py)
+    root: Path | None = None  # a foreign arch's guest root (guestroot.py); None: the host's own
 
     @property
     def shared(self) -> Path:
@@ -151,6 +152,14 @@ def shared_dirs(settings: Settings, run_dir: Path, environ: Mapping[str, str]) -
     return list(dict.fromkeys(path.resolve() for path in wanted))
 
 
+def visible_dirs(boot: Boot) -> list[Path]:
+    """Host directories a guest of its own root sees read-only: a workspace it may not write (the host's
+    root, which a host-arch guest sees whole, is not there)."""
+    if boot.root is None or boot.settings.workspace_rw:
+        return []
+    return [boot.settings.workspace.resolve()]
+
+
 def github_dirs(environ: Mapping[str, str]) -> list[Path]:
     """The directories of GitHub's step files that are set: plain paths, as vng shares them."""
     return [plain_path(name, Path(environ[name]).parent.resolve()) for name in GITHUB_FILES if environ.get(name)]
@@ -171,11 +180,13 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         verbose=s.verbose,
         append=s.append,
         rwdirs=shared_dirs(s, boot.shared, host.environ),
+        rodirs=visible_dirs(boot),
         workdir=s.workspace,
         qemu_opts=qemu_options(s, boot.accel, boot.console_log),
         guest_script=boot.guest_script,
         force_9p=boot.force_9p,
         native_init=boot.native_init,
+        root=boot.root,
     )
 
 
@@ -197,6 +208,8 @@ def prepare(boot: Boot, workload: str, environ: Mapping[str, str]) -> None:
     (boot.shared / "workload.sh").write_text(workload + "\n")
     (boot.shared / "environ").write_bytes(guest_environment(environ))
     boot.guest_script.write_text(render.text("guest.sh.j2", run_dir=boot.shared, workdir=boot.settings.workspace))
+    if boot.root is not None:
+        guestroot.make_mountpoints(boot.root, [*shared_dirs(boot.settings, boot.shared, environ), *visible_dirs(boot)])
 
 
 def new_run_dir(settings: Settings) -> Path:
@@ -206,28 +219,26 @@ def new_run_dir(settings: Settings) -> Path:
 def run(settings: Settings, kernel: Path, workload: str) -> int:
     """Boot `kernel`, run `workload` with bash inside, return the exit status to report."""
     host = Host.current()
-    if settings.arch != host.arch:
-        raise Failure(
-            f"arch: booting {settings.arch.name} on a {host.arch.name} host needs a root filesystem "
-            f"of that arch, which vngtasks does not provide yet",
-            BAD_INPUT,
-        )
+    if settings.arch != host.arch and (why := guestroot.refused(settings.arch)):
+        raise Failure(why, BAD_INPUT)
     accel.qemu_binary(settings.arch)
     github_dirs(host.environ)  # refused now, before anything is made, if vng could not share them
     make_directory("log_dir", settings.log_dir)
     make_directory("cache_dir", settings.cache_dir)
+    root = guest_root(settings, host)
     probing = time.monotonic()
     probes = HostProbes(settings.cache_dir)
     choice = accel.choose(settings.accel, settings.arch, host.arch, problem_of=probes.kvm_problem)
-    host_side = decide_host_side(probes, host, probing)
+    host_side = decide_host_side(probes, host, settings.arch, probing)
     if choice.why:
         log.warn(choice.why)
     if not host_side.native_init:
-        log.info(f"virtme-ng-init is not built for {host.arch.name}: the guest uses vng's shell init instead")
-    attempted = attempt(settings, kernel, workload, host, choice.accel, host_side)
+        log.info(f"virtme-ng-init is not built for {settings.arch.name}: the guest uses vng's shell init instead")
+    attempted = attempt(settings, kernel, workload, host, choice.accel, host_side, root)
     if retry_with_tcg(settings.accel, choice.accel, attempted.outcome):
         log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
-        attempted = attempt(settings, kernel, workload, host, "tcg", dataclasses.replace(host_side, probe_seconds=0.0))
+        retried = dataclasses.replace(host_side, probe_seconds=0.0)
+        attempted = attempt(settings, kernel, workload, host, "tcg", retried, root)
     return conclude(settings, kernel, attempted, host.environ)
 
 
@@ -239,20 +250,31 @@ def dry_run_line(settings: Settings, kernel: Path) -> str:
     if f"kvm-{host.arch.name}" not in probes.answers and settings.accel == "auto":
         log.info("dry run: no KVM probe answer kept for this host boot: KVM assumed to work where /dev/kvm opens")
     choice = accel.choose(settings.accel, settings.arch, host.arch, problem_of=probes.known_kvm_problem)
-    boot = new_boot(settings, kernel, choice.accel, decide_host_side(probes, host, time.monotonic()))
-    return shlex.join(vng_argv(boot, host))
+    host_side = decide_host_side(probes, host, settings.arch, time.monotonic())
+    root = guestroot.current_root(settings.cache_dir, settings.arch) if settings.arch != host.arch else None
+    if settings.arch != host.arch and root is None:
+        log.info(f"dry run: no {settings.arch.name} guest root made yet (invoke deps --arch {settings.arch.name})")
+        root = settings.cache_dir / guestroot.ROOTS / settings.arch.name
+    return shlex.join(vng_argv(new_boot(settings, kernel, choice.accel, host_side, root), host))
 
 
-def decide_host_side(probes: HostProbes, host: Host, probing_since: float) -> HostSide:
+def guest_root(settings: Settings, host: Host) -> Path | None:
+    """The guest root of a foreign arch (made now if `invoke deps --arch` has not); None for the host's own."""
+    if settings.arch == host.arch:
+        return None
+    return plain_path("cache_dir", guestroot.root_for_boot(settings.cache_dir, settings.arch))
+
+
+def decide_host_side(probes: HostProbes, host: Host, guest: Arch, probing_since: float) -> HostSide:
     """How directories are shared and which init the guest runs, from the probes (see hostprobe.py)."""
     return HostSide(
         force_9p=probes.force_9p(child_environment(host.environ)["PATH"]),
-        native_init=virtme_ng_init_runs(host.arch),
+        native_init=virtme_ng_init_runs(guest),
         probe_seconds=time.monotonic() - probing_since,
     )
 
 
-def new_boot(settings: Settings, kernel: Path, accel_name: str, host_side: HostSide) -> Boot:
+def new_boot(settings: Settings, kernel: Path, accel_name: str, host_side: HostSide, root: Path | None) -> Boot:
     """A boot of `kernel` with a new run directory (named here, made by prepare)."""
     return Boot(
         settings=settings,
@@ -261,6 +283,7 @@ def new_boot(settings: Settings, kernel: Path, accel_name: str, host_side: HostS
         run_dir=new_run_dir(settings),
         force_9p=host_side.force_9p,
         native_init=host_side.native_init,
+        root=root,
     )
 
 
@@ -276,8 +299,9 @@ def attempt(
     host: Host,
     accel_name: str,
     host_side: HostSide,
+    root: Path | None,
 ) -> Attempt:
-    boot = new_boot(settings, kernel, accel_name, host_side)
+    boot = new_boot(settings, kernel, accel_name, host_side, root)
     prepare(boot, workload, host.environ)
     marks = Marks(probe=host_side.probe_seconds)
     try:

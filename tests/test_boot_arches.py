@@ -1,0 +1,45 @@
+"""Foreign-arch guests on this host: Debian's kernel and a guest root of that arch, under TCG (guestroot.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from linux_remote import LINUX_REMOTE_HOME
+
+from vngtasks import arches, errors
+
+# Kept between runs like the tests' ccache: the roots and kernels are made once per package version.
+FOREIGN_CACHE = LINUX_REMOTE_HOME / "foreign"
+WORKLOAD = "uname -m; echo ok > out.txt; exit 3"
+FOREIGN = [arches.lookup(name) for name in ("arm64", "s390x", "ppc64le")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", FOREIGN, ids=lambda a: a.name)
+def test_a_foreign_guest_boots_its_debian_kernel(cli, workspace: Path, arch: arches.Arch):
+    assert arch != arches.host()
+    prepared = cli("deps", "--arch", arch.name, "--cache-dir", str(FOREIGN_CACHE), timeout=1800)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    kernel = Path(prepared.stdout.strip().splitlines()[-1].removeprefix("kernel="))
+    assert kernel.is_file() and (kernel.parent.parent / "lib" / "modules").is_dir()
+    started = time.monotonic()
+    done = cli(
+        "boot", "--arch", arch.name, "--kernel", str(kernel), "--cache-dir", str(FOREIGN_CACHE),
+        "--verbose", "false", "--", WORKLOAD, timeout=900,
+    )  # fmt: skip
+    print(f"{arch.name}: invoke boot took {time.monotonic() - started:.1f} s")
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert arch.uname_m in done.stdout.split(), done.stdout[-2000:]
+    assert (workspace / "out.txt").read_text() == "ok\n"
+
+
+def test_riscv64_without_a_root_is_refused(cli, tmp_path: Path):
+    kernel = tmp_path / "Image"  # any file: the refusal comes before the kernel is looked at
+    kernel.write_bytes(b"MZ")
+    done = cli("boot", "--arch", "riscv64", "--kernel", str(kernel), "--cache-dir", str(tmp_path / "c"), "--", "true")
+    assert done.returncode == errors.BAD_INPUT, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no riscv64 userland" in lines[0], done.stderr
+    assert not (tmp_path / "c").exists()  # refused before anything is made
