@@ -6,12 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
-from linux_remote import LINUX_REMOTE_HOME
+from conftest import FOREIGN_CACHE
 
 from vngtasks import arches, errors
 
-# Kept between runs like the tests' ccache: the roots and kernels are made once per package version.
-FOREIGN_CACHE = LINUX_REMOTE_HOME / "foreign"
 WORKLOAD = "uname -m; echo ok > out.txt; exit 3"
 FOREIGN = [arches.lookup(name) for name in ("arm64", "s390x", "ppc64le")]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -162,11 +163,40 @@ def test_mountpoints_are_made_in_the_root_and_never_outside(tmp_path: Path) -> N
     assert not (tmp_path / "host-run").exists()
 
 
+# A busybox's bytes as far as finish_root reads them: its table of applet names amid other data.
+FAKE_BUSYBOX = "\x7fELF\x02usage\0[\0[[\0cat\0env\0poweroff\0sh\0\x01\x02%s: applet not found\0"
+
+
 @pytest.mark.unit
-def test_a_root_gets_what_maintainer_scripts_would_make(tmp_path: Path) -> None:
-    deb = make_deb(tmp_path, "a", {"etc/group": "kept:x:0:\n"})
-    dest = guestroot.unpack_once([deb], tmp_path / "roots" / "arm64-key", guestroot.finish_root)
+def test_a_root_gets_what_maintainer_scripts_would_make_and_busyboxs_commands(tmp_path: Path) -> None:
+    files = {"etc/group": "kept:x:0:\n", "bin/busybox": FAKE_BUSYBOX, "bin/cat": "a package's cat"}
+    dest = guestroot.unpack_once(
+        [make_deb(tmp_path, "a", files)], tmp_path / "roots" / "arm64-key", guestroot.finish_root
+    )
     assert (dest / "etc" / "passwd").read_text().startswith("root:x:0:0:")
     assert (dest / "etc" / "group").read_text() == "kept:x:0:\n"  # a package's file wins
     assert all((dest / name).is_dir() for name in ("opt", "srv", "tmp"))
-    assert (dest / "sbin" / "poweroff").readlink() == Path("/bin/busybox")
+    for name in ("[", "[[", "env", "poweroff", "sh"):
+        assert (dest / "bin" / name).readlink() == Path("busybox")
+    assert (dest / "bin" / "cat").read_text() == "a package's cat"
+    assert (dest / "usr" / "bin" / "env").readlink() == Path("../../bin/busybox")  # inside the root, not the host's
+    assert not (dest / "bin" / "applet not found").exists()
+    for name in ("sbin/udevd", "sbin/udevadm"):  # vng's init runs them: udev's stand-ins, run by the guest's sh
+        assert (dest / name).read_text().startswith("#!/bin/sh\n") and (dest / name).stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.unit
+def test_a_root_without_busyboxs_table_of_applets_is_not_made(tmp_path: Path) -> None:
+    deb = make_deb(tmp_path, "a", {"bin/busybox": "\x7fELF not a busybox"})
+    with pytest.raises(Failure, match="bin/busybox: no table of applet names"):
+        guestroot.unpack_once([deb], tmp_path / "roots" / "arm64-key", guestroot.finish_root)
+    assert not (tmp_path / "roots" / "arm64-key").exists()
+
+
+@pytest.mark.integration
+def test_the_applets_read_from_busybox_are_those_it_lists() -> None:
+    """The host's busybox-static (invoke deps installs it) is the same build as a guest's, of another arch."""
+    binary = shutil.which("busybox")
+    assert binary, "invoke deps installs busybox-static"
+    listed = subprocess.run([binary, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    assert guestroot.busybox_applets(Path(binary).read_bytes()) == sorted(listed)

@@ -1,7 +1,7 @@
 """A foreign architecture's guest root and distro kernel, made from its Debian packages without running them.
 
-Owns: the packages a guest root holds (vng's shell init, bash, coreutils, util-linux, busybox for
-vng's initramfs), a private apt state per architecture under cache-dir (its own package lists and
+Owns: the packages a guest root holds (bash for vng's shell init and the workload, busybox-static for
+every other command), a private apt state per architecture under cache-dir (its own package lists and
 downloads, apt told the architecture: the host's dpkg database is never read or changed, no
 foreign binary runs), a root's cache key (the arch and the exact file of every package), and making a
 root or a kernel tree once: each package unpacked with `dpkg-deb -x` into a temporary directory
@@ -28,16 +28,35 @@ from .arches import Arch
 from .errors import BAD_INPUT, FAILED, Failure
 from .files import write_atomically
 
-# What vng's init= (/bin/sh: dash), its shell init (virtme/guest/virtme-init: bash, mount, setsid, poweroff), its
-# initramfs (busybox, found in the root) and templates/guest.sh.j2 (dmesg, sync) run, and a bash workload.
-GUEST_PACKAGES = ("bash", "busybox-static", "coreutils", "dash", "grep", "kmod", "mount", "sed", "util-linux")
+# bash for vng's shell init (virtme/guest/virtme-init) and the workload; every other command, vng's initramfs and
+# init=/bin/sh included, is an applet of busybox-static. Under TCG a dynamically linked command costs about a
+# second to start on s390x (coreutils' made a boot there take 131 s; busybox's, 22 s).
+GUEST_PACKAGES = ("bash", "busybox-static")
 # What packages' maintainer scripts would make (they never run here): vng's init reads the users, and
 # mounts its overlays on these directories.
 ROOT_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/bash\n", "etc/group": "root:x:0:\n"}
 ROOT_DIRS = ("opt", "srv", "root", "tmp", "run")
-# Commands vng's init runs that no package of the root holds: busybox's, by the name it is called with.
-# (Without poweroff, init exits after the workload and the kernel panics.)
-BUSYBOX_APPLETS = ("sbin/poweroff",)
+# udev's part in vng's shell init, which runs `udevd --daemon` and `udevadm trigger|settle` when it finds them:
+# name the virtio serial ports (/dev/virtio-ports/virtme.stdout, ...) as udev's rule does, so that the
+# workload's stdout and stderr reach the host's apart, not mixed into the console. Nothing else of udev's.
+ROOT_SCRIPTS = {
+    "sbin/udevd": """#!/bin/sh
+# vngtasks: stands in for udevd in a foreign guest root: names the virtio serial ports, nothing else.
+for port in /sys/class/virtio-ports/*; do
+    name=$(cat "$port/name" 2>/dev/null) && [ -n "$name" ] || continue
+    mkdir -p /dev/virtio-ports && ln -sf "../${port##*/}" "/dev/virtio-ports/$name"
+done
+""",
+    "sbin/udevadm": "#!/bin/sh\n# vngtasks: udevd's stand-in has named the ports: nothing to trigger or wait for.\n",
+}
+BUSYBOX = "bin/busybox"
+# Part of every root's key: a root made by an older finish_root is not reused.
+ROOT_LAYOUT = 3
+# Where scripts' #! lines look for a command outside /bin: `#!/usr/bin/env bash` is virtme-init's.
+SHEBANG_PATHS = ("usr/bin/env",)
+# busybox's table of its applets' names: "[", "[[", then the rest in sorted order, NUL-separated.
+_APPLET_TABLE_START = b"[\0[[\0"
+_APPLET_NAME = re.compile(rb"[a-z0-9][a-z0-9_.-]*")
 UPDATE_TRIES = 2
 RETRY_DELAY_SECONDS = 5.0
 ROOTS = "guest-roots"
@@ -82,8 +101,10 @@ def parse_uris(text: str) -> list[Deb]:
 
 
 def root_key(arch: Arch, debs: list[Deb]) -> str:
-    """The cache key of a root: its arch and a digest of the exact file (name, version, checksum) of every package."""
-    digest = hashlib.sha256("".join(f"{deb.file} {deb.hash}\n" for deb in sorted(debs, key=lambda d: d.file)).encode())
+    """The cache key of a root: its arch and a digest of its layout and the exact file (name, version, checksum)
+    of every package."""
+    files = "".join(f"{deb.file} {deb.hash}\n" for deb in sorted(debs, key=lambda d: d.file))
+    digest = hashlib.sha256(f"layout {ROOT_LAYOUT}\n{files}".encode())
     return f"{arch.name}-{digest.hexdigest()[:16]}"
 
 
@@ -156,17 +177,41 @@ def _named(result: subprocess.CompletedProcess[str], asked: list[str]) -> str:
     return f"apt-get failed for {' '.join(asked)}: {_last_error(result)}"
 
 
+def busybox_applets(binary: bytes) -> list[str]:
+    """The applets a busybox binary holds, read from its table of names without running it (it is not
+    the host's arch). Raises ValueError when the table is not there exactly once."""
+    if binary.count(_APPLET_TABLE_START) != 1:
+        raise ValueError("no table of applet names")
+    names = ["[", "[["]
+    table = binary[binary.index(_APPLET_TABLE_START) + len(_APPLET_TABLE_START) :]
+    for raw in table.split(b"\0"):
+        if not _APPLET_NAME.fullmatch(raw) or raw.decode() <= names[-1]:
+            break  # past the table's end: the names are sorted
+        names.append(raw.decode())
+    return names
+
+
 def finish_root(tree: Path) -> None:
-    """The files and directories a root needs that no package holds (see ROOT_FILES)."""
+    """What a root needs that no package holds (see ROOT_FILES), and busybox's applets as commands in bin/
+    where no package has put one."""
     for name in ROOT_DIRS:
         (tree / name).mkdir(exist_ok=True)
-    for name, text in ROOT_FILES.items():
+    for name, text in ROOT_FILES.items() | ROOT_SCRIPTS.items():
         if not (tree / name).exists():
-            (tree / name).write_text(text)
-    for name in BUSYBOX_APPLETS:
-        if not (tree / name).exists() and not (tree / name).is_symlink():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            (tree / name).symlink_to("/bin/busybox")
+            (tree / name).write_text(text)
+            (tree / name).chmod(0o755 if name in ROOT_SCRIPTS else 0o644)
+    try:
+        applets = busybox_applets((tree / BUSYBOX).read_bytes())
+    except (OSError, ValueError) as problem:
+        raise Failure(f"guest root: {BUSYBOX}: {problem}", FAILED) from None
+    links = {f"bin/{name}": "busybox" for name in applets if "/" not in name}
+    links.update({path: os.path.relpath(tree / BUSYBOX, (tree / path).parent) for path in SHEBANG_PATHS})
+    for path, target in links.items():
+        link = tree / path
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target)
 
 
 def unpack_once(debs: list[Path], dest: Path, finish: Callable[[Path], None] | None = None) -> Path:
