@@ -22,6 +22,9 @@ def test_a_foreign_guest_boots_its_debian_kernel(cli, workspace: Path, arch: arc
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     kernel = Path(prepared.stdout.strip().splitlines()[-1].removeprefix("kernel="))
     assert kernel.is_file() and (kernel.parent.parent / "lib" / "modules").is_dir()
+    # Without --kernel (or --tag), a boot of A boots that kernel.
+    planned = cli("boot", "--arch", arch.name, "--cache-dir", str(FOREIGN_CACHE), "--dry-run", "--", WORKLOAD)
+    assert planned.returncode == 0 and f"--run={kernel}" in planned.stdout.split(), planned.stderr
     started = time.monotonic()
     done = cli(
         "boot", "--arch", arch.name, "--kernel", str(kernel), "--cache-dir", str(FOREIGN_CACHE),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import arches, deps, guestroot
+from vngtasks import arches, deps, guestroot, kernels
 from vngtasks.errors import BAD_INPUT, Failure
 
 ARM64 = arches.lookup("arm64")
@@ -200,3 +200,19 @@ def test_the_applets_read_from_busybox_are_those_it_lists() -> None:
     assert binary, "invoke deps installs busybox-static"
     listed = subprocess.run([binary, "--list"], capture_output=True, text=True, check=True).stdout.split()
     assert guestroot.busybox_applets(Path(binary).read_bytes()) == sorted(listed)
+
+
+@pytest.mark.unit
+def test_a_foreign_boot_without_a_kernel_boots_debians_kernel_of_that_arch(tmp_path: Path) -> None:
+    with pytest.raises(Failure, match="no arm64 kernel unpacked yet: `invoke deps --arch arm64`") as refused:
+        kernels.default_kernel(ARM64, tmp_path, unpack=False)  # a dry run makes nothing
+    assert refused.value.code == BAD_INPUT and not (tmp_path / guestroot.KERNELS).exists()
+    for version in ("6.1.0-50", "6.1.0-56"):
+        boot = tmp_path / guestroot.KERNELS / f"linux-image-{version}-arm64_6.1_arm64" / "boot"
+        boot.mkdir(parents=True)
+        (boot / f"vmlinuz-{version}-arm64").write_bytes(b"MZ")
+    (tmp_path / guestroot.KERNELS / "linux-image-6.1.0-50-s390x_6.1_s390x" / "boot").mkdir(parents=True)
+    assert kernels.default_kernel(ARM64, tmp_path).name == "vmlinuz-6.1.0-56-arm64"  # the one unpacked last
+    with pytest.raises(Failure, match="no riscv64 userland") as riscv:
+        kernels.default_kernel(arches.lookup("riscv64"), tmp_path)
+    assert riscv.value.code == BAD_INPUT

@@ -296,6 +296,12 @@ def kernel_image(tree: Path) -> Path:
     return images[0]
 
 
+def unpacked_kernel(cache_dir: Path, arch: Arch) -> Path | None:
+    """The image of Debian's kernel of `arch` unpacked last under cache-dir, without asking apt (None: none yet)."""
+    trees = sorted((cache_dir / KERNELS).glob(f"linux-image-*_{arch.dpkg_arch}"), key=lambda tree: tree.stat().st_mtime)
+    return kernel_image(trees[-1]) if trees else None
+
+
 def ensure_kernel(cache_dir: Path, arch: Arch, apt: Apt | None = None) -> Path:
     """Debian's distro kernel of `arch`, unpacked once under cache-dir; returns its image."""
     if not arch.debian_kernel:

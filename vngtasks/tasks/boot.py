@@ -20,9 +20,10 @@ def boot(c: Context, dry_run: bool = False, **flags: str | None):
 
     if dry_run:
         with _common.exit_statuses():
-            kernel, commands = (s.kernel or kernels.host_kernel(), [])
             if s.tag:
                 kernel, commands = provide.planned(s, resolve.resolve_kernel(c, s, record=False))
+            else:
+                kernel, commands = (s.kernel or kernels.default_kernel(s.arch, s.cache_dir, unpack=False), [])
             print("\n".join([*commands, vm.dry_run_line(s, kernel)]))
         return
     with _common.stopped_by_signals(), _common.exit_statuses():
@@ -32,6 +33,6 @@ def boot(c: Context, dry_run: bool = False, **flags: str | None):
             with cache.KernelCache(cache.kernels_root(s)).using(entry.key) as in_use:  # prune leaves it be
                 status = vm.run(s, in_use.path, s.run)
         else:
-            status = vm.run(s, s.kernel or kernels.host_kernel(), s.run)
+            status = vm.run(s, s.kernel or kernels.default_kernel(s.arch, s.cache_dir), s.run)
     if status:
         raise Exit(code=status)
