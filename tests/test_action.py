@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FOREIGN_CACHE
 from linux_remote import CCACHE_DIR, KCONFIG, TAG, git, without_rustup
 
 from vngtasks.settings import DEFAULTS
@@ -178,9 +179,7 @@ class Act:
             "name": "vngtasks-action-test",
             "on": "push",
             "env": {"CCACHE_DIR": str(CCACHE_DIR), "VNGTASKS_CACHE_DOUBLE_DIR": str(self.cache_store)},
-            "jobs": {
-                job: {"runs-on": "ubuntu-latest", "steps": [checkout(repo), *steps]} for job, steps in jobs.items()
-            },
+            "jobs": {job: job_spec(repo, spec) for job, spec in jobs.items()},
         }
         (repo / ".github" / "workflows" / "test.yml").write_text(yaml.safe_dump(workflow, sort_keys=False))
         (repo / "README").write_text("a workspace\n")
@@ -206,6 +205,14 @@ class Act:
         done.stdout, done.stderr = log.read_text(), ""
         print(f"act {label}: {seconds:.0f} s, exit {done.returncode}, log {log}")
         return done, seconds, repo
+
+
+def job_spec(repo: Path, spec: list | dict) -> dict:
+    """A job of steps (a list), or of steps and more keys (a dict: `strategy`, ...), checked out first."""
+    steps, more = (
+        (spec, {}) if isinstance(spec, list) else (spec["steps"], {k: v for k, v in spec.items() if k != "steps"})
+    )
+    return {"runs-on": "ubuntu-latest", **more, "steps": [checkout(repo), *steps]}
 
 
 def checkout(repo: Path) -> dict:
@@ -385,3 +392,22 @@ def test_g_unreachable_remote_falls_back_to_the_newest_cached_kernel(built, act_
     assert re.search(rf"GUEST \S*__act__{sha[:12]}", out)
     assert f"OUT hit=true sha={sha[:12]}" in out
     assert "Build kernel" not in out
+
+
+@pytest.mark.slow
+def test_h_an_arch_matrix_boots_each_arch_emulated_on_this_x86_64_runner(act_env: Act):
+    """README's matrix on `arch`, without kernel-tag: each job boots Debian's kernel of its arch under TCG, in
+    a guest root the action's deps step makes, with the workspace read-write."""
+    job = {
+        "strategy": {"max-parallel": 1, "matrix": {"arch": ["arm64", "s390x"]}},
+        "steps": [
+            action("vm", name="arches", arch="${{ matrix.arch }}", verbose="false", **{"cache-dir": str(FOREIGN_CACHE)},
+                   run='echo "GUEST $(uname -m)"; uname -m > guest-arch.txt; exit 0'),
+            shell('echo "HOST SEES $(cat guest-arch.txt)"'),
+        ],
+    }  # fmt: skip
+    done, _, _ = act_env.run("h-arches", {"arches": job}, timeout=1800)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    for uname_m in ("aarch64", "s390x"):
+        assert f"GUEST {uname_m}" in out and f"HOST SEES {uname_m}" in out, uname_m
