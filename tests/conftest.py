@@ -9,13 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from linux_remote import CCACHE_DIR, KCONFIG, LINUX_REMOTE_HOME, TAG, tagged_commit, without_rustup
+from linux_remote import CCACHE_DIR, KCONFIG, TAG, tagged_commit, without_rustup
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every kernel-building test builds through the one ccache the tests keep on this machine.
 CCACHE_ENV = {"CCACHE_DIR": str(CCACHE_DIR)}
-# The foreign arches' guest roots and Debian kernels, kept between runs as the ccache is: made once per package version.
-FOREIGN_CACHE = LINUX_REMOTE_HOME / "foreign"
 
 
 def path_for_tests(path: str) -> str:

@@ -22,6 +22,8 @@ TAG = "v6.12"
 # between runs on a machine): one .config, so one set of ccache objects that all of them hit.
 KCONFIG = Path(__file__).parent / "data" / "ci-kernel.config"
 CCACHE_DIR = LINUX_REMOTE_HOME / "ccache"
+# The foreign arches' guest roots and Debian kernels, kept as the ccache is: made once per package version.
+FOREIGN_CACHE = LINUX_REMOTE_HOME / "foreign"
 _DEBIAN_BLOCK = "\n#\n# Debian packaging:"
 _GIT_ENV = {
     "GIT_AUTHOR_NAME": "vngtasks tests",

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FOREIGN_CACHE
-from linux_remote import CCACHE_DIR, KCONFIG, TAG, git, without_rustup
+from linux_remote import CCACHE_DIR, FOREIGN_CACHE, KCONFIG, TAG, git, without_rustup
 
 from vngtasks.settings import DEFAULTS
 

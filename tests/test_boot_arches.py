@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FOREIGN_CACHE
+from linux_remote import FOREIGN_CACHE
 
 from vngtasks import arches, errors
 

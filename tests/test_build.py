@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CCACHE_ENV, FOREIGN_CACHE, TinyBuild, tiny_flags
-from linux_remote import KCONFIG, TAG
+from conftest import CCACHE_ENV, TinyBuild, tiny_flags
+from linux_remote import FOREIGN_CACHE, KCONFIG, TAG
 
 from vngtasks import arches, guestroot
 
