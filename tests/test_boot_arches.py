@@ -10,7 +10,7 @@ from linux_remote import FOREIGN_CACHE
 
 from vngtasks import arches, errors
 
-WORKLOAD = "uname -m; echo ok > out.txt; exit 3"
+WORKLOAD = "uname -m; echo ok > out.txt; echo to-stderr >&2; exit 3"
 FOREIGN = [arches.lookup(name) for name in ("arm64", "s390x", "ppc64le")]
 
 
@@ -33,6 +33,8 @@ def test_a_foreign_guest_boots_its_debian_kernel(cli, workspace: Path, arch: arc
     print(f"{arch.name}: invoke boot took {time.monotonic() - started:.1f} s")
     assert done.returncode == 3, done.stderr[-3000:]
     assert arch.uname_m in done.stdout.split(), done.stdout[-2000:]
+    # The workload's stdout and stderr come back apart (the guest root's udev stand-ins name the ports).
+    assert "to-stderr" not in done.stdout and "to-stderr" in done.stderr.splitlines(), done.stderr[-2000:]
     assert (workspace / "out.txt").read_text() == "ok\n"
 
 

@@ -205,7 +205,7 @@ def finish_root(tree: Path) -> None:
         applets = busybox_applets((tree / BUSYBOX).read_bytes())
     except (OSError, ValueError) as problem:
         raise Failure(f"guest root: {BUSYBOX}: {problem}", FAILED) from None
-    links = {f"bin/{name}": "busybox" for name in applets if "/" not in name}
+    links = {f"bin/{name}": "busybox" for name in applets}  # names of [a-z0-9._-] (and "[", "[["): no "/"
     links.update({path: os.path.relpath(tree / BUSYBOX, (tree / path).parent) for path in SHEBANG_PATHS})
     for path, target in links.items():
         link = tree / path
