@@ -168,6 +168,17 @@ FAKE_BUSYBOX = "\x7fELF\x02usage\0[\0[[\0cat\0env\0poweroff\0sh\0\x01\x02%s: app
 
 
 @pytest.mark.unit
+def test_a_runs_own_mountpoints_are_removed_after_it_and_the_workspaces_stay(tmp_path: Path) -> None:
+    root, runs = tmp_path / "root", Path("/cache/runs")
+    root.mkdir()
+    guestroot.make_mountpoints(root, [Path("/work/project"), runs / "20261127-ab" / "shared"])
+    guestroot.remove_mountpoints(root, runs / "20261127-ab" / "shared", runs)
+    assert (root / "cache" / "runs").is_dir() and not (root / "cache" / "runs" / "20261127-ab").exists()
+    assert (root / "work" / "project").is_dir()
+    guestroot.remove_mountpoints(root, runs / "20261127-ab" / "shared", runs)  # gone already: nothing to do
+
+
+@pytest.mark.unit
 def test_a_root_gets_what_maintainer_scripts_would_make_and_busyboxs_commands(tmp_path: Path) -> None:
     files = {"etc/group": "kept:x:0:\n", "bin/busybox": FAKE_BUSYBOX, "bin/cat": "a package's cat"}
     dest = guestroot.unpack_once(

@@ -288,6 +288,19 @@ def make_mountpoints(root: Path, dirs: list[Path]) -> None:
         inside.mkdir(parents=True, exist_ok=True)
 
 
+def remove_mountpoints(root: Path, made: Path, keep: Path) -> None:
+    """After a boot, the empty directories `make_mountpoints` made in `root` for `made`, up to `keep` (not
+    included): a run's own directory, so that runs leave none behind. The workspace's stay: another boot
+    of the same root may be using them."""
+    here, stop = root / made.relative_to("/"), root / keep.relative_to("/")
+    while here != stop and here.is_relative_to(stop):
+        try:
+            here.rmdir()
+        except OSError:  # not empty, or already gone
+            return
+        here = here.parent
+
+
 def kernel_image(tree: Path) -> Path:
     """The one `boot/vmlinu[xz]-V` of an unpacked kernel package."""
     images = sorted((tree / "boot").glob("vmlinu[xz]-*"))

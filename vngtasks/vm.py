@@ -314,6 +314,8 @@ def attempt(
         return Attempt(outcome, health.read_console(boot.console_log), report.dmesg)
     finally:
         shutil.rmtree(boot.run_dir, ignore_errors=True)
+        if boot.root is not None:
+            guestroot.remove_mountpoints(boot.root, boot.shared.resolve(), boot.run_dir.parent.resolve())
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
