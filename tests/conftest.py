@@ -14,6 +14,8 @@ from linux_remote import CCACHE_DIR, KCONFIG, TAG, tagged_commit, without_rustup
 ROOT = Path(__file__).resolve().parent.parent
 # Every kernel-building test builds through the one ccache the tests keep on this machine.
 CCACHE_ENV = {"CCACHE_DIR": str(CCACHE_DIR)}
+# A kernel warning's first line, as a workload writes it to /dev/kmsg for the splat check to find.
+FAKE_WARNING = "WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"
 
 
 def path_for_tests(path: str) -> str:

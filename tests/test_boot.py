@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, user_environment
+from conftest import FAKE_WARNING, ROOT, user_environment
 
 from vngtasks import kernels
 
@@ -111,7 +111,6 @@ def test_boot_timeout_gives_no_status(cli, home: Path, workspace: Path, distro_k
     assert qemu_processes_under(home) == []
 
 
-FAKE_WARNING = "WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"
 WARN_WORKLOAD = f"echo '{FAKE_WARNING}' > /dev/kmsg"
 
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_WARNING
 from linux_remote import FOREIGN_CACHE
 
 from vngtasks import arches, errors
@@ -46,3 +47,18 @@ def test_riscv64_without_a_root_is_refused(cli, tmp_path: Path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no riscv64 userland" in lines[0], done.stderr
     assert not (tmp_path / "c").exists()  # refused before anything is made
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch_name", "workload", "status", "said"), [
+    ("arm64", "echo c > /proc/sysrq-trigger", errors.NO_STATUS, "the guest kernel panicked"),
+    ("s390x", f"echo '{FAKE_WARNING}' > /dev/kmsg", errors.SPLAT, FAKE_WARNING),
+])  # fmt: skip
+def test_health_checks_judge_a_foreign_guest_as_a_host_one(cli, arch_name, workload, status, said):
+    """A panic ends the run at once with no status; a kernel warning fails a passing workload."""
+    arch = arches.lookup(arch_name)
+    prepared = cli("deps", "--arch", arch.name, "--cache-dir", str(FOREIGN_CACHE), timeout=1800)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    done = cli("boot", "--arch", arch.name, "--cache-dir", str(FOREIGN_CACHE), "--verbose", "false", "--", workload)
+    assert done.returncode == status, done.stderr[-3000:]
+    assert said in done.stderr, done.stderr[-3000:]
