@@ -63,6 +63,11 @@ BAD_INPUT = [
     (["deps", "--apt-cache", "1"], "apt-cache"),
     (["build", "--tag", "v6.12", "--name", ".hidden"], "name"),
     (["resolve", "--tag", "v6.12", "--version", ""], "version"),
+    (["bisect", "--bad", "v6.12"], "good"),
+    (["bisect", "--good", "v6.11"], "bad"),
+    (["bisect", "--good=--upload-pack=evil", "--bad", "v6.12"], "good"),
+    (["bisect", "--good", "v6.11", "--bad", "v6.12", "--on-build-failure", "maybe"], "on-build-failure"),
+    (["bisect", "--good", "v6.11", "--bad", "v6.12", "--memory", "4X"], "memory"),
     (["cache", "--keep", "-1"], "keep"),
     (["cache", "--max-size", "20X"], "max-size"),
 ]
@@ -70,7 +75,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize(("args", "named"), BAD_INPUT, ids=[" ".join(a)[:60] for a, _ in BAD_INPUT])
 def test_bad_input_exits_2_with_one_line_naming_it_and_touches_nothing(cli, home, workspace, args, named):
-    done = cli(*args, *(["--", "touch ran"] if args[0] == "boot" else []))
+    done = cli(*args, *(["--", "touch ran"] if args[0] in ("boot", "bisect") else []))
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith(f"vngtasks: {named}: "), done.stderr

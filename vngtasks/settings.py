@@ -20,9 +20,11 @@ from .validate import Given, InputError, Parser
 TORVALDS_URL = "https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git"
 
 # The tasks that take settings as flags (every task reads all of them from config and env).
-DEPS, RESOLVE, BUILD, BOOT, CACHE = "deps", "resolve", "build", "boot", "cache"
-_NAMES_A_KERNEL = (RESOLVE, BUILD, BOOT)
-_BUILDS = (BUILD, BOOT)
+DEPS, RESOLVE, BUILD, BOOT, BISECT, CACHE = "deps", "resolve", "build", "boot", "bisect", "cache"
+_NAMES_A_KERNEL = (RESOLVE, BUILD, BOOT, BISECT)
+_NAMES_A_REF = (RESOLVE, BUILD, BOOT)  # bisect names two, with --good and --bad
+_BUILDS = (BUILD, BOOT, BISECT)
+_BOOTS = (BOOT, BISECT)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ SETTINGS: tuple[Setting, ...] = (
             action_required=True),
     Setting("kernel_url", TORVALDS_URL, _NAMES_A_KERNEL, validate.kernel_url,
             "kernel git URL, or a path (relative to the workspace)", shown="torvalds' linux.git"),
-    Setting("tag", "", _NAMES_A_KERNEL, validate.git_ref,
+    Setting("tag", "", _NAMES_A_REF, validate.git_ref,
             "kernel git tag, branch or 40-hex commit to build and boot", action_input="kernel-tag"),
     Setting("version", "v2", _NAMES_A_KERNEL, validate.VERSION, "cache version: bump it to force a rebuild"),
     Setting("kconfig", "", _BUILDS, validate.existing_file,
@@ -58,28 +60,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kconfig_base", "vng", _NAMES_A_KERNEL, validate.kconfig_base,
             "the .config the fragment goes on: vng (its defconfig-based one), tiny, or a .config file"),
     Setting("kernel", "", (BOOT,), validate.kernel,
-            "prebuilt kernel image or build directory to boot (default: the host's distro kernel)"),
+            "prebuilt kernel image or build directory to boot "
+            "(default: the host's distro kernel, or Debian's kernel of a foreign arch)"),
     Setting("arch", "", (DEPS, *_NAMES_A_KERNEL), validate.target_arch,
             "target architecture: x86_64, arm64, riscv64, s390x, ppc64le or an alias (amd64, aarch64, X64, ...)",
             shown="the host's"),
-    Setting("accel", "auto", (BOOT,), validate.ACCEL,
+    Setting("accel", "auto", _BOOTS, validate.ACCEL,
             "auto, kvm or tcg (auto falls back to tcg when KVM does not work)"),
-    Setting("cpus", "", (BOOT,), validate.cpus, "guest CPUs, at least 1", shown="all host CPUs"),
-    Setting("memory", "", (BOOT,), validate.memory_mib, "guest memory, e.g. 512M or 4G; no suffix means MiB",
+    Setting("cpus", "", _BOOTS, validate.cpus, "guest CPUs, at least 1", shown="all host CPUs"),
+    Setting("memory", "", _BOOTS, validate.memory_mib, "guest memory, e.g. 512M or 4G; no suffix means MiB",
             shown="90% of host RAM (at most 4G under TCG)", field="memory_mib"),
-    Setting("network", "", (BOOT,), validate.NETWORK, "guest network: user, loop, bridge or bridge=NAME",
+    Setting("network", "", _BOOTS, validate.NETWORK, "guest network: user, loop, bridge or bridge=NAME",
             shown="none"),
-    Setting("verbose", "true", (BOOT,), validate.boolean, "stream the guest console"),
-    Setting("append", "mitigations=off", (BOOT,), validate.kernel_append, "extra kernel command line"),
-    Setting("qemu_opts", "", (BOOT,), validate.qemu_opts,
+    Setting("verbose", "true", _BOOTS, validate.boolean, "stream the guest console"),
+    Setting("append", "mitigations=off", _BOOTS, validate.kernel_append, "extra kernel command line"),
+    Setting("qemu_opts", "", _BOOTS, validate.qemu_opts,
             "extra QEMU options, split like a shell would (never run by one); "
             "each of letters, digits and `. _ / + @ % : ~ - = ,` only"),
-    Setting("run_timeout", "0", (BOOT,), validate.count(0),
+    Setting("run_timeout", "0", _BOOTS, validate.count(0),
             "seconds the workload may run, 0 = no limit (exit 124 on expiry)"),
-    Setting("boot_timeout", "300", (BOOT,), validate.count(0),
+    Setting("boot_timeout", "300", _BOOTS, validate.count(0),
             "seconds the guest may take to start the workload, 0 = no limit"),
-    Setting("workspace_rw", "true", (BOOT,), validate.boolean, "the current directory is writable from the guest"),
-    Setting("extra_rwdirs", "~/.cargo", (BOOT,), validate.rwdirs,
+    Setting("workspace_rw", "true", _BOOTS, validate.boolean, "the current directory is writable from the guest"),
+    Setting("extra_rwdirs", "~/.cargo", _BOOTS, validate.rwdirs,
             "more host directories the guest may write, space-separated, ~ expanded"),
     Setting("cache_dir", "", (DEPS, *_NAMES_A_KERNEL, CACHE), validate.cache_dir,
             "kernel cache and per-run files", shown="$XDG_CACHE_HOME/vngtasks"),
@@ -100,16 +103,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("build_host", "", _BUILDS, validate.build_host, "[user@]host[:port] to build on over SSH"),
     Setting("build_host_accept_new", "false", _BUILDS, validate.boolean,
             "trust a build host never seen before and record its key in ~/.ssh/known_hosts"),
-    Setting("reuse_resolved", "false", _NAMES_A_KERNEL, validate.boolean,
+    Setting("reuse_resolved", "false", _NAMES_A_REF, validate.boolean,
             "outside GitHub Actions, reuse the commit a resolve recorded for the same tag and URL"),
     Setting("run", "", (), validate.any_text,
             "the workload, a bash script run with `bash -eo pipefail`, when none is given after `--`",
             action_required=True),
-    Setting("log_dir", "", (BOOT,), validate.log_dir,
+    Setting("log_dir", "", _BOOTS, validate.log_dir,
             "where vng-console.log, vng-dmesg.log and vng-run.json go (created if missing)", shown="the workspace"),
-    Setting("splat_check", "true", (BOOT,), validate.boolean,
+    Setting("splat_check", "true", _BOOTS, validate.boolean,
             "kernel warnings, BUGs, oopses, stalls in the guest fail a passing workload (exit 123)"),
-    Setting("splat_allow", "", (BOOT,), validate.regexes,
+    Setting("splat_allow", "", _BOOTS, validate.regexes,
             "regexes (Python re, searched anywhere in the line) of splat lines to ignore, one per line"),
 )  # fmt: skip
 

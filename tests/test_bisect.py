@@ -1,0 +1,270 @@
+"""invoke bisect: verdicts, git's bisect over a fetched range, skips, the record and resuming.
+
+The unit tests bisect small real git histories with a cheaper step runner (the commit's file says what
+its build and boot would give); the verdict mapping and everything else of bisect.py run as they are.
+The slow test bisects real tiny kernels built from the tests' v6.12 remote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import CCACHE_ENV
+from linux_remote import KCONFIG
+
+from vngtasks import bisect, errors, resolve, settings
+from vngtasks.errors import BAD_INPUT, Failure
+
+GIT_ID = ["-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("status", "splat_ignored", "on_build_failure", "expected"),
+    [
+        (0, False, "skip", "good"),
+        (1, False, "skip", "bad"),
+        (3, False, "skip", "bad"),
+        (errors.SPLAT, False, "skip", "bad"),
+        (errors.SPLAT, True, "skip", "good"),
+        (errors.TIMEOUT, False, "skip", "bad"),
+        (errors.NO_STATUS, False, "skip", "skip"),
+        (None, False, "skip", "skip"),
+        (None, False, "bad", "bad"),
+    ],
+)
+def test_a_steps_verdict(status, splat_ignored, on_build_failure, expected):
+    assert bisect.verdict(status, splat_ignored=splat_ignored, on_build_failure=on_build_failure) == expected
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *GIT_ID, *args], capture_output=True, text=True, check=True).stdout
+
+
+def history(tmp_path: Path, states: list[str]) -> tuple[Path, list[str]]:
+    """A repository whose commit i holds `state` = states[i] ("pass", "fail", "broken", "no-status");
+    tags `good` (the first) and `bad` (the last). Returns it and the commits, oldest first."""
+    repo = tmp_path / "linux"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "master")
+    shas = []
+    for number, state in enumerate(states):
+        (repo / "state").write_text(f"{state} {number}\n")
+        git(repo, "add", "state")
+        git(repo, "commit", "-q", "-m", f"commit {number}: {state}")
+        shas.append(git(repo, "rev-parse", "HEAD").strip())
+    git(repo, "tag", "good", shas[0])
+    git(repo, "tag", "bad", shas[-1])
+    git(repo, "config", "uploadpack.allowFilter", "true")
+    return repo, shas
+
+
+STATUS = {"pass": 0, "fail": 1, "broken": None, "no-status": errors.NO_STATUS}
+
+
+class FakeSteps:
+    """The cheaper step runner: what the commit's `state` file says its build and boot give."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo, self.tested = repo, []
+
+    def __call__(self, c, s, sha: str, workload: str):
+        assert s.run == workload == "./check"
+        self.tested.append(sha)
+        return STATUS[git(self.repo, "show", f"{sha}:state").split()[0]], 2.0, 1.0, False
+
+
+def run(tmp_path: Path, repo: Path, monkeypatch, **options) -> tuple[int, FakeSteps]:
+    steps = FakeSteps(repo)
+    monkeypatch.setattr(bisect, "run_step", steps)
+    flags = {"cache_dir": str(tmp_path / "cache"), "kernel_url": f"file://{repo}", "run": "./check"}
+    s = settings.effective({}, flags, workspace=tmp_path)
+    good = resolve.Resolved(git(repo, "rev-parse", "good").strip(), "refs/tags/good", "remote")
+    bad = resolve.Resolved(git(repo, "rev-parse", "bad").strip(), "refs/tags/bad", "remote")
+    return bisect.bisect(None, s, good, bad, **options), steps
+
+
+def record(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / bisect.RECORD).read_text())
+
+
+@pytest.mark.unit
+def test_the_first_bad_commit_is_named_with_a_record_that_replays(tmp_path, monkeypatch, capsys):
+    repo, shas = history(tmp_path, ["pass"] * 5 + ["fail"] * 4)
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "summary.md"))
+    status, steps = run(tmp_path, repo, monkeypatch)
+    assert status == bisect.FOUND
+    assert len(steps.tested) <= 4 and shas[0] not in steps.tested and shas[-1] not in steps.tested
+    out = capsys.readouterr().out
+    assert f"first bad commit: {shas[5]} commit 5: fail (" in out and "| step | commit |" in out
+    kept = record(tmp_path)
+    assert kept["result"]["first_bad"]["sha"] == shas[5]
+    assert [step["sha"] for step in kept["steps"]] == steps.tested
+    assert "git bisect start" in kept["git_bisect_log"] and f"# first bad commit: [{shas[5]}]" in kept["git_bisect_log"]
+    assert not (repo / ".git" / "shallow").exists()  # the user's remote is only read
+    # git bisect replay of the record's log, in a clone of the remote, ends where the bisect did.
+    (tmp_path / "replay.log").write_text(kept["git_bisect_log"])
+    subprocess.run(["git", "clone", "-q", str(repo), str(tmp_path / "clone")], check=True)
+    git(tmp_path / "clone", "bisect", "replay", str(tmp_path / "replay.log"))
+    assert git(tmp_path / "clone", "rev-parse", "refs/bisect/bad").strip() == shas[5]
+    assert (tmp_path / "summary.md").read_text().startswith("\n| step | commit |")
+    fetched = tmp_path / "cache" / "bisect" / f"{shas[0][:12]}-{shas[-1][:12]}"
+    assert git(fetched, "cat-file", "-t", shas[1]).strip() == "commit"  # the range, and no trees:
+    assert subprocess.run(["git", "-C", str(fetched), "cat-file", "-e", f"{shas[1]}^{{tree}}"],
+                          capture_output=True, env={"GIT_NO_LAZY_FETCH": "1"}).returncode != 0  # fmt: skip
+
+
+@pytest.mark.unit
+def test_a_commit_that_does_not_build_is_skipped_and_its_neighbour_tested(tmp_path, monkeypatch):
+    repo, shas = history(tmp_path, ["pass", "pass", "pass", "broken", "pass", "fail", "fail", "fail"])
+    status, _ = run(tmp_path, repo, monkeypatch)
+    assert status == bisect.FOUND and record(tmp_path)["result"]["first_bad"]["sha"] == shas[5]
+    verdicts = {step["sha"]: step["verdict"] for step in record(tmp_path)["steps"]}
+    assert verdicts.get(shas[3], "skip") == "skip"
+
+
+@pytest.mark.unit
+def test_skips_that_hide_the_first_bad_commit_leave_the_candidates(tmp_path, monkeypatch, capsys):
+    repo, shas = history(tmp_path, ["pass", "pass", "no-status", "broken", "fail", "fail"])
+    status, _ = run(tmp_path, repo, monkeypatch)
+    assert status == bisect.UNDECIDED
+    candidates = {c["sha"] for c in record(tmp_path)["result"]["candidates"]}
+    assert candidates == {shas[2], shas[3], shas[4]}
+    assert "not decidable" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_on_build_failure_bad_counts_a_broken_commit_as_bad(tmp_path, monkeypatch):
+    repo, shas = history(tmp_path, ["pass", "pass", "broken", "fail", "fail"])
+    status, _ = run(tmp_path, repo, monkeypatch, on_build_failure="bad")
+    assert status == bisect.FOUND and record(tmp_path)["result"]["first_bad"]["sha"] == shas[2]
+
+
+@pytest.mark.unit
+def test_a_rerun_resumes_from_the_record_and_redoes_no_step(tmp_path, monkeypatch):
+    repo, _ = history(tmp_path, ["pass"] * 3 + ["fail"] * 6)
+    first, _ = run(tmp_path, repo, monkeypatch)
+    done = record(tmp_path)
+    second, steps = run(tmp_path, repo, monkeypatch)
+    assert first == second == bisect.FOUND and steps.tested == []
+    assert record(tmp_path)["steps"] == done["steps"] and record(tmp_path)["result"] == done["result"]
+    # Interrupted after one step: the rest is done, the first not again.
+    (tmp_path / bisect.RECORD).write_text(json.dumps({**done, "steps": done["steps"][:1], "result": {}}))
+    third, steps = run(tmp_path, repo, monkeypatch)
+    assert third == bisect.FOUND and done["steps"][0]["sha"] not in steps.tested
+    assert len(steps.tested) == len(done["steps"]) - 1
+
+
+@pytest.mark.unit
+def test_a_record_of_other_arguments_or_damaged_is_not_used(tmp_path, monkeypatch):
+    repo, _ = history(tmp_path, ["pass"] * 3 + ["fail"] * 3)
+    run(tmp_path, repo, monkeypatch)
+    done = record(tmp_path)
+    _, steps = run(tmp_path, repo, monkeypatch, splat_ignored=True)  # another bisect: starts over
+    assert len(steps.tested) == len(done["steps"])
+    forged = {**record(tmp_path), "steps": [{**done["steps"][0], "verdict": "rm -rf"}]}
+    (tmp_path / bisect.RECORD).write_text(json.dumps(forged))
+    _, steps = run(tmp_path, repo, monkeypatch, splat_ignored=True)
+    assert len(steps.tested) == len(done["steps"])
+
+
+@pytest.mark.unit
+def test_good_that_is_not_an_ancestor_of_bad_is_bad_input(tmp_path, monkeypatch):
+    repo, _ = history(tmp_path, ["pass", "pass", "fail"])
+    git(repo, "checkout", "-q", "-b", "side", "good")
+    (repo / "other").write_text("x\n")
+    git(repo, "add", "other")
+    git(repo, "commit", "-q", "-m", "side")
+    git(repo, "tag", "-f", "good", "HEAD")
+    with pytest.raises(Failure, match="is not an ancestor of bad") as refused:
+        run(tmp_path, repo, monkeypatch)
+    assert refused.value.code == BAD_INPUT
+    assert not list((tmp_path / "cache" / "bisect").iterdir())  # nothing left behind
+
+
+@pytest.mark.unit
+def test_commits_named_by_sha_fetch_the_history_and_bisect_it(tmp_path, monkeypatch):
+    repo, shas = history(tmp_path, ["pass"] * 4 + ["fail"] * 2)
+    steps = FakeSteps(repo)
+    monkeypatch.setattr(bisect, "run_step", steps)
+    s = settings.effective({}, {"cache_dir": str(tmp_path / "c"), "kernel_url": str(repo), "run": "./check"},
+                           workspace=tmp_path)  # fmt: skip
+    good, bad = resolve.Resolved(shas[1], "", "sha"), resolve.Resolved(shas[-1], "", "sha")
+    assert bisect.bisect(None, s, good, bad) == bisect.FOUND
+    assert record(tmp_path)["result"]["first_bad"]["sha"] == shas[4] and shas[0] not in steps.tested
+
+
+# The change the slow test's guest can see: /proc/version gains a line, from the fifth of eight commits on.
+MARK = "bisect-mark"
+VERSION_C = "fs/proc/version.c"
+CHECK = f"if grep -q {MARK} /proc/version; then echo SAW-MARK; exit 1; fi; echo NO-MARK"
+
+
+def kernel_history(remote: Path, sha: str, repo: Path, changes_at: int, count: int = 8) -> list[str]:
+    """`count` commits on top of `sha` in a repository borrowing the remote's objects (nothing checked out):
+    each edits a Documentation file, which no build compiles; commit `changes_at` also makes /proc/version
+    print MARK. Tagged bisect-good (the first) and bisect-bad (the last)."""
+    subprocess.run(["git", "clone", "-q", "--shared", "--no-checkout", str(remote), str(repo)], check=True)
+    env = {"GIT_INDEX_FILE": str(repo / "bisect-index")}
+
+    def run(*args: str, data: str | None = None) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *GIT_ID, *args], input=data, capture_output=True, text=True,
+                              check=True, env={**os.environ, **env})  # fmt: skip
+        return done.stdout.strip()
+
+    run("read-tree", sha)
+    version_c = run("show", f"{sha}:{VERSION_C}")
+    printed = "\t\tutsname()->version);\n\treturn 0;"
+    marked = version_c.replace(printed, printed.replace("\treturn", f'\tseq_puts(m, "{MARK}\\n");\n\treturn'), 1)
+    assert marked != version_c  # v6.12's version_proc_show, as the edit expects
+    parent, shas = sha, []
+    for number in range(count):
+        note = run("hash-object", "-w", "--stdin", data=f"bisect test commit {number}\n")
+        run("update-index", "--add", "--cacheinfo", f"100644,{note},Documentation/bisect-test-{number}.txt")
+        if number == changes_at:
+            blob = run("hash-object", "-w", "--stdin", data=marked + "\n")
+            run("update-index", "--cacheinfo", f"100644,{blob},{VERSION_C}")
+        tree = run("write-tree")
+        parent = run(
+            "commit-tree",
+            tree,
+            "-p",
+            parent,
+            "-m",
+            f"bisect test {number}" + (": mark" if number == changes_at else ""),
+        )
+        shas.append(parent)
+    run("tag", "bisect-good", shas[0])
+    run("tag", "bisect-bad", shas[-1])
+    run("config", "uploadpack.allowFilter", "true")
+    return shas
+
+
+@pytest.mark.slow
+def test_bisect_names_the_commit_that_changed_what_the_guest_sees_then_resumes(cli, tmp_path, workspace, remote):
+    url, sha = remote
+    shas = kernel_history(Path(url.removeprefix("file://")), sha, tmp_path / "linux", changes_at=4)
+    (workspace / "ci").mkdir()
+    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+    args = ["bisect", "--good", "bisect-good", "--bad", "bisect-bad", "--kernel-url", str(tmp_path / "linux"),
+            "--name", "ci", "--kconfig-base", "tiny", "--kconfig", "ci/kernel.config",
+            "--cache-dir", str(tmp_path / "cache"), "--verbose", "false", "--", CHECK]  # fmt: skip
+    done = cli(*args, env=CCACHE_ENV, timeout=3600)
+    assert done.returncode == bisect.FOUND, done.stderr[-4000:]
+    assert f"first bad commit: {shas[4]} bisect test 4: mark (" in done.stdout, done.stdout
+    kept = json.loads((workspace / bisect.RECORD).read_text())
+    steps = kept["steps"]
+    assert 2 <= len(steps) <= 4 and {step["verdict"] for step in steps} == {"good", "bad"}
+    assert all(step["status"] in (0, 1) and not step["cache_hit"] for step in steps)
+    assert "bisect: step 1 of about 3:" in done.stderr
+    # Run again with the same arguments: resumed from the record, nothing built or booted.
+    again = cli(*args, env=CCACHE_ENV, timeout=600)
+    assert again.returncode == bisect.FOUND, again.stderr[-4000:]
+    assert f"resumed from {workspace / bisect.RECORD}: {len(steps)} step(s) done" in again.stderr
+    assert "cache: " not in again.stderr and "booted in" not in again.stderr
+    assert f"first bad commit: {shas[4]}" in again.stdout
+    assert json.loads((workspace / bisect.RECORD).read_text())["steps"] == steps

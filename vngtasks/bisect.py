@@ -1,0 +1,289 @@
+"""`invoke bisect`: the first commit between a good and a bad one where the workload fails.
+
+Owns: the range (good and bad resolved exactly; only the commits from good to bad fetched, without
+their trees where the server filters, and without anything reachable from good when good is a ref),
+git's own bisect over it in a repository of its own under cache-dir (git picks each step, the
+neighbour of a skipped one, and writes the log that replays it), a step's verdict from its build and
+its exit status, and the record: `bisect.json` in log-dir, rewritten after every step, from which a
+re-run with the same arguments resumes without redoing a finished step. Each step's kernel is found
+or built by provide.py (cache, ccache, build-host) and booted by vm.py. No shell runs here: git gets
+argument lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from invoke import Context
+
+from . import cache, log, provide, resolve, vm
+from .errors import BAD_INPUT, FAILED, MISSING_TOOL, NO_STATUS, SPLAT, Failure
+from .files import write_atomically
+from .settings import Settings
+
+GOOD, BAD, SKIP = "good", "bad", "skip"
+VERDICTS = (GOOD, BAD, SKIP)
+BUILD_FAILURE_VERDICTS = (SKIP, BAD)
+RECORD = "bisect.json"
+FOUND, UNDECIDED = 0, 1  # the task's exit status: the first bad commit named, or not decidable
+_RANGE_REFS = "refs/bisect-range"
+
+
+def verdict(status: int | None, *, splat_ignored: bool, on_build_failure: str) -> str:
+    """A step's verdict: `status` is the boot's exit status, None when the commit did not build."""
+    if status is None:
+        return on_build_failure
+    if status == 0:
+        return GOOD
+    if status == SPLAT:
+        return GOOD if splat_ignored else BAD
+    if status == NO_STATUS:  # no status came back (panic, no boot): as `git bisect run`'s 125, skip
+        return SKIP
+    return BAD  # the workload's own failure, or 124: run-timeout expired
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished step of the record."""
+
+    sha: str
+    subject: str
+    verdict: str
+    status: int | None  # None: the commit did not build
+    build_seconds: float
+    boot_seconds: float
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class State:
+    """Where git's bisect is: the commit to test next, else the first bad one, else the candidates."""
+
+    next: str | None
+    first_bad: str | None
+    candidates: tuple[str, ...]  # when only skipped commits are left: the first bad is one of them
+    untested: int  # commits left that could still be tested
+
+
+class Repo:
+    """A repository of the range alone, under cache-dir, where `git bisect` runs without a checkout."""
+
+    def __init__(self, cache_dir: Path, good: str, bad: str) -> None:
+        self.path = cache_dir / "bisect" / f"{good[:12]}-{bad[:12]}"
+        self.good, self.bad = good, bad
+
+    def git(self, *args: str, check: bool = True) -> str:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(self.path), *args], capture_output=True, text=True, check=False,
+                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            )  # fmt: skip
+        except FileNotFoundError:
+            raise Failure("bisect: git is not installed", MISSING_TOOL) from None
+        if check and done.returncode != 0:
+            error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise Failure(f"bisect: git {args[0]}: {error}", FAILED)
+        return done.stdout
+
+    def fetch(self, url: str, good: resolve.Resolved, bad: resolve.Resolved) -> None:
+        """The commits from good to bad, no trees (where the server filters) and, when good is a ref,
+        nothing reachable from it (`--shallow-exclude`); good itself, alone."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.git("init", "-q", "--bare")
+        if url.startswith("/"):  # a local path: git's local transport cannot fetch without trees
+            url = Path(url).as_uri()
+        common = ["fetch", "-q", "--no-tags", "--filter=tree:0"]
+        exclude = [f"--shallow-exclude={good.ref}"] if good.ref else []
+        self.git(*common, *exclude, "--", url, f"{bad.ref or bad.sha}:{_RANGE_REFS}/bad")
+        # Good alone (already there when it is in bad's history: then only marked where history may stop).
+        self.git(*common, "--depth=1", "--", url, f"{good.ref or good.sha}:{_RANGE_REFS}/good")
+        for name, sha in (("good", good.sha), ("bad", bad.sha)):
+            if self.git("rev-parse", f"{_RANGE_REFS}/{name}^{{commit}}").strip() != sha:
+                raise Failure(f"bisect: {name}: the remote moved it while fetching; run again", FAILED)
+
+    def is_ancestor(self) -> bool:
+        """Good is an ancestor of bad: in the history fetched, or, where the fetch cut it (nothing reachable
+        from good was fetched), a parent of a commit at the cut: a commit object names its parents even so."""
+        done = subprocess.run(["git", "-C", str(self.path), "merge-base", "--is-ancestor", self.good, self.bad])
+        if done.returncode == 0:
+            return True
+        shallow = self.path / "shallow"
+        cut = [sha for sha in shallow.read_text().split() if sha != self.good] if shallow.is_file() else []
+        return any(f"parent {self.good}" in self.git("cat-file", "commit", sha).splitlines() for sha in cut)
+
+    def start(self) -> None:
+        """A fresh `git bisect` of bad and good (HEAD, which bisect reads, on bad; nothing checked out)."""
+        self.git("bisect", "reset", check=False)
+        self.git("update-ref", "refs/heads/bisect", self.bad)
+        self.git("symbolic-ref", "HEAD", "refs/heads/bisect")
+        self.git("bisect", "start", "--no-checkout", self.bad, self.good)
+
+    def mark(self, sha: str, said: str) -> None:
+        self.git("bisect", said, sha, check=False)  # its status is not 0 when only skipped ones are left
+
+    def _refs(self, pattern: str) -> list[str]:
+        return self.git("for-each-ref", "--format=%(objectname)", pattern).split()
+
+    def state(self) -> State:
+        bad = self.git("rev-parse", "refs/bisect/bad").strip()
+        left = self.git("rev-list", bad, "--not", *self._refs("refs/bisect/good-*")).split()
+        skipped = set(self._refs("refs/bisect/skip-*"))
+        untested = [sha for sha in left if sha != bad and sha not in skipped]
+        if left == [bad]:
+            return State(None, bad, (), 0)
+        if not untested:
+            return State(None, None, tuple(left), 0)
+        return State(self.git("rev-parse", "BISECT_HEAD").strip(), None, (), len(untested))
+
+    def describe(self, sha: str) -> tuple[str, str]:
+        """(subject, author date) of a commit of the range."""
+        subject, _, date = self.git("log", "-1", "--format=%s%x00%aI", sha).rstrip("\n").partition("\0")
+        return subject, date
+
+    def log(self) -> str:
+        return self.git("bisect", "log", check=False)
+
+
+def arguments(settings: Settings, good: str, bad: str, splat_ignored: bool, on_build_failure: str) -> dict:
+    """What a record is for: a re-run resumes from it only when all of these are the same."""
+    kconfig = settings.kconfig.read_bytes() if settings.kconfig else b""
+    return {
+        "good": good, "bad": bad, "kernel_url": settings.kernel_url, "name": settings.name,
+        "version": settings.version, "arch": settings.arch.name, "kconfig_base": str(settings.kconfig_base),
+        "kconfig_sha256": hashlib.sha256(kconfig).hexdigest(), "cc": settings.cc, "llvm": settings.llvm,
+        "run": settings.run, "splat_ignored": splat_ignored, "on_build_failure": on_build_failure,
+    }  # fmt: skip
+
+
+def finished_steps(path: Path, wanted: dict) -> list[Step]:
+    """The steps of a record for the same arguments; none (with a warning) for another or a damaged one.
+    The record is checked as any file we did not just write: each step's fields and verdict."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as problem:
+        log.warn(f"bisect: {path} cannot be read ({problem}): starting over")
+        return []
+    if not isinstance(record, dict) or record.get("arguments") != wanted:
+        log.warn(f"bisect: {path} is the record of another bisect: starting over, it will be replaced")
+        return []
+    try:
+        steps = [Step(**step) for step in record["steps"]]
+    except (KeyError, TypeError) as problem:
+        log.warn(f"bisect: {path} has a damaged step ({problem}): starting over")
+        return []
+    if not all(resolve.is_sha(step.sha) and step.verdict in VERDICTS for step in steps):
+        log.warn(f"bisect: {path} has a step with a bad commit or verdict: starting over")
+        return []
+    return steps
+
+
+def write_record(path: Path, wanted: dict, steps: list[Step], result: dict, repo: Repo) -> None:
+    record = {"arguments": wanted, "steps": [dataclasses.asdict(step) for step in steps], "result": result}
+    record["git_bisect_log"] = repo.log()
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
+
+
+def table(steps: list[Step]) -> str:
+    """The steps as a markdown table (the terminal's and $GITHUB_STEP_SUMMARY's)."""
+    rows = ["| step | commit | subject | verdict | build s | boot s | kernel |", "|---|---|---|---|---|---|---|"]
+    for number, step in enumerate(steps, 1):
+        said = step.verdict if step.status is None else f"{step.verdict} ({step.status})"
+        cells = [
+            str(number), step.sha[:12], step.subject, said, f"{step.build_seconds:.0f}", f"{step.boot_seconds:.0f}",
+            "cache" if step.cache_hit else "built",
+        ]  # fmt: skip
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def run_step(c: Context, settings: Settings, sha: str, workload: str) -> tuple[int | None, float, float, bool]:
+    """Build (or find) and boot one commit: (status, None when it did not build; build s; boot s; cache hit)."""
+    step = dataclasses.replace(settings, tag=sha)
+    resolved = resolve.Resolved(sha=sha, ref="", source="sha")
+    kernels = cache.KernelCache(cache.kernels_root(step))
+    key = cache.key_for(step, resolved.sha12)
+    hit = kernels.lookup(key) is not None
+    started = time.monotonic()
+    try:
+        entry = provide.ensure_kernel(c, step, resolved)
+    except Failure as failure:
+        if failure.code in (BAD_INPUT, MISSING_TOOL):
+            raise
+        log.warn(f"bisect: {sha[:12]} did not build: {failure}")
+        return None, time.monotonic() - started, 0.0, hit
+    built = time.monotonic()
+    with kernels.using(entry.key) as in_use:
+        status = vm.run(step, in_use.path, workload)
+    return status, built - started, time.monotonic() - built, hit
+
+
+def bisect(
+    c: Context, settings: Settings, good: resolve.Resolved, bad: resolve.Resolved, *,
+    splat_ignored: bool = False, on_build_failure: str = SKIP,
+) -> int:  # fmt: skip
+    """Bisect from good to bad, each step built and booted; FOUND or UNDECIDED."""
+    if good.sha == bad.sha:
+        raise Failure(f"bisect: good and bad are the same commit {good.sha12}", BAD_INPUT)
+    repo = Repo(settings.cache_dir, good.sha, bad.sha)
+    repo.fetch(settings.kernel_url, good, bad)
+    if not repo.is_ancestor():
+        shutil.rmtree(repo.path, ignore_errors=True)  # bad input leaves nothing behind
+        raise Failure(f"bisect: good {good.sha12} is not an ancestor of bad {bad.sha12}", BAD_INPUT)
+    record = settings.log_dir / RECORD
+    wanted = arguments(settings, good.sha, bad.sha, splat_ignored, on_build_failure)
+    steps = finished_steps(record, wanted)
+    repo.start()
+    for step in steps:
+        repo.mark(step.sha, step.verdict)
+    if steps:
+        log.info(f"bisect: resumed from {record}: {len(steps)} step(s) done")
+    started = time.monotonic()
+    state = repo.state()
+    while state.next is not None:
+        number = len(steps) + 1
+        about = len(steps) + math.ceil(math.log2(state.untested + 1))
+        subject, _ = repo.describe(state.next)
+        elapsed = time.monotonic() - started
+        log.info(f"bisect: step {number} of about {about}: {state.next[:12]} {subject} ({elapsed:.0f} s so far)")
+        status, build_s, boot_s, hit = run_step(c, settings, state.next, settings.run)
+        said = verdict(status, splat_ignored=splat_ignored, on_build_failure=on_build_failure)
+        steps.append(Step(state.next, subject, said, status, round(build_s, 1), round(boot_s, 1), hit))
+        repo.mark(state.next, said)
+        write_record(record, wanted, steps, {}, repo)
+        tested, state = state.next, repo.state()
+        if state.next == tested:
+            raise Failure(f"bisect: git bisect {said} {tested[:12]} did not take", FAILED)
+    return conclude(repo, record, wanted, steps, state)
+
+
+def conclude(repo: Repo, record: Path, wanted: dict, steps: list[Step], state: State) -> int:
+    """The result printed, written to the record and the job summary: FOUND or UNDECIDED."""
+    lines = [table(steps)]
+    if state.first_bad:
+        subject, date = repo.describe(state.first_bad)
+        result = {"first_bad": {"sha": state.first_bad, "subject": subject, "author_date": date}}
+        lines.append(f"first bad commit: {state.first_bad} {subject} ({date})")
+    else:
+        described = [(sha, *repo.describe(sha)) for sha in state.candidates]
+        result = {"candidates": [{"sha": s, "subject": subj, "author_date": d} for s, subj, d in described]}
+        lines.append("not decidable: skipped commits are left; the first bad commit is one of:")
+        lines += [f"  {sha} {subj} ({d})" for sha, subj, d in described]
+    write_record(record, wanted, steps, result, repo)
+    text = "\n".join(lines) + "\n"
+    print(text, end="", flush=True)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a") as out:
+            out.write("\n" + text)
+    return FOUND if state.first_bad else UNDECIDED
