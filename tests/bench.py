@@ -1,8 +1,9 @@
 """Speed goals, measured and printed (never asserted).
 
-`nox -s bench [-- [--no-boot] [--build] [--remote | --remote-push]]`: by default the quick figures and the
-boot ratios, with each arch's boot time here (about 12 min); `--build` adds the kernel-build ratios of the
-tiny and vng bases (about 60 min on 2 cores), `--remote` a remote build against a local one.
+`nox -s bench [-- [--no-boot] [--build] [--bisect] [--remote | --remote-push]]`: by default the quick figures
+and the boot ratios, with each arch's boot time here (about 12 min); `--build` adds the kernel-build ratios of the
+tiny and vng bases (about 60 min on 2 cores), `--bisect` a bisect against its steps' builds and boots,
+`--remote` a remote build against a local one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from invoke import Context
-from linux_remote import CCACHE_DIR, FOREIGN_CACHE, KCONFIG, LINUX_REMOTE_HOME, TAG, git, linux_remote, without_rustup
+from linux_remote import (
+    CCACHE_DIR,
+    FOREIGN_CACHE,
+    KCONFIG,
+    LINUX_REMOTE_HOME,
+    TAG,
+    git,
+    kernel_history,
+    linux_remote,
+    tagged_commit,
+    without_rustup,
+)
 
 from vngtasks import accel, arches, guestroot, kernels, resolve, vm
 
@@ -254,6 +266,36 @@ def _one_line_push(repo: Path, tmp: Path, home: Path, port: int) -> None:
     print(f"push of a one-line change: {pushed} bytes in {seconds:.2f} s (goal <= 1 MB: ratio {pushed / 1e6:.5f})")
 
 
+def bisect_ratio() -> None:
+    """`invoke bisect` over the slow test's eight commits (tiny, the tests' ccache, the work tree primed by a
+    build of the good commit) against its steps x one warm incremental build and boot of another commit of
+    that history (the bad one, which the bisect never builds)."""
+    remote, sha = tagged_commit()
+    with tempfile.TemporaryDirectory() as tmp:
+        shas = kernel_history(remote, sha, Path(tmp, "linux"), changes_at=4)
+        workspace = Path(tmp, "workspace")
+        (workspace / "ci").mkdir(parents=True)
+        (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+        kernel = ["--kernel-url", f"{tmp}/linux", "--name", "bench", "--kconfig-base", "tiny"]
+        kernel += ["--kconfig", "ci/kernel.config", "--cache-dir", f"{tmp}/cache"]
+        check = "if grep -q bisect-mark /proc/version; then exit 1; fi"
+
+        def run(*args: str) -> float:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "invoke", "-r", str(ROOT), *args], cwd=workspace, check=True,
+                           env=make_env(CCACHE_DIR=str(CCACHE_DIR)), capture_output=True)  # fmt: skip
+            return time.perf_counter() - start
+
+        run("build", "--tag", shas[0], *kernel)  # the work tree, as a first bisect step would leave it
+        wall = run("bisect", "--good", "bisect-good", "--bad", "bisect-bad", *kernel, "--verbose", "false", "--", check)
+        steps = len(json.loads((workspace / "bisect.json").read_text())["steps"])
+        one = run("boot", "--tag", shas[-1], *kernel, "--verbose", "false", "--", "true")
+    print(
+        f"bisect of 8 commits: {steps} steps in {wall:.0f} s / ({steps} x one incremental build and boot {one:.0f} s):"
+    )
+    print(f"  ratio {wall / (steps * one):.3f} (goal <= 1.2)")
+
+
 def main() -> None:
     host = arches.host()
     seconds = timed(lambda: accel.choose("auto", host, host))
@@ -270,6 +312,10 @@ def main() -> None:
         build_ratios()
     else:
         print("kernel build ratios: skipped (about 60 min on 2 cores): run `nox -s bench -- --build`")
+    if "--bisect" in sys.argv[1:]:
+        bisect_ratio()
+    else:
+        print("bisect ratio: skipped (about 8 min): run `nox -s bench -- --bisect`")
     if "--remote" in sys.argv[1:] or "--remote-push" in sys.argv[1:]:
         remote_build_ratios(builds="--remote" in sys.argv[1:])
     else:

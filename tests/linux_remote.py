@@ -89,3 +89,41 @@ def _make(target: Path) -> None:
 
 if __name__ == "__main__":
     print(linux_remote())
+
+
+# invoke bisect's slow test and bench: /proc/version gains a line from one commit of a history on.
+MARK = "bisect-mark"
+VERSION_C = "fs/proc/version.c"
+
+
+def kernel_history(remote: Path, sha: str, repo: Path, changes_at: int, count: int = 8) -> list[str]:
+    """`count` commits on top of `sha` in a repository borrowing the remote's objects (nothing checked out),
+    the same commits on every run: each adds a Documentation file, which no build compiles; commit
+    `changes_at` also makes /proc/version print MARK. Tagged bisect-good (the first) and bisect-bad (the
+    last); the repository lets a fetch filter (as kernel.org's and GitHub's do)."""
+    subprocess.run(["git", "clone", "-q", "--shared", "--no-checkout", str(remote), str(repo)], check=True)
+    env = {**os.environ, **_GIT_ENV, "GIT_INDEX_FILE": str(repo / "bisect-index")}
+
+    def run(*args: str, data: str | None = None) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *args], input=data, capture_output=True, text=True,
+                              check=True, env=env)  # fmt: skip
+        return done.stdout.strip()
+
+    run("read-tree", sha)
+    version_c = run("show", f"{sha}:{VERSION_C}") + "\n"
+    printed = "\t\tutsname()->version);\n\treturn 0;"
+    marked = version_c.replace(printed, printed.replace("\treturn", f'\tseq_puts(m, "{MARK}\\n");\n\treturn'), 1)
+    assert marked != version_c  # v6.12's version_proc_show, as the edit expects
+    parent, shas = sha, []
+    for number in range(count):
+        note = run("hash-object", "-w", "--stdin", data=f"bisect test commit {number}\n")
+        run("update-index", "--add", "--cacheinfo", f"100644,{note},Documentation/bisect-test-{number}.txt")
+        if number == changes_at:
+            run("update-index", "--cacheinfo", f"100644,{run('hash-object', '-w', '--stdin', data=marked)},{VERSION_C}")
+        subject = f"bisect test {number}" + (": mark" if number == changes_at else "")
+        parent = run("commit-tree", run("write-tree"), "-p", parent, "-m", subject)
+        shas.append(parent)
+    run("tag", "bisect-good", shas[0])
+    run("tag", "bisect-bad", shas[-1])
+    run("config", "uploadpack.allowFilter", "true")
+    return shas

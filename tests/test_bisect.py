@@ -8,13 +8,12 @@ The slow test bisects real tiny kernels built from the tests' v6.12 remote.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import CCACHE_ENV
-from linux_remote import KCONFIG
+from linux_remote import KCONFIG, MARK, kernel_history
 
 from vngtasks import bisect, errors, resolve, settings
 from vngtasks.errors import BAD_INPUT, Failure
@@ -198,50 +197,7 @@ def test_commits_named_by_sha_fetch_the_history_and_bisect_it(tmp_path, monkeypa
     assert record(tmp_path)["result"]["first_bad"]["sha"] == shas[4] and shas[0] not in steps.tested
 
 
-# The change the slow test's guest can see: /proc/version gains a line, from the fifth of eight commits on.
-MARK = "bisect-mark"
-VERSION_C = "fs/proc/version.c"
 CHECK = f"if grep -q {MARK} /proc/version; then echo SAW-MARK; exit 1; fi; echo NO-MARK"
-
-
-def kernel_history(remote: Path, sha: str, repo: Path, changes_at: int, count: int = 8) -> list[str]:
-    """`count` commits on top of `sha` in a repository borrowing the remote's objects (nothing checked out):
-    each edits a Documentation file, which no build compiles; commit `changes_at` also makes /proc/version
-    print MARK. Tagged bisect-good (the first) and bisect-bad (the last)."""
-    subprocess.run(["git", "clone", "-q", "--shared", "--no-checkout", str(remote), str(repo)], check=True)
-    env = {"GIT_INDEX_FILE": str(repo / "bisect-index")}
-
-    def run(*args: str, data: str | None = None) -> str:
-        done = subprocess.run(["git", "-C", str(repo), *GIT_ID, *args], input=data, capture_output=True, text=True,
-                              check=True, env={**os.environ, **env})  # fmt: skip
-        return done.stdout.strip()
-
-    run("read-tree", sha)
-    version_c = run("show", f"{sha}:{VERSION_C}")
-    printed = "\t\tutsname()->version);\n\treturn 0;"
-    marked = version_c.replace(printed, printed.replace("\treturn", f'\tseq_puts(m, "{MARK}\\n");\n\treturn'), 1)
-    assert marked != version_c  # v6.12's version_proc_show, as the edit expects
-    parent, shas = sha, []
-    for number in range(count):
-        note = run("hash-object", "-w", "--stdin", data=f"bisect test commit {number}\n")
-        run("update-index", "--add", "--cacheinfo", f"100644,{note},Documentation/bisect-test-{number}.txt")
-        if number == changes_at:
-            blob = run("hash-object", "-w", "--stdin", data=marked + "\n")
-            run("update-index", "--cacheinfo", f"100644,{blob},{VERSION_C}")
-        tree = run("write-tree")
-        parent = run(
-            "commit-tree",
-            tree,
-            "-p",
-            parent,
-            "-m",
-            f"bisect test {number}" + (": mark" if number == changes_at else ""),
-        )
-        shas.append(parent)
-    run("tag", "bisect-good", shas[0])
-    run("tag", "bisect-bad", shas[-1])
-    run("config", "uploadpack.allowFilter", "true")
-    return shas
 
 
 @pytest.mark.slow
