@@ -40,6 +40,12 @@ def test_a_steps_verdict(status, splat_ignored, on_build_failure, expected):
     assert bisect.verdict(status, splat_ignored=splat_ignored, on_build_failure=on_build_failure) == expected
 
 
+@pytest.mark.unit
+def test_the_remotes_text_reaches_the_terminal_printable():
+    assert bisect.printable("fix \x1b]0;owned\x07 it\x9b2J") == "fix ?]0;owned? it?2J"
+    assert bisect.printable("net: fix ß and 漢字") == "net: fix ß and 漢字"
+
+
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *GIT_ID, *args], capture_output=True, text=True, check=True).stdout
 

@@ -81,16 +81,19 @@ class Repo:
         self.path = cache_dir / "bisect" / f"{good[:12]}-{bad[:12]}"
         self.good, self.bad = good, bad
 
-    def git(self, *args: str, check: bool = True) -> str:
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         try:
-            done = subprocess.run(
+            return subprocess.run(
                 ["git", "-C", str(self.path), *args], capture_output=True, text=True, check=False,
                 env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
             )  # fmt: skip
         except FileNotFoundError:
             raise Failure("bisect: git is not installed", MISSING_TOOL) from None
+
+    def git(self, *args: str, check: bool = True) -> str:
+        done = self.run(*args)
         if check and done.returncode != 0:
-            error = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            error = printable((done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1])
             raise Failure(f"bisect: git {args[0]}: {error}", FAILED)
         return done.stdout
 
@@ -113,8 +116,7 @@ class Repo:
     def is_ancestor(self) -> bool:
         """Good is an ancestor of bad: in the history fetched, or, where the fetch cut it (nothing reachable
         from good was fetched), a parent of a commit at the cut: a commit object names its parents even so."""
-        done = subprocess.run(["git", "-C", str(self.path), "merge-base", "--is-ancestor", self.good, self.bad])
-        if done.returncode == 0:
+        if self.run("merge-base", "--is-ancestor", self.good, self.bad).returncode == 0:
             return True
         shallow = self.path / "shallow"
         cut = [sha for sha in shallow.read_text().split() if sha != self.good] if shallow.is_file() else []
@@ -145,12 +147,18 @@ class Repo:
         return State(self.git("rev-parse", "BISECT_HEAD").strip(), None, (), len(untested))
 
     def describe(self, sha: str) -> tuple[str, str]:
-        """(subject, author date) of a commit of the range."""
+        """(subject, author date) of a commit of the range; the subject, the remote's text, printable only."""
         subject, _, date = self.git("log", "-1", "--format=%s%x00%aI", sha).rstrip("\n").partition("\0")
-        return subject, date
+        return printable(subject), printable(date)
 
     def log(self) -> str:
         return self.git("bisect", "log", check=False)
+
+
+def printable(text: str) -> str:
+    """Text from the remote (a subject, git's error) for a terminal or a summary: control characters, which
+    could move a terminal's cursor or rewrite what it shows, become '?'."""
+    return "".join("?" if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 else char for char in text)
 
 
 def arguments(settings: Settings, good: str, bad: str, splat_ignored: bool, on_build_failure: str) -> dict:
