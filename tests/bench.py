@@ -173,11 +173,7 @@ def arch_boots(host_seconds: float) -> None:
     seconds = {arches.host().name: host_seconds}
     for arch in arches.ARCHES:
         if arch != arches.host() and arch.debian_userland:
-            apt = guestroot.Apt(FOREIGN_CACHE, arch)  # one update of the package lists for both
-            root, kernel = (
-                guestroot.ensure_root(FOREIGN_CACHE, arch, apt),
-                guestroot.ensure_kernel(FOREIGN_CACHE, arch, apt),
-            )
+            root, kernel = guestroot.ensure_root_and_kernel(FOREIGN_CACHE, arch)
             seconds[arch.name] = boot_ratio(kernel, f"Debian's {arch.name} kernel", pairs=2, arch=arch, root=root)
     print("boot under TCG here, Debian's kernel, `invoke boot -- true` (median s):")
     print("| arch | seconds |\n|------|---------|")

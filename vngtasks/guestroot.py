@@ -329,3 +329,9 @@ def ensure_kernel(cache_dir: Path, arch: Arch, apt: Apt | None = None) -> Path:
     if not dest.is_dir():
         _unpack_and_drop(apt.download(images), dest)
     return kernel_image(dest)
+
+
+def ensure_root_and_kernel(cache_dir: Path, arch: Arch) -> tuple[Path, Path]:
+    """`invoke deps --arch`'s part: the guest root and Debian's kernel of `arch`, with one update of the lists."""
+    apt = Apt(cache_dir, arch)
+    return ensure_root(cache_dir, arch, apt), ensure_kernel(cache_dir, arch, apt)

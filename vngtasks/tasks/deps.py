@@ -24,8 +24,6 @@ def deps(c: Context, **flags: str | None):
 
         with _common.exit_statuses():
             make_directory("cache_dir", s.cache_dir)
-            apt = guestroot.Apt(s.cache_dir, s.arch)  # one update of the package lists for both
-            root = guestroot.ensure_root(s.cache_dir, s.arch, apt)
-            kernel = guestroot.ensure_kernel(s.cache_dir, s.arch, apt)
+            root, kernel = guestroot.ensure_root_and_kernel(s.cache_dir, s.arch)
         log.info(f"deps: {s.arch.name} guest root {root}")
         print(f"kernel={kernel}")
