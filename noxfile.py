@@ -1,65 +1,48 @@
-"""nox sessions: `nox` runs lint, the unit tier on Python 3.10 and every test; `nox -s unit|integration|slow`
-one tier; `nox -s bench`."""
+"""nox sessions: `nox` runs lint, the unit tier on Python 3.10 (where one is installed), and the tests that need
+this machine (integration and slow, with the unit tier again in a stock Debian root: tests/test_fresh.py);
+`nox -s unit|integration|slow|fresh` one tier; `nox -s bench`. Sessions are defined in the order `nox` runs them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "unit-3.10", "tests"]
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
 # Host packages only the tests need, on top of what `invoke deps` installs for users.
 # qemu-system-arm: the arm64 KVM probe under TCG; linux-source-6.12: the kernel remote of the build
-# tests (tests/linux_remote.py); openssh-server: the build host of the remote-build tests.
-TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server"
+# tests (tests/linux_remote.py); openssh-server: the build host of the remote-build tests; mmdebstrap: the
+# stock Debian root the unit tier is proven in (tests/test_fresh.py).
+TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server mmdebstrap"
 # The tiers (tests/conftest.py): what each session selects.
-TIERS = {"unit": "unit", "integration": "integration and not slow", "slow": "slow"}
+TIERS = {"unit": "unit", "integration": "integration and not slow", "slow": "slow", "machine": "not unit"}
+# Where pytest writes each session's results (.ci/run prints the slowest tests from them).
+RESULTS = Path(os.environ.get("VNGTASKS_TEST_RESULTS", ".ci/results"))
 
 
-def _test(session: nox.Session, marks: str | None) -> None:
-    session.install("-e", ".[test]")
-    if marks != "unit":  # unit tests need no root and no host packages
-        session.run("invoke", "deps", "--packages", TEST_PACKAGES)
-    session.run("pytest", *(["-m", marks] if marks else []), *session.posargs)
-
-
-@nox.session
-def tests(session: nox.Session) -> None:
-    """Every tier: unit, integration (root, sshd, act, apt) and slow (real kernels built and booted)."""
-    _test(session, None)
-
-
-@nox.session(default=False)
-def unit(session: nox.Session) -> None:
-    """No root, no network, under 2 minutes."""
-    _test(session, TIERS["unit"])
-
-
-def _oldest_python() -> str:
-    """Python 3.10, the oldest vngtasks supports: pyenv's when it has one (its shim may refuse), else `python3.10`."""
+def _oldest_python() -> str | None:
+    """Python 3.10, the oldest vngtasks supports: pyenv's when it has one (its shim may refuse), else a
+    `python3.10` on PATH, else None (stock Debian 12 has none: the session is then not run by default)."""
     found = sorted(Path.home().glob(".pyenv/versions/3.10.*/bin/python3.10"))
-    return str(found[-1]) if found else "3.10"
+    if found:
+        return str(found[-1])
+    return "3.10" if any(Path(d, "python3.10").exists() for d in os.environ.get("PATH", "").split(os.pathsep)) else None
 
 
-@nox.session(name="unit-3.10", python=_oldest_python())
-def unit_oldest_python(session: nox.Session) -> None:
-    """The unit tier on Python 3.10 (ubuntu-22.04's), the oldest vngtasks supports."""
-    _test(session, TIERS["unit"])
+OLDEST_PYTHON = _oldest_python()
+nox.options.sessions = ["lint", *(["unit-3.10"] if OLDEST_PYTHON else []), "tests"]
 
 
-@nox.session(default=False)
-def integration(session: nox.Session) -> None:
-    """Root, real git, sshd and act; no kernel built or booted."""
-    _test(session, TIERS["integration"])
-
-
-@nox.session(default=False)
-def slow(session: nox.Session) -> None:
-    """Real kernels built (tiny, one of vng's base) and booted under QEMU."""
-    _test(session, TIERS["slow"])
+def _test(session: nox.Session, marks: str, *paths: str) -> None:
+    session.install("-e", ".[test]")
+    if marks != TIERS["unit"]:  # unit tests need no root and no host packages
+        session.run("invoke", "deps", "--packages", TEST_PACKAGES)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = ["--junitxml", str(RESULTS / f"{session.name}.xml"), "--durations", "10"]
+    session.run("pytest", "-m", marks, *report, *paths, *session.posargs)
 
 
 @nox.session
@@ -69,6 +52,43 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("zizmor", "--offline", "action.yml", *map(str, sorted(Path("tests/doubles").rglob("action.yml"))))
+
+
+@nox.session(name="unit-3.10", python=OLDEST_PYTHON or "3.10")
+def unit_oldest_python(session: nox.Session) -> None:
+    """The unit tier on Python 3.10 (ubuntu-22.04's), the oldest vngtasks supports; before anything is installed."""
+    _test(session, TIERS["unit"])
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """What needs this machine: integration (root, sshd, act, apt), slow (real kernels built and booted), and
+    the unit tier once more, in a stock Debian root as nobody with no network (tests/test_fresh.py)."""
+    _test(session, TIERS["machine"])
+
+
+@nox.session(default=False)
+def unit(session: nox.Session) -> None:
+    """No root, no host packages, no network; about a minute."""
+    _test(session, TIERS["unit"])
+
+
+@nox.session(default=False)
+def fresh(session: nox.Session) -> None:
+    """The unit tier in a stock Debian 12 root, as nobody, offline: proof that it needs nothing installed (root)."""
+    _test(session, TIERS["integration"], "tests/test_fresh.py")
+
+
+@nox.session(default=False)
+def integration(session: nox.Session) -> None:
+    """Root, real git, sshd, act and apt; no kernel built or booted."""
+    _test(session, TIERS["integration"])
+
+
+@nox.session(default=False)
+def slow(session: nox.Session) -> None:
+    """Real kernels built and booted under QEMU."""
+    _test(session, TIERS["slow"])
 
 
 @nox.session(default=False)

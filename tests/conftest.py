@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,8 +15,11 @@ from linux_remote import CCACHE_DIR, KCONFIG, TAG, tagged_commit, without_rustup
 ROOT = Path(__file__).resolve().parent.parent
 # Every kernel-building test builds through the one ccache the tests keep on this machine.
 CCACHE_ENV = {"CCACHE_DIR": str(CCACHE_DIR)}
-# A kernel warning's first line, as a workload writes it to /dev/kmsg for the splat check to find.
+# A kernel warning's first line as a program writes it to /dev/kmsg: not the kernel's, so never a splat.
 FAKE_WARNING = "WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"
+# A real kernel warning: LKDTM is built into the kernels the tests build (tests/data/ci-kernel.config).
+PROVOKE = "/sys/kernel/debug/provoke-crash/DIRECT"
+WARN_WORKLOAD = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debug; echo WARNING > {PROVOKE}"
 
 
 def path_for_tests(path: str) -> str:
@@ -73,7 +77,7 @@ def run_invoke(
 ) -> subprocess.CompletedProcess:
     """`invoke -r <checkout> ARGS...` as a user would run it in `cwd` (see user_environment). `output`: an
     open file that takes stdout and stderr (`> file 2>&1`) instead of capturing them."""
-    return subprocess.run(
+    return run_group(
         [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
         cwd=cwd,
         env=user_environment(home, env),
@@ -83,6 +87,19 @@ def run_invoke(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def run_group(argv: list[str], *, timeout: float, **popen) -> subprocess.CompletedProcess:
+    """subprocess.run in a process group of its own, the whole group killed on timeout (run kills only the
+    child: a QEMU it started would go on)."""
+    with subprocess.Popen(argv, start_new_session=True, **popen) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 @pytest.fixture

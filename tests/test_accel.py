@@ -14,6 +14,7 @@ from vngtasks.errors import NO_STATUS, Failure
 PROBED = [a for a in arches.ARCHES if a.probe_code]
 
 
+@pytest.mark.integration  # runs QEMU: a host package
 @pytest.mark.parametrize("arch", PROBED, ids=lambda a: a.name)
 def test_probe_firmware_exits_as_expected_under_tcg(arch: arches.Arch, tmp_path: Path) -> None:
     if arch == arches.host():
@@ -44,6 +45,7 @@ def test_foreign_arch_never_uses_kvm() -> None:
     assert accel.choose("auto", foreign, arches.host()).accel == "tcg"
 
 
+@pytest.mark.integration  # runs the probe guest in QEMU
 def test_this_hosts_kvm_verdict_is_acted_on() -> None:
     """On a host whose /dev/kvm lies (this one), auto falls back and kvm fails clearly."""
     host = arches.host()

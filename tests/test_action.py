@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_group
 from linux_remote import CCACHE_DIR, FOREIGN_CACHE, KCONFIG, TAG, git, without_rustup
 
 from vngtasks.settings import DEFAULTS
@@ -196,9 +197,9 @@ class Act:
         log = self.base / f"{label}.log"
         started = time.monotonic()
         with open(log, "w") as out:
-            done = subprocess.run(
+            done = run_group(
                 argv, cwd=repo, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                stdin=subprocess.DEVNULL, check=False, env={**os.environ, "PATH": path},
+                stdin=subprocess.DEVNULL, env={**os.environ, "PATH": path},
             )  # fmt: skip
         seconds = time.monotonic() - started
         done.stdout, done.stderr = log.read_text(), ""

@@ -192,7 +192,7 @@ def test_a_runtime_config_file_is_above_the_environment_and_the_workspace_file(t
     by_env = invoke(["settings"], {**env, "INVOKE_RUNTIME_CONFIG": str(tmp_path / "run.yaml")}, tmp_path)
     for shown in (by_flag, by_env):
         assert "memory-mib=2048\n" in shown.stdout and "cpus=2\n" in shown.stdout, shown.stderr
-    flagged = invoke(
-        ["-f", str(tmp_path / "run.yaml"), "boot", "--memory", "4G", "--dry-run", "--", "true"], env, tmp_path
-    )
+    (tmp_path / "vmlinuz").write_bytes(b"a kernel image")  # a dry run boots nothing: no /boot kernel needed
+    boot = ["boot", "--kernel", "vmlinuz", "--memory", "4G", "--dry-run", "--", "true"]
+    flagged = invoke(["-f", str(tmp_path / "run.yaml"), *boot], env, tmp_path)
     assert "--memory=4096M" in flagged.stdout, flagged.stderr

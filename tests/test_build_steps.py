@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -286,6 +287,10 @@ def test_a_reused_work_tree_gives_no_earlier_build_s_outputs_to_the_entry(
     vng.chmod(0o755)
     monkeypatch.setattr(vm, "vng_program", lambda: str(vng))
     monkeypatch.setenv("VNGTASKS_TEST_IMAGE", arches.host().boot_images[0])
+    (tmp_path / "bin").mkdir()  # make's olddefconfig, as the Makefile above has it: no build toolchain needed
+    (tmp_path / "bin" / "make").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "make").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     (tmp_path / "base.config").write_text("# CONFIG_MODULES is not set\n")
     flags = {"tag": "v2", "kernel_url": f"file://{repo}", "kconfig_base": "base.config", "vmlinux_h": "false"}
     settings = effective(DEFAULTS, {**flags, "cache_dir": str(tmp_path / "c")}, workspace=tmp_path)

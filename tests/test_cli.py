@@ -171,7 +171,8 @@ def test_no_shell_runs_what_a_path_holds(home: Path, tmp_path: Path, setting: st
 def test_a_github_file_in_an_unplain_directory_is_refused(cli, tmp_path: Path, home: Path):
     odd = tmp_path / "runner$(touch pwned)"
     odd.mkdir()
-    done = cli("boot", "--", "true", env={"GITHUB_OUTPUT": str(odd / "output")})
+    (tmp_path / "vmlinuz").write_bytes(b"a kernel image")  # refused before QEMU or a kernel is needed
+    done = cli("boot", "--kernel", str(tmp_path / "vmlinuz"), "--", "true", env={"GITHUB_OUTPUT": str(odd / "output")})
     assert done.returncode == 2 and done.stderr.startswith("vngtasks: GITHUB_OUTPUT: "), done.stderr
     assert not list(tmp_path.rglob("pwned")) and not os.path.exists("pwned")
 

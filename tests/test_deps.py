@@ -21,6 +21,7 @@ def installed(package: str) -> bool:
     return done.stdout.startswith("ii")
 
 
+@pytest.mark.integration  # runs `invoke deps` for real, after nox's own `invoke deps`
 def test_all_present_runs_no_apt(cli):
     done = cli("deps")
     assert done.returncode == 0, done.stderr
@@ -35,6 +36,7 @@ def test_wanted_follows_arch_toolchain_and_distro(tmp_path: Path):
     names = deps.wanted(s, debian, arches.lookup("x86_64"), need_kernel_image=True)
     assert {"qemu-system-arm", "gcc-aarch64-linux-gnu", "clang-14", "lld-14", "bpftool", "sl"} <= set(names)
     assert "linux-image-amd64" in names and "virtiofsd" not in names  # bookworm ships it in qemu
+    assert {"file", "busybox-static", "kmod"} <= set(names)  # what vng itself runs on the host to boot
     names = deps.wanted(s, ubuntu, arches.lookup("x86_64"), need_kernel_image=True)
     assert {"linux-image-generic", "virtiofsd", "linux-tools-common"} <= set(names)
 

@@ -130,16 +130,54 @@ def test_summary_header_is_written_once(tmp_path: Path) -> None:
     assert text.startswith("## earlier step output\n| kernel")
 
 
+def raw_dmesg(lines: list[str], priority: str = "<4>") -> list[str]:
+    """Lines as the guest's `dmesg -r` writes them: kernel ones (facility 0) unless `priority` says otherwise."""
+    return [priority + line for line in lines]
+
+
 def attempted(result: supervise.Outcome, console: list[str], dmesg: list[str] | None) -> runrecord.Attempt:
     text = None if dmesg is None else ("\n".join(dmesg) + "\n").encode()
     return runrecord.Attempt(result, ("\n".join(console) + "\n").encode(), text)
+
+
+# What virtme-ng-init writes to /dev/kmsg on a root without systemd (a stock Debian 12): <14> is user.info.
+VNG_INIT_WARNING = (
+    '[    1.514217] virtme-ng-init: WARNING: failed to run: "systemd-tmpfiles" --create (error: No such file)'
+)
+
+
+def test_what_programs_write_to_kmsg_is_never_a_splat(tmp_path: Path) -> None:
+    """vng's init and the workload write to /dev/kmsg: the kernel gives their lines a facility of their own, so
+    neither their dmesg lines nor the same lines on the console are the kernel's."""
+    s = make(tmp_path)
+    dmesg = [*raw_dmesg(BOOT_LOG[:3]), "<14>" + VNG_INIT_WARNING, "<12>" + BOOT_LOG[3]]  # user.info, user.warning
+    console = [*BOOT_LOG[:4], VNG_INIT_WARNING]
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), console, dmesg), {}) == 0
+    kernel_warning = dmesg + raw_dmesg([BOOT_LOG[4]])
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), console, kernel_warning), {}) == SPLAT
+    record = json.loads((s.log_dir / runrecord.RUN_JSON).read_text())
+    assert record["splats"] == ["BUG: KASAN: slab-out-of-bounds in foo+0x1/0x2"]
+
+
+def test_a_kernel_line_only_on_the_console_is_judged(tmp_path: Path) -> None:
+    """After dmesg was taken (shutdown), or dropped from a full ring buffer: the console still has it."""
+    s = make(tmp_path)
+    run = attempted(outcome(0), BOOT_LOG[:4], raw_dmesg(BOOT_LOG[:3]))
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), run, {}) == SPLAT
+
+
+def test_dmesg_lines_are_parted_by_facility_continuations_included() -> None:
+    dmesg = b"<4>[ 1.0] WARNING: at a.c:1\n more of that record\n<14>[ 1.1] prog: hello\n<0>[ 1.2] Oops\n"
+    kernel, programs = health.kernel_and_program_lines(dmesg)
+    assert kernel == ["[ 1.0] WARNING: at a.c:1", " more of that record", "[ 1.2] Oops"]
+    assert programs == ["[ 1.1] prog: hello"]
 
 
 def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
     s = make(tmp_path, log_dir="logs", splat_allow="circular")
     s.log_dir.mkdir()
     summary = tmp_path / "step-summary"
-    run = attempted(outcome(0), BOOT_LOG[:4], BOOT_LOG[:4] + BOOT_LOG[6:7])
+    run = attempted(outcome(0), BOOT_LOG[:4], raw_dmesg(BOOT_LOG[:4] + BOOT_LOG[6:7]))
     status = runrecord.conclude(s, Path("/boot/vmlinuz"), run, {"GITHUB_STEP_SUMMARY": str(summary)})
     assert status == SPLAT
     assert (s.log_dir / runrecord.CONSOLE_LOG).read_bytes() == run.console and (
@@ -165,7 +203,7 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
 
 def test_splat_check_false_never_scans(tmp_path: Path) -> None:
     s = make(tmp_path, splat_check="false")
-    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), [], BOOT_LOG[3:4]), {}) == 0
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), [], raw_dmesg(BOOT_LOG[3:4])), {}) == 0
 
 
 def test_a_run_is_judged_on_its_own_console_never_another_runs(tmp_path: Path) -> None:
@@ -173,7 +211,8 @@ def test_a_run_is_judged_on_its_own_console_never_another_runs(tmp_path: Path) -
     s = make(tmp_path)
     (s.log_dir / runrecord.CONSOLE_LOG).write_text(BOOT_LOG[3] + "\n")  # another run's WARNING
     (s.log_dir / runrecord.DMESG_LOG).write_text(BOOT_LOG[3] + "\n")
-    assert runrecord.conclude(s, Path("/boot/vmlinuz"), attempted(outcome(0), BOOT_LOG[:3], BOOT_LOG[:3]), {}) == 0
+    clean = attempted(outcome(0), BOOT_LOG[:3], raw_dmesg(BOOT_LOG[:3]))
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), clean, {}) == 0
     assert BOOT_LOG[3] not in (s.log_dir / runrecord.CONSOLE_LOG).read_text()
     warned = attempted(outcome(0), BOOT_LOG[:4], None)
     assert runrecord.conclude(s, Path("/boot/vmlinuz"), warned, {}) == SPLAT
@@ -245,8 +284,9 @@ def test_a_reported_status_is_an_exit_status_or_nothing(tmp_path: Path, text: st
 def test_the_guest_clock_is_read_with_suspicion() -> None:
     assert health.guest_seconds("12.34") == 12.34
     assert [health.guest_seconds(t) for t in ("nan", "-5", "1e300", "", "12 s")] == [None] * 5
-    dmesg = b"[    0.000000] Linux version 6.12\n[    2.311646] Run /usr/lib/virtme-ng-init as init process\n"
+    dmesg = b"<5>[    0.000000] Linux version 6.12\n<6>[    2.311646] Run /usr/lib/virtme-ng-init as init process\n"
     assert health.init_started(dmesg) == 2.311646
+    assert health.init_started(dmesg.replace(b"<6>", b"")) == 2.311646
     assert health.init_started(b"[ 1.0] Run /x as init process; and more\n") is None
     assert health.init_started(b"\xff\xfe not a log") is None
 

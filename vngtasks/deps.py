@@ -26,7 +26,9 @@ LOCK_WAIT_SECONDS = 600
 KILL_AFTER_SECONDS = 10
 TIMED_OUT = (124, 137)  # timeout(1): the limit passed, or the command needed SIGKILL after it
 
-BOOT_PACKAGES = ("busybox-static", "kmod", "cpio")
+# What vng runs on the host to boot: busybox-static (the initramfs), kmod (a distro kernel's modules), file
+# (a kernel image's version, and whether busybox is static: without it vng dies with a traceback).
+BOOT_PACKAGES = ("busybox-static", "kmod", "cpio", "file")
 BUILD_PACKAGES = (
     "build-essential", "flex", "bison", "bc", "cpio", "kmod", "rsync", "git", "python3",
     "libelf-dev", "libssl-dev", "libzstd-dev", "dwarves", "ccache", "zstd",

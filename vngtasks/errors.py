@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+
 FAILED = 1  # deps could not install, a ref did not resolve, a build failed
 BAD_INPUT = 2  # a setting or flag is wrong; nothing was touched
 SPLAT = 123  # the workload passed but the guest kernel logged a splat (splat-check)
 TIMEOUT = 124  # run-timeout expired; the VM was killed
 NO_STATUS = 125  # the VM never reported the workload's status (panic, stall, no boot, boot-timeout)
 MISSING_TOOL = 127  # a program we need is not installed
+# A run stopped by one of these exits 128 + its number, after its VM and run directory are gone.
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 class Failure(Exception):

@@ -1,4 +1,5 @@
-"""Writing a file so that a reader sees its old content or its new content, whole, never a part."""
+"""Writing a file so that a reader sees its old content or its new content, whole, never a part; removing
+empty directories up a path."""
 
 from __future__ import annotations
 
@@ -18,3 +19,13 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def remove_empty_dirs(here: Path, stop: Path) -> None:
+    """`here` and each parent of it below `stop` (not included), while they are empty directories."""
+    while here != stop and here.is_relative_to(stop):
+        try:
+            here.rmdir()
+        except OSError:  # not empty, or already gone
+            return
+        here = here.parent

@@ -26,7 +26,7 @@ from urllib.parse import unquote
 from . import log, render
 from .arches import Arch
 from .errors import BAD_INPUT, FAILED, Failure
-from .files import write_atomically
+from .files import remove_empty_dirs, write_atomically
 
 # bash for vng's shell init (virtme/guest/virtme-init) and the workload; every other command, vng's initramfs and
 # init=/bin/sh included, is an applet of busybox-static. Under TCG a dynamically linked command costs about a
@@ -292,13 +292,12 @@ def remove_mountpoints(root: Path, made: Path, keep: Path) -> None:
     """After a boot, the empty directories `make_mountpoints` made in `root` for `made`, up to `keep` (not
     included): a run's own directory, so that runs leave none behind. The workspace's stay: another boot
     of the same root may be using them."""
-    here, stop = root / made.relative_to("/"), root / keep.relative_to("/")
-    while here != stop and here.is_relative_to(stop):
-        try:
-            here.rmdir()
-        except OSError:  # not empty, or already gone
-            return
-        here = here.parent
+    remove_empty_dirs(*run_mountpoints(root, made, keep))
+
+
+def run_mountpoints(root: Path, made: Path, keep: Path) -> tuple[Path, Path]:
+    """Where in `root` the mountpoints of `made` begin, and where their removal stops (see remove_mountpoints)."""
+    return root / made.relative_to("/"), root / keep.relative_to("/")
 
 
 def kernel_image(tree: Path) -> Path:

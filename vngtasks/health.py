@@ -31,7 +31,9 @@ SPLAT_PATTERN = re.compile(
     r"|rcu: INFO: rcu_\w+ detected stalls|detected stalls on CPUs/tasks|\bOops\b"
 )
 _TIMESTAMP = re.compile(r"^\[\s*[0-9]+\.[0-9]+\]\s?")
-_RUN_INIT = re.compile(r"^\[\s*([0-9]+\.[0-9]+)\] Run \S+ as init process$", re.MULTILINE)
+# `dmesg -r` (util-linux's and busybox's) starts each record with its syslog priority, facility * 8 + level.
+_PRIORITY = re.compile(r"<([0-9]{1,3})>")
+_RUN_INIT = re.compile(r"^(?:<[0-9]{1,3}>)?\[\s*([0-9]+\.[0-9]+)\] Run \S+ as init process$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,44 @@ def show_tail(console_log: Path) -> None:
     print("\n".join(tail), file=sys.stderr, flush=True)
 
 
+def kernel_and_program_lines(dmesg: bytes) -> tuple[list[str], list[str]]:
+    """The guest's `dmesg -r` parted into the lines the kernel logged (facility 0) and those programs wrote to
+    /dev/kmsg (vng's init, the workload: the kernel gives them another facility, whatever they ask for), each
+    without its priority; a line with none continues the record above it."""
+    kernel: list[str] = []
+    programs: list[str] = []
+    into = kernel
+    for line in dmesg.decode(errors="replace").splitlines():
+        found = _PRIORITY.match(line)
+        if found:
+            into = kernel if int(found[1]) >> 3 == 0 else programs
+            line = line[found.end() :]
+        into.append(line)
+    return kernel, programs
+
+
+def judged_lines(console_lines: list[str], dmesg: bytes | None) -> list[str]:
+    """What the splat check reads: the kernel's own lines. dmesg tells them by facility; the console cannot, so
+    a console line that dmesg shows a program wrote is left out (the console also holds what the kernel logged
+    after dmesg was taken, and what a full ring buffer dropped). With no dmesg (the workload never ended, so the
+    run has failed already), the console as it is."""
+    if dmesg is None:
+        return console_lines
+    kernel, programs = kernel_and_program_lines(dmesg)
+    written = {_without_timestamp(line) for line in programs}
+    return kernel + [line for line in console_lines if _without_timestamp(line) not in written]
+
+
+def _without_timestamp(line: str) -> str:
+    return _TIMESTAMP.sub("", printable(line))
+
+
 def find_splats(lines: list[str], allow: tuple[str, ...]) -> list[str]:
     """Kernel splat lines (timestamps dropped, each once), minus those an allow regex matches."""
     allowed = [re.compile(pattern) for pattern in allow]
     found: list[str] = []
     for raw in lines:
-        line = _TIMESTAMP.sub("", printable(raw))
+        line = _without_timestamp(raw)
         if SPLAT_PATTERN.search(line) and not any(a.search(line) for a in allowed) and line not in found:
             found.append(line)
     return found

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import log
 from .errors import SPLAT
-from .health import TAIL_LINES, find_splats
+from .health import TAIL_LINES, find_splats, judged_lines
 from .settings import Settings
 from .supervise import Outcome
 
@@ -54,11 +54,9 @@ def conclude(settings: Settings, kernel: Path, attempted: Attempt, environ: Mapp
     the step summary: the run's final status."""
     outcome = attempted.outcome
     console_lines = attempted.console.decode(errors="replace").splitlines()
-    dmesg_lines = (attempted.dmesg or b"").decode(errors="replace").splitlines()
     splats: list[str] = []
     if settings.splat_check:
-        # dmesg is the whole ring buffer; the console also holds what came after it.
-        splats = find_splats(dmesg_lines + console_lines, settings.splat_allow)
+        splats = find_splats(judged_lines(console_lines, attempted.dmesg), settings.splat_allow)
     status = judge(outcome, splats)
     record = Record(
         kernel=kernel,

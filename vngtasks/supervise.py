@@ -13,27 +13,41 @@ decided in vm.py, what the guest left is read by health.py.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from typing import IO
 
 from . import log
-from .errors import MISSING_TOOL, NO_STATUS, TIMEOUT, Failure
-from .health import GUEST_LINE_BYTES, ConsoleWatch, read_guest_file, reported_status, show_tail
+from .errors import MISSING_TOOL, NO_STATUS, STOPPING_SIGNALS, TIMEOUT, Failure
+from .health import (
+    GUEST_LINE_BYTES,
+    ConsoleWatch,
+    printable,
+    read_guest_file,
+    read_lines,
+    reported_status,
+    show_tail,
+)
+from .reaper import Guard, Leftovers, stop_session
 
 POLL_SECONDS = 0.1
 # After the workload's status, the guest powers off; a kernel that cannot (no ACPI on x86) or a
 # shutdown that hangs is stopped after this long: the run is over, and its files are synced.
 SHUTDOWN_GRACE_SECONDS = 10.0
 PANIC_GRACE_SECONDS = 5.0  # panic=-1 ends the VM at once; stop it ourselves after this
+
+
+PR_SET_PDEATHSIG = 1
+VNG_STDERR_BYTES = 16 * 1024  # the end of vng's stderr kept: its own error, when it fails before the kernel runs
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class VmRun:
     console_log: Path  # written by QEMU
     boot_timeout: int  # seconds from vng start to workload start; 0: no limit
     run_timeout: int  # seconds the workload may run; 0: no limit
+    leftovers: Leftovers  # what the guard removes should invoke die
 
 
 @dataclass(frozen=True)
@@ -104,31 +119,66 @@ def supervise(vm: VmRun, argv: list[str], env: Mapping[str, str], marks: Marks) 
     vm.console_log.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True, **relayed_streams())
-    except FileNotFoundError:
-        raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
-    relays = relay(process)
-    marks.vng = time.monotonic()
-    console = ConsoleWatch(vm.console_log)
-    try:
+    guard = Guard(vm.leftovers)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(guard.close)
+        with stopping_signals_held():  # a stop waits until vng is started and its cleanup is in place
+            process = start(argv, env)
+            relays = relay(process)
+            cleanup.callback(finish, process, relays)
+            guard.watch(process.pid)
+        marks.vng = time.monotonic()
+        console = ConsoleWatch(vm.console_log)
         while process.poll() is None:
             time.sleep(POLL_SECONDS)
             now = time.monotonic()
             note_progress(vm, marks, now)
             why = overdue(vm, marks, console, now)
             if why is not None:
-                stop_session(process)
+                finish(process, relays)
                 return stopped(vm, marks, why, now)
             if marks.status is not None and now - marks.status > SHUTDOWN_GRACE_SECONDS:
                 log.info(f"the guest did not power off within {SHUTDOWN_GRACE_SECONDS:g} s of its status: VM stopped")
                 break
         marks.ended = time.monotonic()
-        return ended(vm, marks, console, process.returncode)
+        finish(process, relays)
+        return ended(vm, marks, console, process.returncode, relays.stderr_tail())
+
+
+def finish(process: subprocess.Popen[bytes], relays: Relays) -> None:
+    """vng's whole session stopped, then what it wrote copied to the end."""
+    stop_session(process.pid, process.poll)
+    for thread in relays.threads:
+        thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def stopping_signals_held() -> Iterator[None]:
+    """Stopping signals wait (blocked) until the block ends, then arrive as usual."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING_SIGNALS)
+    try:
+        yield
     finally:
-        stop_session(process)
-        for thread in relays:
-            thread.join(timeout=5)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start(argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """vng in a session of its own (stopped as a whole), killed by the kernel should we die before it."""
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # we died before that took hold
+            os._exit(1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING_SIGNALS)
+
+    try:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=in_child, **relayed_streams()
+        )
+    except FileNotFoundError:
+        raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
 
 
 def note_progress(vm: VmRun, marks: Marks, now: float) -> None:
@@ -165,8 +215,9 @@ def stopped(vm: VmRun, marks: Marks, why: str, now: float) -> Outcome:
     return failed(vm, why, message, None)
 
 
-def ended(vm: VmRun, marks: Marks, console: ConsoleWatch, vng_status: int | None) -> Outcome:
-    """The outcome of a VM that ended (or was stopped after its status): the workload's status if reported."""
+def ended(vm: VmRun, marks: Marks, console: ConsoleWatch, vng_status: int | None, vng_said: str = "") -> Outcome:
+    """The outcome of a VM that ended (or was stopped after its status): the workload's status if reported.
+    `vng_said`: the end of vng's stderr, its own error when it failed before the guest kernel printed anything."""
     if marks.reported is None and marks.started is not None:
         marks.reported = reported_status(vm.shared)
         marks.status = marks.ended if marks.reported is not None else None
@@ -175,39 +226,66 @@ def ended(vm: VmRun, marks: Marks, console: ConsoleWatch, vng_status: int | None
         return Outcome(vm.accel, marks.reported, "workload", marks.boot_seconds, workload)
     if console.panicked():
         return failed(vm, "panic", "the guest kernel panicked", marks.boot_seconds)
+    error = last_line(vng_said)
+    if vng_status and error and not any(line.strip() for line in read_lines(vm.console_log)):
+        message = f"vng failed (exit {vng_status}) before the guest kernel printed anything: {error}"
+        return failed(vm, "no-status", message, None, tail=False)
     message = f"the VM ended without reporting a workload status (vng exit {vng_status})"
     return failed(vm, "no-status", message, marks.boot_seconds)
 
 
-def failed(vm: VmRun, result: str, message: str, boot_seconds: float | None) -> Outcome:
-    """Say why the VM failed and show the end of its console."""
+def last_line(text: str) -> str:
+    """The last line of `text` that is not blank, without terminal control characters."""
+    lines = [printable(line) for line in text.splitlines()]
+    return next((line for line in reversed(lines) if line.strip()), "")
+
+
+def failed(vm: VmRun, result: str, message: str, boot_seconds: float | None, tail: bool = True) -> Outcome:
+    """Say why the VM failed and show the end of its console (with `tail`)."""
     log.warn(message)
-    show_tail(vm.console_log)
+    if tail:
+        show_tail(vm.console_log)
     return Outcome(vm.accel, NO_STATUS, result, boot_seconds, None)
 
 
 # virtme-ng gives QEMU /proc/self/fd/1 and /2 as `file` chardevs (the guest's stdout and stderr),
 # which QEMU opens again with O_TRUNC: where ours is a regular file (`invoke boot > log 2>&1`),
-# everything written to it before the VM started would be erased. vng gets a pipe instead.
+# everything written to it before the VM started would be erased. vng gets a pipe instead. Its stderr always
+# goes through a pipe: its end is kept, for vng's own error when it fails.
 def relayed_streams() -> dict[str, int | None]:
-    """Popen's stdout and stderr: a pipe in place of each of ours that is a regular file."""
-    return {name: subprocess.PIPE if _regular_file(fd) else None for name, fd in (("stdout", 1), ("stderr", 2))}
+    """Popen's stdout and stderr: a pipe for stderr, and in place of our stdout when that is a regular file."""
+    return {"stdout": subprocess.PIPE if _regular_file(1) else None, "stderr": subprocess.PIPE}
 
 
-def relay(process: subprocess.Popen[bytes]) -> list[threading.Thread]:
+@dataclass
+class Relays:
+    """The threads copying vng's piped streams to ours, and the end of its stderr."""
+
+    threads: list[threading.Thread]
+    tail: bytearray
+
+    def stderr_tail(self) -> str:
+        return bytes(self.tail).decode(errors="replace")
+
+
+def relay(process: subprocess.Popen[bytes]) -> Relays:
     """Copy each piped stream to ours as it comes; the threads end when the session's writers do."""
-    threads = []
+    relays = Relays([], bytearray())
     for pipe, fd in ((process.stdout, 1), (process.stderr, 2)):
         if pipe is not None:
-            thread = threading.Thread(target=_copy, args=(pipe, fd), daemon=True)
+            kept = relays.tail if fd == 2 else None
+            thread = threading.Thread(target=_copy, args=(pipe, fd, kept), daemon=True)
             thread.start()
-            threads.append(thread)
-    return threads
+            relays.threads.append(thread)
+    return relays
 
 
-def _copy(source: IO[bytes], target: int) -> None:
+def _copy(source: IO[bytes], target: int, kept: bytearray | None) -> None:
     with source:
         while chunk := os.read(source.fileno(), 65536):
+            if kept is not None:
+                kept += chunk
+                del kept[:-VNG_STDERR_BYTES]
             view = memoryview(chunk)
             while view:
                 view = view[os.write(target, view) :]
@@ -218,34 +296,3 @@ def _regular_file(fd: int) -> bool:
         return S_ISREG(os.fstat(fd).st_mode)
     except OSError:
         return False
-
-
-def stop_session(process: subprocess.Popen[bytes]) -> None:
-    """End vng and everything it started (QEMU, virtiofsd), even ones that left its group."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        members = list(session_members(process.pid))
-        if not members:
-            break
-        for pid in members:
-            _signal(pid, sig)
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and any(session_members(process.pid)):
-            process.poll()
-            time.sleep(POLL_SECONDS)
-    process.poll()
-
-
-def session_members(sid: int) -> Iterable[int]:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # After the command name: state, ppid, pgrp, session; zombies are already gone.
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            yield int(stat.parent.name)
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import re
 import shlex
-import shutil
 import sys
 import time
 import uuid
@@ -25,6 +24,7 @@ from . import accel, arches, guestroot, health, log, render
 from .arches import Arch
 from .errors import BAD_INPUT, Failure
 from .hostprobe import HostProbes, virtme_ng_init_runs
+from .reaper import Leftovers
 from .runrecord import Attempt, conclude
 from .settings import Settings
 from .supervise import Marks, Outcome, VmRun, supervise
@@ -88,10 +88,20 @@ class Boot:
         """This run's console, written by QEMU: judged, then published to log-dir (see runrecord.publish)."""
         return self.run_dir / "console.log"
 
+    def leftovers(self) -> Leftovers:
+        """What this boot leaves on the host until it is removed: its run directory, and in a foreign root the
+        empty directories made for it (see guestroot.make_mountpoints)."""
+        if self.root is None:
+            return Leftovers(self.run_dir)
+        runs = self.run_dir.parent.resolve()
+        return Leftovers(self.run_dir, guestroot.run_mountpoints(self.root, self.shared.resolve(), runs))
+
     def supervised(self) -> VmRun:
         """What supervision needs of this boot: plain paths and seconds."""
         s = self.settings
-        return VmRun(self.accel, self.shared, self.console_log, boot_timeout=s.boot_timeout, run_timeout=s.run_timeout)
+        return VmRun(
+            self.accel, self.shared, self.console_log, s.boot_timeout, s.run_timeout, leftovers=self.leftovers()
+        )
 
 
 def vng_program() -> str:
@@ -221,8 +231,8 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
     host = Host.current()
     if settings.arch != host.arch and (why := guestroot.refused(settings.arch)):
         raise Failure(why, BAD_INPUT)
-    accel.qemu_binary(settings.arch)
     github_dirs(host.environ)  # refused now, before anything is made, if vng could not share them
+    accel.qemu_binary(settings.arch)
     make_directory("log_dir", settings.log_dir)
     make_directory("cache_dir", settings.cache_dir)
     root = guest_root(settings, host)
@@ -313,9 +323,7 @@ def attempt(
         outcome = dataclasses.replace(outcome, release=report.release, phases=phases)
         return Attempt(outcome, health.read_console(boot.console_log), report.dmesg)
     finally:
-        shutil.rmtree(boot.run_dir, ignore_errors=True)
-        if boot.root is not None:
-            guestroot.remove_mountpoints(boot.root, boot.shared.resolve(), boot.run_dir.parent.resolve())
+        boot.leftovers().remove()
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:

@@ -16,7 +16,8 @@ printf '%s\n' "$uptime" > "$run_dir/started"
 # As GitHub runs a `run:` step (and the seed ran `run`): the first failing command ends it.
 bash -eo pipefail "$run_dir/workload.sh"
 status=$?
-dmesg > "$run_dir/dmesg" 2>&1 || true
+# -r: each record keeps its priority, whose facility tells the kernel's lines from what programs wrote.
+dmesg -r > "$run_dir/dmesg" 2>&1 || true
 # Everything the workload wrote reaches the host before the status says the run is over.
 sync
 printf '%s\n' "$status" > "$run_dir/status"

@@ -14,7 +14,7 @@ from invoke import Context, Program, Task, task
 from invoke.exceptions import Exit, ParseError, UnexpectedExit
 from invoke.util import yaml
 
-from ..errors import BAD_INPUT, FAILED, Failure
+from ..errors import BAD_INPUT, FAILED, STOPPING_SIGNALS, Failure
 from ..settings import BY_NAME, HELP, Settings, effective, taken_by
 from ..validate import InputError
 
@@ -148,9 +148,6 @@ class Stopped(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,114 @@
+"""Supervising vng, with a stand-in for vng (a shell script: no QEMU), as a real process tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from vngtasks import reaper, supervise
+from vngtasks.errors import NO_STATUS
+from vngtasks.supervise import Marks, VmRun
+
+
+def vm_run(tmp_path: Path) -> VmRun:
+    run_dir = tmp_path / "runs" / "one"
+    (run_dir / "shared").mkdir(parents=True)
+    leftovers = reaper.Leftovers(run_dir)
+    return VmRun("tcg", run_dir / "shared", run_dir / "console.log", 60, 0, leftovers=leftovers)
+
+
+def fake_vng(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "vng"
+    script.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_vngs_own_error_is_the_message_when_it_fails_before_the_kernel(tmp_path: Path, capsys) -> None:
+    """As on a machine without `file`: vng dies with a traceback, QEMU never starts, the console stays empty."""
+    vng = fake_vng(tmp_path, """\
+        echo 'Traceback (most recent call last):' >&2
+        echo "FileNotFoundError: [Errno 2] No such file or directory: 'file'" >&2
+        exit 1
+    """)  # fmt: skip
+    outcome = supervise.supervise(vm_run(tmp_path), [vng], dict(os.environ), Marks(probe=0.0))
+    assert (outcome.status, outcome.result) == (NO_STATUS, "no-status")
+    err = capsys.readouterr().err
+    said = "vng failed (exit 1) before the guest kernel printed anything: FileNotFoundError: [Errno 2] No such file"
+    assert said in err and "the kernel printed nothing" not in err
+
+
+GUARDED = """\
+import os, sys
+from pathlib import Path
+from vngtasks import reaper, supervise
+run_dir = Path(sys.argv[1])
+vm = supervise.VmRun("tcg", run_dir / "shared", run_dir / "console.log", 0, 0, leftovers=reaper.Leftovers(run_dir))
+supervise.supervise(vm, [sys.argv[2]], dict(os.environ), supervise.Marks(probe=0.0))
+"""
+
+
+@pytest.mark.parametrize("how", ["process", "group"])
+def test_a_killed_supervisor_leaves_no_vm_and_no_run_directory(tmp_path: Path, how: str) -> None:
+    """SIGKILL (no `finally` runs) of the process supervising vng, alone or with its whole process group (as a
+    test's timeout does): vng's session, a grandchild standing in for QEMU included, is stopped, and the run
+    directory is gone."""
+    pids = tmp_path / "pids"
+    vng = fake_vng(tmp_path, f"""\
+        sleep 600 &
+        echo $! > {pids}
+        wait
+    """)  # fmt: skip
+    run_dir = vm_run(tmp_path).leftovers.run_dir
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", GUARDED, str(run_dir), vng], start_new_session=True, stdin=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 30
+    while not (pids.exists() and pids.read_text().strip()):
+        assert time.monotonic() < deadline and supervisor.poll() is None
+        time.sleep(0.05)
+    qemu = int(pids.read_text())
+    time.sleep(0.3)  # the guard has been told vng's session
+    if how == "group":
+        os.killpg(supervisor.pid, signal.SIGKILL)
+    else:
+        supervisor.kill()
+    supervisor.wait()
+    deadline = time.monotonic() + 10
+    while (alive(qemu) or run_dir.exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(qemu) and not run_dir.exists()
+
+
+def alive(pid: int) -> bool:
+    """`pid` runs and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_session_number_reused_by_another_is_left_alone(tmp_path: Path) -> None:
+    """The guard names vng's session with its leader's start time: a leader of the same number started later
+    is not vng, and is not stopped."""
+    other = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        guard = reaper.Guard(reaper.Leftovers(tmp_path / "run"))
+        order_started = reaper.start_time(other.pid)
+        assert order_started is not None
+        guard.process.stdin.write(
+            f'{{"session": {other.pid}, "started": {order_started - 1}, "run_dir": "{tmp_path}/run",'
+            ' "mountpoints": null}\n'.encode()
+        )
+        guard.close()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
