@@ -196,6 +196,23 @@ def test_a_stopping_signal_ends_the_vm_and_leaves_no_run_behind(home: Path, work
     assert processes_under(home) == [] and list(runs.iterdir()) == []  # no vng, virtme-run or QEMU of the run
 
 
+def test_a_sigkilled_invoke_boot_leaves_no_qemu_and_no_run(home: Path, workspace: Path, tiny_build):
+    """SIGKILL runs no `finally`: the guard process (vngtasks/reaper.py) stops the VM's session and removes the
+    run directory."""
+    argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "boot", "--kernel", str(tiny_build.entry), *QUIET]
+    running = subprocess.Popen([*argv, "--", "sleep 600"], cwd=workspace, env=user_environment(home))
+    deadline = time.monotonic() + 120
+    while not qemu_processes_under(home):  # mid-boot: QEMU is up
+        assert running.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    running.kill()
+    running.wait()
+    deadline = time.monotonic() + 10
+    while processes_under(home) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_under(home) == [] and list((home / ".cache" / "vngtasks" / "runs").iterdir()) == []
+
+
 def test_a_hostile_guest_cannot_hang_the_host(cli, workspace: Path, tiny_build):
     """The guest links its status to a FIFO on the host and its release to a host file, then kills the
     script that would report: the host reads neither, says the guest never reported (125), and ends.

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from invoke import Context
+from invoke import Context, Result
 
 from vngtasks import arches, build, buildsteps, cache, kconfig, kernelmake, provide, vm
 from vngtasks.errors import Failure
@@ -303,3 +303,31 @@ def test_a_reused_work_tree_gives_no_earlier_build_s_outputs_to_the_entry(
     kept = sorted(str(p.relative_to(entry.path)) for p in entry.path.rglob("*") if p.is_file())
     image = arches.host().boot_images[0]
     assert kept == sorted([".config", "System.map", "include/config/kernel.release", "metadata.json", image])
+
+
+def test_a_reused_tree_keeps_its_modules_and_an_entry_takes_only_those_of_this_build(tmp_path: Path) -> None:
+    """make relinks only what changed, so the modules stay in the tree before make; the entry then takes the
+    `.ko` files this build's modules.order names (`.o` since Linux 6.2), never one of an earlier config, nor a
+    path that climbs out of the tree."""
+    tree = tmp_path / "linux"
+    (tree / "drivers" / "a").mkdir(parents=True)
+    for name in ("drivers/a/kept.ko", "drivers/a/old.ko", "vmlinux.h", "System.map"):
+        (tree / name).write_text("x")
+    subprocess.run(kernelmake.forget_outputs_command(str(tree)), shell=True, check=True)
+    assert (tree / "drivers/a/kept.ko").exists() and (tree / "drivers/a/old.ko").exists()
+    assert not (tree / "vmlinux.h").exists()
+    (tree / "modules.order").write_text("drivers/a/kept.o\n../../etc/passwd.o\n/etc/shadow.ko\n")
+    kept = buildsteps.kept_paths(Context(), str(tree), arches.host())
+    assert kept == ["System.map", "drivers/a/kept.ko", "modules.order"]
+
+
+def test_a_failed_config_step_names_make_s_first_error_not_its_last_line() -> None:
+    stderr = (
+        "scripts/Kconfig.include:58: Sorry, this assembler is not supported.\n"
+        "make[2]: *** [scripts/kconfig/Makefile:85: olddefconfig] Error 1\n"
+        "make[1]: *** [Makefile:737: olddefconfig] Error 2\n"
+    )
+    done = Result(stdout="", stderr=stderr, exited=2)
+    assert kernelmake.first_error(done) == "scripts/Kconfig.include:58: Sorry, this assembler is not supported."
+    assert kernelmake.first_error(Result(stdout="", stderr="make: *** No rule\n", exited=2)) == "make: *** No rule"
+    assert kernelmake.first_error(Result(stdout="", stderr="", exited=2)) == "exit status 2"

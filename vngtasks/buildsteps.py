@@ -15,6 +15,7 @@ import shlex
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from invoke import Context
 
@@ -198,16 +199,24 @@ def group(title: str) -> Iterator[None]:
 
 
 def kept_paths(c: Context, tree: str, arch: Arch) -> list[str]:
-    """Tree-relative paths a cache entry keeps: what vng boots from and what users read."""
-    wanted = [*KEPT_FILES, *arch.boot_images]
-    listing = c.run(
-        f"cd {shlex.quote(tree)} && ls -d {shlex.join(wanted)} 2>/dev/null;"
-        " find . -path ./.virtme_mods -prune -o -name '*.ko' -type f -printf '%P\\n'",
-        hide=True,
-        warn=True,
-        in_stream=False,
-    )
-    return sorted(set(listing.stdout.split()))
+    """Tree-relative paths a cache entry keeps: what vng boots from and what users read, and the modules this
+    build's modules.order names (a reused tree may hold others, of an earlier config)."""
+    order = c.run(f"cat {shlex.quote(tree)}/modules.order 2>/dev/null", hide=True, warn=True, in_stream=False)
+    wanted = [*KEPT_FILES, *arch.boot_images, *module_files(order.stdout)]
+    listing = c.run(f"cd {shlex.quote(tree)} && ls -d -- {shlex.join(wanted)} 2>/dev/null", hide=True, warn=True,
+                    in_stream=False)  # fmt: skip
+    return sorted(set(listing.stdout.splitlines()))
+
+
+def module_files(modules_order: str) -> list[str]:
+    """The `.ko` files a modules.order names (`drivers/x/y.o` since Linux 6.2, `y.ko` before): tree-relative
+    paths only, none that climbs out of the tree."""
+    found = []
+    for line in modules_order.splitlines():
+        path = PurePosixPath(line.strip())
+        if path.suffix in (".o", ".ko") and not path.is_absolute() and ".." not in path.parts and path.name:
+            found.append(str(path.with_suffix(".ko")))
+    return found
 
 
 def copy_tree_files(c: Context, tree: str, paths: list[str], dest: str) -> None:

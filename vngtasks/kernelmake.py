@@ -10,6 +10,7 @@ hits and misses it caused. Every step takes the Context to run on.
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import time
@@ -17,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from invoke import Context
+from invoke import Context, Result
 
 from . import kconfig, log, render
 from .buildsteps import BUILD_TIMESTAMP, Plan, group, in_tree, put
 from .errors import FAILED, Failure
 
 # What an entry keeps that a build makes only on some configs: vmlinux.h with vmlinux-h and BTF, the module
-# lists with CONFIG_MODULES; and make deletes no module that the config dropped.
+# lists with CONFIG_MODULES. The modules themselves stay (make relinks only what changed): an entry keeps only
+# those the fresh modules.order names (buildsteps.kept_paths).
 MADE_ON_SOME_CONFIGS = ("vmlinux.h", "vmlinux.h.partial", "modules.order", "Module.symvers")
 
 
@@ -79,12 +81,24 @@ def configure(c: Context, plan: Plan, variables: list[str], env: dict[str, str])
     for argv in config_steps(plan, variables):
         done = c.run(in_tree(plan.tree, argv), env=env, hide=True, warn=True, in_stream=False)
         if not done.ok:
-            problem = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.exited}").splitlines()[-1]
-            raise Failure(f"kconfig: {shlex.join(argv[:2])} failed: {problem}", FAILED)
+            raise Failure(f"kconfig: {shlex.join(argv[:2])} failed: {first_error(done)}", FAILED)
     config = c.run(shlex.join(["cat", f"{plan.tree}/.config"]), hide=True, in_stream=False).stdout
     for name, text in fragments:
         if name in kconfig.CHECKED:
             kconfig.warn_dropped(kconfig.CHECKED[name], text, config)
+
+
+# make's own lines about a failure, which follow its cause: "make[2]: *** [Makefile:12: x] Error 1", ...
+_MAKE_SAYS = re.compile(r"^make(\[\d+\])?: (\*\*\*|Entering|Leaving|Nothing)")
+
+
+def first_error(done: Result) -> str:
+    """What a failed make printed first on stderr (the cause, as "Sorry, this assembler is not supported."),
+    not make's own lines after it; else its last line of output, else its status."""
+    said = [line.strip() for line in done.stderr.splitlines() if line.strip() and not _MAKE_SAYS.match(line)]
+    if said:
+        return said[0]
+    return (done.stderr.strip() or done.stdout.strip() or f"exit status {done.exited}").splitlines()[-1]
 
 
 class BuildProgress:
@@ -118,10 +132,8 @@ def compile_kernel(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> Non
 
 
 def forget_outputs_command(tree: str) -> str:
-    """Remove from a reused tree what an entry keeps that this build may not make again (its objects stay:
-    make relinks a module it still builds)."""
-    modules = "find . -path ./.virtme_mods -prune -o -name '*.ko' -type f -exec rm -f {} +"
-    return in_tree(tree, ["rm", "-f", *MADE_ON_SOME_CONFIGS]) + f" && {modules}"
+    """Remove from a reused tree what an entry keeps that this build may not make again."""
+    return in_tree(tree, ["rm", "-f", *MADE_ON_SOME_CONFIGS])
 
 
 @dataclass(frozen=True)
