@@ -299,3 +299,22 @@ def test_phases_add_up_to_the_run() -> None:
     # A guest clock that cannot be (init after the workload began, a kernel that started before vng) is left out.
     odd = Marks(probe=0.0, vng=100.0, started=101.0, status=102.0, ended=102.0, guest_uptime=9.0, guest_init=9.5)
     assert dict(odd.phases()).keys() == {"probe", "workload", "shutdown"}
+
+
+def test_links_the_guest_placed_in_log_dir_are_replaced_never_written_through(tmp_path: Path) -> None:
+    """log-dir is the workspace by default, which the guest writes: a link there to a host file (or to a
+    file that does not exist yet) must not make the host write that file."""
+    s = make(tmp_path)
+    victim, lock_victim, created = tmp_path / "victim", tmp_path / "lock-victim", tmp_path / "created"
+    victim.write_text("precious\n")
+    lock_victim.write_text("also precious\n")
+    (s.log_dir / runrecord.DMESG_LOG).symlink_to(victim)
+    (s.log_dir / runrecord.CONSOLE_LOG).symlink_to(created)
+    (s.log_dir / runrecord.RUN_JSON).symlink_to(victim)
+    (s.log_dir / runrecord.LOGS_LOCK).symlink_to(lock_victim)
+    run = attempted(outcome(0), BOOT_LOG[:3], raw_dmesg(BOOT_LOG[:3]))
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), run, {}) == 0
+    assert victim.read_text() == "precious\n" and lock_victim.read_text() == "also precious\n"
+    assert not created.exists()
+    for name in (runrecord.DMESG_LOG, runrecord.CONSOLE_LOG, runrecord.RUN_JSON, runrecord.LOGS_LOCK):
+        assert (s.log_dir / name).is_file() and not (s.log_dir / name).is_symlink(), name

@@ -8,13 +8,15 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file beside it (mode 0600) renamed over it at once; on any
-    failure the temporary file is gone and `path` is as it was."""
+def write_atomically(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    """`data` into `path` through a new temporary file beside it, renamed over it at once: a reader sees the
+    old file or the new one, whole, and whatever `path` was (a link someone placed there, say) is replaced, never
+    written through. On any failure the temporary file is gone and `path` is as it was."""
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+            os.fchmod(out.fileno(), mode)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

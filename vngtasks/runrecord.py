@@ -7,16 +7,21 @@ to one run. On GitHub, each run adds one row to the step summary's table.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
+import os
 import re
+import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import log
-from .errors import SPLAT
+from .errors import FAILED, SPLAT, Failure
+from .files import write_atomically
 from .health import TAIL_LINES, find_splats, judged_lines
 from .settings import Settings
 from .supervise import Outcome
@@ -25,6 +30,7 @@ CONSOLE_LOG = "vng-console.log"
 DMESG_LOG = "vng-dmesg.log"
 LOGS_LOCK = ".vng-logs.lock"  # held while a run publishes its logs into log-dir
 RUN_JSON = "vng-run.json"
+LOG_MODE = 0o644  # what a file of a run's made with the usual umask would have
 SUMMARY_HEADER = "| kernel | accel | boot (s) | workload (s) | status | splats |\n|---|---|---|---|---|---|\n"
 
 
@@ -98,15 +104,37 @@ def guest_release(outcome: Outcome, console_lines: list[str]) -> str:
 
 def publish(log_dir: Path, attempted: Attempt, record: Record) -> None:
     """The run's console, dmesg and vng-run.json into log-dir, under one lock: another run sharing the
-    log-dir may replace them, but the three always belong to one run."""
-    with open(log_dir / LOGS_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        (log_dir / CONSOLE_LOG).write_bytes(attempted.console)
+    log-dir may replace them, but the three always belong to one run. log-dir is the workspace by default,
+    which the guest writes: each file is replaced (a link the guest placed is replaced, never followed)."""
+    with logs_lock(log_dir):
+        write_atomically(log_dir / CONSOLE_LOG, attempted.console, LOG_MODE)
         if attempted.dmesg is None:
             (log_dir / DMESG_LOG).unlink(missing_ok=True)
         else:
-            (log_dir / DMESG_LOG).write_bytes(attempted.dmesg)
-        (log_dir / RUN_JSON).write_text(json.dumps(record_json(record, log_dir), indent=2) + "\n")
+            write_atomically(log_dir / DMESG_LOG, attempted.dmesg, LOG_MODE)
+        write_atomically(log_dir / RUN_JSON, json.dumps(record_json(record, log_dir), indent=2) + "\n", LOG_MODE)
+
+
+@contextlib.contextmanager
+def logs_lock(log_dir: Path) -> Iterator[None]:
+    """The lock of log-dir's logs, held: its file is opened, never through a link (one in its place is
+    replaced by a file), and kept (removing a lock file races the next run)."""
+    path = log_dir / LOGS_LOCK
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, LOG_MODE)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        path.unlink()
+        fd = os.open(path, flags | os.O_EXCL, LOG_MODE)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Failure(f"log-dir: {path} is not a regular file", FAILED)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def record_json(record: Record, log_dir: Path) -> dict[str, object]:
