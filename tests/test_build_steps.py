@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -331,3 +332,47 @@ def test_a_failed_config_step_names_make_s_first_error_not_its_last_line() -> No
     assert kernelmake.first_error(done) == "scripts/Kconfig.include:58: Sorry, this assembler is not supported."
     assert kernelmake.first_error(Result(stdout="", stderr="make: *** No rule\n", exited=2)) == "make: *** No rule"
     assert kernelmake.first_error(Result(stdout="", stderr="", exited=2)) == "exit status 2"
+
+
+def hostile_entry(tmp_path: Path, modules_order: str) -> tuple[Path, Path]:
+    """An entry as a build host could send it, with a host file beside it that must not get in."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("host secret\n")
+    entry = tmp_path / "cache" / "kernels" / ".tmp" / "entry"
+    (entry / "drivers").mkdir(parents=True)
+    (entry / "drivers" / "ok.ko").write_bytes(b"\x7fELF module")
+    (entry / "modules.order").write_text(modules_order)
+    return entry, outside
+
+
+@pytest.mark.parametrize("line", ["{outside}/secret.o", "../../../../outside/escape/planted.o", "drivers/link.o"])
+def test_a_hostile_modules_order_gets_no_host_file_into_the_entry_and_makes_nothing_outside(
+    tmp_path: Path, line: str
+) -> None:
+    entry, outside = hostile_entry(tmp_path, "drivers/ok.o\n" + line.format(outside=tmp_path / "outside") + "\n")
+    (entry / "drivers" / "link.ko").symlink_to(outside / "secret.txt")
+    with pytest.raises(Failure, match=r"^modules\.order: "):
+        build.prepare_modules(entry)
+    copied = [p for p in entry.rglob("*") if p.is_file() and not p.is_symlink() and p.read_bytes() == b"host secret\n"]
+    assert copied == [] and sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+    assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.integration  # depmod: kmod, a host package
+def test_the_module_directory_holds_the_modules_of_modules_order_as_files(tmp_path: Path) -> None:
+    module = next(Path("/lib/modules").glob("*/kernel/fs/binfmt_misc.ko"))  # the distro kernel's, with its map
+    entry, _ = hostile_entry(tmp_path, "fs/binfmt_misc.o\n")
+    (entry / "fs").mkdir()
+    shutil.copy(module, entry / "fs" / "binfmt_misc.ko")
+    shutil.copy(Path("/boot") / f"System.map-{module.parents[2].name}", entry / "System.map")
+    build.prepare_modules(entry)
+    moddir = entry / ".virtme_mods" / "lib" / "modules" / "0.0.0"
+    placed = moddir / "kernel" / "fs" / "binfmt_misc.ko"
+    assert (
+        placed.is_file()
+        and not placed.is_symlink()
+        and placed.stat().st_ino == (entry / "fs/binfmt_misc.ko").stat().st_ino
+    )
+    assert "kernel/fs/binfmt_misc.ko:" in (moddir / "modules.dep").read_text()
+    assert not [p for p in entry.rglob("*") if p.is_symlink()]

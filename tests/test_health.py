@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import health, runrecord, supervise, vm
+from vngtasks import files, health, runrecord, supervise, vm
 from vngtasks.errors import NO_STATUS, SPLAT
 from vngtasks.settings import DEFAULTS, effective
 from vngtasks.supervise import Marks
@@ -259,16 +259,16 @@ def test_guest_files_are_read_only_when_regular_never_through_links_and_capped(t
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     os.mkfifo(run_dir / "status")  # a guest-made FIFO would block a plain read forever
-    assert health.read_guest_file(run_dir / "status", 100) is None and health.reported_status(run_dir) is None
+    assert files.read_regular(run_dir / "status", 100) is None and health.reported_status(run_dir) is None
     secret = tmp_path / "host-secret"
     secret.write_text("0\n")
     (run_dir / "release").symlink_to(secret)
-    assert health.read_guest_file(run_dir / "release", 100) is None
+    assert files.read_regular(run_dir / "release", 100) is None
     (run_dir / "dmesg").write_bytes(b"x" * 5000)
-    assert health.read_guest_file(run_dir / "dmesg", 4096) == b"x" * 4096
+    assert files.read_regular(run_dir / "dmesg", 4096) == b"x" * 4096
     (run_dir / "dir").mkdir()
-    assert health.read_guest_file(run_dir / "dir", 100) is None
-    assert health.read_guest_file(run_dir / "missing", 100) is None
+    assert files.read_regular(run_dir / "dir", 100) is None
+    assert files.read_regular(run_dir / "missing", 100) is None
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from invoke import Context
 
-from . import arches, buildsteps, cache, kconfig, kernelmake, log, vm
+from . import arches, buildsteps, cache, files, kconfig, kernelmake, log, vm
 from .buildsteps import Machine, Plan
 from .errors import FAILED, Failure
 from .resolve import Resolved
@@ -169,18 +168,52 @@ def reproducer(settings: Settings, sha: str) -> str:
     return shlex.join(argv)
 
 
+MODULES_ORDER_BYTES = 4 * 1024 * 1024
+FAKE_RELEASE = "0.0.0"  # where vng looks for a build directory's modules: .virtme_mods/lib/modules/0.0.0
+MODULE_LISTS = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
+
+
 def prepare_modules(entry_dir: Path) -> None:
-    """vng's module directory, made now with real files, so booting never writes into the cache."""
-    if not (entry_dir / "modules.order").exists():
+    """vng's module directory, as virtme-prep-kdir-mods makes it, but from the entry's own files only and with
+    real files (booting never writes into the cache): the `.ko` files modules.order names, hard-linked under
+    .virtme_mods/lib/modules/0.0.0/kernel/, the module lists beside them, then depmod's index. A build host
+    sends modules.order: a line naming anything but a regular module file inside the entry fails the build."""
+    order = files.read_regular(entry_dir / "modules.order", MODULES_ORDER_BYTES)
+    if order is None:
         return
-    script = Path(sys.executable).parent / "virtme-prep-kdir-mods"
-    subprocess.run([str(script)], cwd=entry_dir, check=True, capture_output=True)
-    for link in (entry_dir / ".virtme_mods").rglob("*"):
-        if link.is_symlink():
-            target = link.resolve()
-            link.unlink()
-            if target.is_file():
-                shutil.copy2(target, link)
+    text = order.decode(errors="replace")
+    if refused := buildsteps.refused_module_lines(text):
+        raise Failure(f"modules.order: {refused[0]!r} is not a module of the tree", FAILED)
+    moddir = entry_dir / ".virtme_mods" / "lib" / "modules" / FAKE_RELEASE
+    for name in buildsteps.module_files(text):
+        source = entry_dir / name
+        if not source.exists() and name.startswith("kernel/"):  # before Linux 6.2: kernel/drivers/...
+            name = name.removeprefix("kernel/")
+            source = entry_dir / name
+        if not regular_inside(source, entry_dir):
+            raise Failure(f"modules.order: {name!r} is not a regular file of the entry", FAILED)
+        (moddir / "kernel" / name).parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, moddir / "kernel" / name)
+    for name in MODULE_LISTS:
+        if regular_inside(entry_dir / name, entry_dir):
+            shutil.copy2(entry_dir / name, moddir / name)
+    depmod = ["depmod", "-ae", "-F", str(entry_dir / "System.map"), "-b", str(entry_dir / ".virtme_mods"), FAKE_RELEASE]
+    subprocess.run(
+        depmod,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PATH": f"{os.environ.get('PATH', '')}:/sbin:/usr/sbin"},
+    )
+
+
+def regular_inside(path: Path, top: Path) -> bool:
+    """`path` is a regular file, reached from `top` through no link."""
+    here = top
+    for part in path.relative_to(top).parts:
+        here = here / part
+        if here.is_symlink():
+            return False
+    return path.is_file()
 
 
 def dry_run_here(settings: Settings, sha: str, key: str) -> list[str]:

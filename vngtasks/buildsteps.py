@@ -209,14 +209,20 @@ def kept_paths(c: Context, tree: str, arch: Arch) -> list[str]:
 
 
 def module_files(modules_order: str) -> list[str]:
-    """The `.ko` files a modules.order names (`drivers/x/y.o` since Linux 6.2, `y.ko` before): tree-relative
-    paths only, none that climbs out of the tree."""
-    found = []
-    for line in modules_order.splitlines():
-        path = PurePosixPath(line.strip())
-        if path.suffix in (".o", ".ko") and not path.is_absolute() and ".." not in path.parts and path.name:
-            found.append(str(path.with_suffix(".ko")))
-    return found
+    """The `.ko` files a modules.order names (`drivers/x/y.o` since Linux 6.2, `y.ko` before), tree-relative;
+    a line that is none (absolute, climbing out with `..`, not a module) is left out (see refused_module_lines)."""
+    return [str(PurePosixPath(line.strip()).with_suffix(".ko")) for line in modules_order.splitlines()
+            if _module_line(line)]  # fmt: skip
+
+
+def refused_module_lines(modules_order: str) -> list[str]:
+    """The lines of a modules.order that name no tree-relative module (a build host may have sent it)."""
+    return [line for line in modules_order.splitlines() if line.strip() and not _module_line(line)]
+
+
+def _module_line(line: str) -> bool:
+    path = PurePosixPath(line.strip())
+    return path.suffix in (".o", ".ko") and not path.is_absolute() and ".." not in path.parts and bool(path.stem)
 
 
 def copy_tree_files(c: Context, tree: str, paths: list[str], dest: str) -> None:

@@ -1,11 +1,12 @@
-"""Writing a file so that a reader sees its old content or its new content, whole, never a part; removing
-empty directories up a path."""
+"""Writing a file so that a reader sees its old content or its new content, whole, never a part; reading one
+that someone else may have made into anything; removing empty directories up a path."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from stat import S_ISREG
 
 
 def write_atomically(path: Path, data: str | bytes, mode: int = 0o600) -> None:
@@ -31,3 +32,24 @@ def remove_empty_dirs(here: Path, stop: Path) -> None:
         except OSError:  # not empty, or already gone
             return
         here = here.parent
+
+
+def read_regular(path: Path, limit: int) -> bytes | None:
+    """A file a guest, a build host or a record on disk may have made into anything: read only when it is a
+    regular file, never through a link, at most `limit` bytes; else None (a FIFO would block a plain read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], limit
+        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

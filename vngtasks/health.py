@@ -16,9 +16,9 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
 
 from . import log
+from .files import read_regular
 
 GUEST_LINE_BYTES = 4096  # the most read of `started`, `status` and `release`
 GUEST_DMESG_BYTES = 16 * 1024 * 1024
@@ -157,33 +157,11 @@ def find_splats(lines: list[str], allow: tuple[str, ...]) -> list[str]:
     return found
 
 
-def read_guest_file(path: Path, limit: int) -> bytes | None:
-    """A file the guest wrote: only a regular one, never through a link, at most `limit` bytes; else None.
-
-    The guest can put anything in its run directory (a FIFO would block a plain read forever)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, left = [], limit
-        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def read_guest_report(shared: Path) -> GuestReport:
     """The guest's `started` (its clock), `dmesg` and `release` files, each read as read_guest_file reads."""
-    started = read_guest_file(shared / "started", GUEST_LINE_BYTES) or b""
-    dmesg = read_guest_file(shared / "dmesg", GUEST_DMESG_BYTES)
-    release = read_guest_file(shared / "release", GUEST_LINE_BYTES) or b""
+    started = read_regular(shared / "started", GUEST_LINE_BYTES) or b""
+    dmesg = read_regular(shared / "dmesg", GUEST_DMESG_BYTES)
+    release = read_regular(shared / "release", GUEST_LINE_BYTES) or b""
     return GuestReport(
         uptime=guest_seconds(started.decode(errors="replace").strip()),
         dmesg=dmesg,
@@ -193,7 +171,7 @@ def read_guest_report(shared: Path) -> GuestReport:
 
 def reported_status(run_dir: Path) -> int | None:
     """The workload's exit status as the guest wrote it: a whole line holding 0 to 255, else None."""
-    text = read_guest_file(run_dir / "status", GUEST_LINE_BYTES) or b""
+    text = read_regular(run_dir / "status", GUEST_LINE_BYTES) or b""
     if not text.endswith(b"\n"):  # not written yet, or not all of it
         return None
     try:

@@ -28,11 +28,11 @@ from typing import IO
 
 from . import log
 from .errors import MISSING_TOOL, NO_STATUS, STOPPING_SIGNALS, TIMEOUT, Failure
+from .files import read_regular
 from .health import (
     GUEST_LINE_BYTES,
     ConsoleWatch,
     printable,
-    read_guest_file,
     read_lines,
     reported_status,
     show_tail,
@@ -184,7 +184,7 @@ def start(argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
 def note_progress(vm: VmRun, marks: Marks, now: float) -> None:
     """Mark the workload's start, then its end, as the guest reports them in the run directory."""
     if marks.started is None:
-        started = read_guest_file(vm.shared / "started", GUEST_LINE_BYTES)
+        started = read_regular(vm.shared / "started", GUEST_LINE_BYTES)
         if started is not None:  # it may still be empty: its line is read again at the end
             marks.started = now
             log.info(f"booted in {now - marks.vng:.1f} s ({vm.accel}); workload running")
