@@ -111,3 +111,69 @@ def test_an_existing_link_in_the_destination_is_never_followed(places, tmp_path:
     with pytest.raises(untar.UnsafeMember, match="not a directory"):
         untar.unpack(stream(file("arch/x86/boot/bzImage")), dest)
     assert not list(outside.iterdir())
+
+
+class ReadAtMost(io.RawIOBase):
+    """A stream that fails the test if more than `limit` bytes of it are read: the unpacker must stop first."""
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        self.data, self.limit, self.position = data, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = len(self.data) - self.position if size < 0 else size
+        assert self.position + size <= self.limit, f"read {self.position + size} bytes, more than {self.limit}"
+        chunk = self.data[self.position : self.position + size]
+        self.position += len(chunk)
+        return chunk
+
+
+def fresh(dest: Path) -> Path:
+    """Another empty destination beside `dest`."""
+    other = dest.with_name(dest.name + "-again")
+    other.mkdir()
+    return other
+
+
+def long_name_header(claimed: int) -> bytes:
+    """A GNU `././@LongLink` header announcing a name of `claimed` bytes (tarfile would read it whole)."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = tarfile.GNUTYPE_LONGNAME, claimed
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def test_an_oversized_extended_header_is_refused_before_it_is_read(places) -> None:
+    dest, _ = places
+    data = long_name_header(400 * 1024**2) + b"\0" * (1024 * 1024)  # tarfile reads the whole 400 MiB name
+    with pytest.raises(untar.UnsafeMember, match="extended header"):
+        untar.unpack(ReadAtMost(data, 64 * 1024), dest, max_bytes=8)
+
+
+def test_many_empty_files_count_against_the_caps(places) -> None:
+    dest, _ = places
+    empties = [file(f"f{number}", b"") for number in range(50)]
+    with pytest.raises(untar.UnsafeMember, match="more than 40 members"):
+        untar.unpack(stream(*empties), dest, max_members=40)
+    with pytest.raises(untar.UnsafeMember, match="more than 10000 bytes"):  # each member costs its header
+        untar.unpack(stream(*empties), fresh(dest), max_bytes=10_000)
+
+
+@pytest.mark.parametrize(
+    "name", ["a/" * (untar.MAX_DEPTH + 1) + "f", "ok/new\nline", "carriage\rreturn", "escape\x1b[2J", "tab\there"]
+)
+def test_deep_names_and_names_with_control_characters_are_refused(places, name: str) -> None:
+    dest, around = places
+    before = outside(around, dest)
+    with pytest.raises(untar.UnsafeMember):
+        untar.unpack(stream(file(name)), dest)
+    assert outside(around, dest) == before
+
+
+def test_what_follows_the_archive_is_read_only_so_far(places) -> None:
+    dest, _ = places
+    archive = stream(file("System.map", b"map")).getvalue()
+    assert untar.unpack(io.BytesIO(archive + b"\0" * 10240), dest) == 3  # tar's record padding
+    with pytest.raises(untar.UnsafeMember, match="after the end of the archive"):
+        untar.unpack(ReadAtMost(archive + b"x" * (1024 * 1024), len(archive) + 128 * 1024), fresh(dest))

@@ -32,6 +32,8 @@ from .validate import InputError
 
 ROOT = ".cache/vngtasks"  # under the build host's $HOME
 LOW_DISK_BYTES = 10 * 1024**3  # a kernel build with debug info needs several GiB
+DOWNLOAD_SECONDS = 3600  # the built kernel's stream home, whole: far above a few hundred MiB over a slow link
+DOWNLOAD_IDLE_SECONDS = 300  # the stream silent this long: it has stopped
 # Paths we hand to `cd` and make: invoke's `cd` escapes spaces only, so keep them plain.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 _WRITTEN = re.compile(r"Writing objects: 100% \([0-9]+/[0-9]+\), ([0-9.]+) (bytes|KiB|MiB|GiB)")
@@ -140,10 +142,9 @@ def download(conn: BuildHost, tree: str, paths: list[str], dest: Path) -> int:
         channel.exec_command(shlex.join(["tar", "-C", tree, "-cf", "-", "--files-from=-"]))
         channel.sendall(("\n".join(paths) + "\n").encode())
         channel.shutdown_write()
-        stream = _Counted(channel.makefile("rb"))
+        channel.settimeout(DOWNLOAD_IDLE_SECONDS)  # a stream that stops, stops the download
+        stream = _Counted(channel.makefile("rb"), time.monotonic() + DOWNLOAD_SECONDS)
         untar.unpack(stream, dest)
-        while stream.read(65536):  # tar's trailing padding
-            pass
         status = channel.recv_exit_status()
         if status != 0:
             problem = channel.makefile_stderr("rb").read().decode(errors="replace").strip().splitlines()
@@ -154,15 +155,17 @@ def download(conn: BuildHost, tree: str, paths: list[str], dest: Path) -> int:
 
 
 class _Counted(io.RawIOBase):
-    """A binary reader that counts what passes through."""
+    """A binary reader that counts what passes through, and ends at `deadline` (time.monotonic)."""
 
-    def __init__(self, inner: io.BufferedIOBase | paramiko.ChannelFile) -> None:
-        self.inner, self.count = inner, 0
+    def __init__(self, inner: io.BufferedIOBase | paramiko.ChannelFile, deadline: float) -> None:
+        self.inner, self.count, self.deadline = inner, 0, deadline
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"the kernel took over {DOWNLOAD_SECONDS} s to come home")
         data = self.inner.read(size)
         self.count += len(data)
         return data
