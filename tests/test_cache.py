@@ -277,3 +277,38 @@ def test_cli_bad_prune_flag_exits_2(cli, tmp_path: Path, flag: str, value: str, 
     done = cli("cache", "--cache-dir", str(tmp_path / "c"), flag, value)
     assert done.returncode == 2 and done.stderr.startswith(f"vngtasks: {named}: "), done.stderr
     assert len(store.entries()) == 1
+
+
+def nested(top: Path, depth: int) -> Path:
+    """`depth` directories one in another under `top` (made with relative mkdir: paths stay short)."""
+    top.mkdir(parents=True)
+    here = os.open(top, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=here)
+            deeper = os.open("d", os.O_RDONLY, dir_fd=here)
+            os.close(here)
+            here = deeper
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=here), "w") as leaf:
+            leaf.write("x" * 10)
+    finally:
+        os.close(here)
+    return top
+
+
+def test_a_deep_tree_neither_breaks_sizes_nor_stops_prune_for_good(tmp_path: Path):
+    """A dead build left 1,100 nested directories in the cache's temp dir (recursive tree walks raise
+    RecursionError there): prune still removes it, and sizes are still counted."""
+    store = cache.KernelCache(tmp_path)
+    deep = nested(tmp_path / cache.TEMP / f"{KEY}-0123456789ab", 1100)
+    assert cache.disk_usage(deep) == 10
+    assert store.prune() == [] and not deep.exists()
+    entry = add(store, "foo", "0123456789abcdef", size=100)
+    nested(entry.path / "deep", 1100)
+    assert store.prune(keep_per_name=0) == [entry] and list((tmp_path / cache.TEMP).iterdir()) == []
+
+
+def test_a_hard_linked_file_is_counted_once(tmp_path: Path):
+    (tmp_path / "a").write_bytes(b"x" * 1000)
+    os.link(tmp_path / "a", tmp_path / "b")
+    assert cache.disk_usage(tmp_path) == 1000

@@ -19,7 +19,7 @@ from pathlib import Path
 from invoke.util import yaml
 
 from . import log
-from .files import write_atomically
+from .files import remove_tree, write_atomically
 from .reference import action_input_name
 from .resolve import is_sha
 from .settings import SETTINGS, Settings
@@ -104,7 +104,7 @@ def stage_in(stage: Path, kernels: Path) -> list[str]:
 
 def stage_out(entry: Path, stage: Path) -> Path:
     """The entry, hard-linked (no copy) under the stage directory, for the kernel cache layer to save."""
-    shutil.rmtree(stage, ignore_errors=True)
+    remove_tree(stage)
     stage.mkdir(parents=True)
     return Path(shutil.copytree(entry, stage / entry.name, symlinks=True, copy_function=os.link))
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from invoke import Context
 
 from . import cache, log, provide, resolve, vm
 from .errors import BAD_INPUT, FAILED, MISSING_TOOL, NO_STATUS, SPLAT, Failure
-from .files import write_atomically
+from .files import remove_tree, write_atomically
 from .settings import Settings
 
 GOOD, BAD, SKIP = "good", "bad", "skip"
@@ -246,7 +245,7 @@ def bisect(
     repo = Repo(settings.cache_dir, good.sha, bad.sha)
     repo.fetch(settings.kernel_url, good, bad)
     if not repo.is_ancestor():
-        shutil.rmtree(repo.path, ignore_errors=True)  # bad input leaves nothing behind
+        remove_tree(repo.path)  # bad input leaves nothing behind
         raise Failure(f"bisect: good {good.sha12} is not an ancestor of bad {bad.sha12}", BAD_INPUT)
     record = settings.log_dir / RECORD
     wanted = arguments(settings, good.sha, bad.sha, splat_ignored, on_build_failure)

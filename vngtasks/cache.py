@@ -20,7 +20,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from . import log
 from .errors import FAILED, Failure
+from .files import disk_usage, remove_tree
 from .kconfig import key_tag
 from .settings import Settings
 from .validate import InputError
@@ -147,7 +147,7 @@ class KernelCache:
                         raise
                     log.info(f"cache: {key} appeared meanwhile: keeping that one")
             finally:
-                shutil.rmtree(temp, ignore_errors=True)  # after the rename there is nothing left
+                remove_tree(temp)  # after the rename there is nothing left
                 marker.unlink(missing_ok=True)
 
     def prune(
@@ -187,7 +187,7 @@ class KernelCache:
                 os.rename(entry.path, grave)  # readers now see no entry at all
             except FileNotFoundError:
                 return False
-            shutil.rmtree(grave, ignore_errors=True)
+            remove_tree(grave)
             return True
 
     def _clean_temp(self) -> None:
@@ -197,7 +197,7 @@ class KernelCache:
         for temp in temps:
             with _flock(_marker(temp), wait=False) as free:
                 if free:
-                    shutil.rmtree(temp, ignore_errors=True)
+                    remove_tree(temp)
                     _marker(temp).unlink(missing_ok=True)
 
 
@@ -239,15 +239,6 @@ def _flock(path: Path, *, wait: bool, shared: bool = False) -> Iterator[bool]:
             yield True
     finally:
         os.close(fd)
-
-
-def disk_usage(path: Path) -> int:
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(folder, name)).st_size
-    return total
 
 
 def parse_keep(value: str) -> int:

@@ -1,12 +1,15 @@
-"""Writing a file so that a reader sees its old content or its new content, whole, never a part; reading one
-that someone else may have made into anything; removing empty directories up a path."""
+"""Files others may have made into anything: writing one so that a reader sees its old content or its new
+content, whole, never through a link; reading one only when it is a regular file; walking and removing trees
+of any depth (shutil.rmtree and os.walk recurse: a deep enough tree makes them raise RecursionError) without
+following a link."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 
 
 def write_atomically(path: Path, data: str | bytes, mode: int = 0o600) -> None:
@@ -53,3 +56,57 @@ def read_regular(path: Path, limit: int) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """`path` and everything under it, however deep; a link is removed, never followed; what cannot be
+    removed stays, silently."""
+    try:
+        if not S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+            return
+    except OSError:
+        return
+    pending: list[tuple[str, bool]] = [(str(path), False)]
+    while pending:
+        directory, emptied = pending.pop()
+        if emptied:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+            continue
+        pending.append((directory, True))
+        try:
+            with os.scandir(directory) as found:
+                children = list(found)
+        except OSError:
+            continue
+        for child in children:
+            if child.is_dir(follow_symlinks=False):
+                pending.append((child.path, False))
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(child.path)
+
+
+def disk_usage(path: Path) -> int:
+    """The bytes of the files under `path`, however deep, each inode once (an entry hard-links its modules)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    pending = [str(path)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as found:
+                children = list(found)
+        except OSError:
+            continue
+        for child in children:
+            try:
+                info = child.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if S_ISDIR(info.st_mode):
+                pending.append(child.path)
+            elif (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_size
+    return total

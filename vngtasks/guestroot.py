@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -26,7 +25,7 @@ from urllib.parse import unquote
 from . import log, render
 from .arches import Arch
 from .errors import BAD_INPUT, FAILED, Failure
-from .files import remove_empty_dirs, write_atomically
+from .files import remove_empty_dirs, remove_tree, write_atomically
 
 # bash for vng's shell init (virtme/guest/virtme-init) and the workload; every other command, vng's initramfs and
 # init=/bin/sh included, is an applet of busybox-static. Under TCG a dynamically linked command costs about a
@@ -234,7 +233,7 @@ def unpack_once(debs: list[Path], dest: Path, finish: Callable[[Path], None] | N
     except subprocess.CalledProcessError as failed:
         raise Failure(f"guest root: dpkg-deb -x {failed.cmd[2]}: {failed.stderr.decode().strip()}", FAILED) from None
     finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        remove_tree(temp)
     return dest
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import remove_empty_dirs
+from .files import remove_empty_dirs, remove_tree
 
 POLL_SECONDS = 0.1
 TERM_SECONDS = 3.0  # from SIGTERM to SIGKILL
@@ -40,7 +39,7 @@ class Leftovers:
     mountpoints: tuple[Path, Path] | None = None  # a foreign root's empty directories: from [0] up to [1]
 
     def remove(self) -> None:
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        remove_tree(self.run_dir)
         if self.mountpoints is not None:
             remove_empty_dirs(*self.mountpoints)
 

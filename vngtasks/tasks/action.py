@@ -4,13 +4,13 @@ first one wrote (INVOKE_RUNTIME_CONFIG) and the few outputs of earlier steps it 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 from invoke import Collection, Context, task
 
 from .. import cache, log
+from ..files import remove_tree
 from ..resolve import RemoteFailed, resolve_kernel, sha_file
 from ..settings import DEFAULTS, effective
 from ..validate import InputError
@@ -74,7 +74,7 @@ def kernel(c: Context):
         retried = '"key"' in again  # a skipped step's outputs are {} (or null): no key in them
         chosen = (again, "AGAIN") if retried else (os.environ.get("FIRST", ""), "FIRST")
         found = action.kernel_from_outputs(*chosen, hit="cache-hit")
-        shutil.rmtree(action.stage_dir(s), ignore_errors=True)
+        remove_tree(action.stage_dir(s))
         if found.remote_failed:
             log.warn(f"kernel-url unreachable: using the cached kernel {found.key} (it may be stale)")
         action.write_outputs(Path(_environ("GITHUB_OUTPUT")), found.outputs())
@@ -108,7 +108,7 @@ def finish(c: Context):
         built = action.seconds("BUILD_SECONDS", os.environ.get("BUILD_SECONDS", ""))
         if restored:
             action.stage_in(action.stage_dir(s), cache.kernels_root(s))
-        shutil.rmtree(action.stage_dir(s), ignore_errors=True)
+        remove_tree(action.stage_dir(s))
         cached = cache.KernelCache(cache.kernels_root(s)).lookup(found.key)
         if cached is None:
             raise InputError("KERNEL", f"{found.key} is not in the kernel cache")
