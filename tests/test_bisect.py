@@ -15,7 +15,7 @@ import pytest
 from conftest import CCACHE_ENV
 from linux_remote import KCONFIG, MARK, kernel_history
 
-from vngtasks import bisect, errors, resolve, settings
+from vngtasks import bisect, errors, log, resolve, settings
 from vngtasks.errors import BAD_INPUT, Failure
 
 GIT_ID = ["-c", "user.name=t", "-c", "user.email=t@t"]
@@ -42,8 +42,8 @@ def test_a_steps_verdict(status, splat_ignored, on_build_failure, expected):
 
 @pytest.mark.unit
 def test_the_remotes_text_reaches_the_terminal_printable():
-    assert bisect.printable("fix \x1b]0;owned\x07 it\x9b2J") == "fix ?]0;owned? it?2J"
-    assert bisect.printable("net: fix ß and 漢字") == "net: fix ß and 漢字"
+    assert log.printable("fix \x1b]0;owned\x07 it\x9b2J") == "fix ?]0;owned? it?2J"
+    assert log.printable("net: fix ß and 漢字") == "net: fix ß and 漢字"
 
 
 def git(repo: Path, *args: str) -> str:

@@ -312,3 +312,73 @@ def test_a_hard_linked_file_is_counted_once(tmp_path: Path):
     (tmp_path / "a").write_bytes(b"x" * 1000)
     os.link(tmp_path / "a", tmp_path / "b")
     assert cache.disk_usage(tmp_path) == 1000
+
+
+def test_a_build_hosts_text_is_listed_printable(cli, tmp_path: Path):
+    store = cache.KernelCache(tmp_path / "c" / "kernels")
+    add(store, "foo", "1" * 40, kernel_release="6.12\x1b]0;OWNED-TITLE\x07\x1b[2K\r")
+    listed = cli("cache", "--cache-dir", str(tmp_path / "c"))
+    assert listed.returncode == 0 and listed.stdout.split("\t")[-1] == "6.12?]0;OWNED-TITLE??[2K\n", listed.stdout
+
+
+def test_a_damaged_metadata_file_is_replaced_by_the_next_build_and_pruned(tmp_path: Path, capsys):
+    """`printf '{' > metadata.json`: the key must not stay unstorable for good."""
+    store = cache.KernelCache(tmp_path)
+    entry = add(store, "foo", "0123456789ab" + "0" * 28)
+    (entry.path / "metadata.json").write_text("{")
+    assert store.lookup(entry.key) is None and store.damaged() == [entry.key]
+    again = add(store, "foo", "0123456789ab" + "0" * 28, size=5)
+    assert again.size_bytes == 5 and "was damaged (no readable metadata.json): replaced" in capsys.readouterr().err
+    (again.path / "metadata.json").unlink()
+    assert store.prune() == [] and not again.path.exists() and store.damaged() == []
+
+
+X86_IMAGE = "arch/x86/boot/bzImage"
+
+
+def test_an_entry_knows_when_its_files_are_damaged(tmp_path: Path):
+    store = cache.KernelCache(tmp_path)
+    key = cache.key("foo", "x86_64", "0" * 12, "v2")
+    with store.create(key, {"name": "foo", "arch": "x86_64"}) as temp:
+        (temp / "arch/x86/boot").mkdir(parents=True)
+        (temp / X86_IMAGE).write_bytes(b"k" * 4096)
+        (temp / "System.map").write_text("map\n")
+    entry = store.lookup(key)
+    assert entry is not None and entry.damage() is None
+    assert set(entry.metadata["files"]) == {X86_IMAGE, "System.map"} and X86_IMAGE in entry.metadata["sha256"]
+    (entry.path / X86_IMAGE).write_bytes(b"x" * 4096)  # same size, other bytes
+    assert entry.damage() == f"{X86_IMAGE}: its SHA-256 is not the one recorded"
+    (entry.path / X86_IMAGE).write_bytes(b"k" * 1024)
+    assert entry.damage() == f"{X86_IMAGE}: 1024 bytes, not 4096"
+    (entry.path / X86_IMAGE).unlink()
+    assert entry.damage() == f"{X86_IMAGE}: missing"
+    (entry.path / X86_IMAGE).symlink_to(tmp_path / "elsewhere")
+    assert entry.damage() == f"{X86_IMAGE}: missing"
+
+
+def test_a_damaged_entry_is_rebuilt_with_one_warning(tmp_path: Path, monkeypatch, capsys):
+    from invoke import Context
+
+    from vngtasks import build, provide
+    from vngtasks.resolve import Resolved
+    from vngtasks.settings import DEFAULTS, effective
+
+    settings = effective(DEFAULTS, {"cache_dir": str(tmp_path / "c"), "name": "foo"}, workspace=tmp_path)
+    store = cache.KernelCache(cache.kernels_root(settings))
+    sha = "0123456789ab" + "0" * 28
+    key = cache.key_for(settings, sha[:12])
+    built = []
+
+    def build_here(c, s, kernels, key, resolved):
+        built.append(key)
+        with kernels.create(key, {"name": "foo", "arch": s.arch.name}) as temp:
+            (temp / "System.map").write_text("map\n")
+        return kernels.lookup(key)
+
+    monkeypatch.setattr(build, "build_here", build_here)
+    first = provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v1", "remote"))
+    assert provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v1", "remote")) == first
+    (first.path / "System.map").write_text("")
+    provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v1", "remote"))
+    assert built == [key, key] and store.lookup(key).damage() is None
+    assert capsys.readouterr().err.count(f"cache: {key} is damaged (System.map: 0 bytes, not 4): removed") == 1

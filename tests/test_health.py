@@ -79,7 +79,7 @@ def test_last_lines_drop_blanks_and_control_characters() -> None:
     lines = [f"line {i}" for i in range(80)] + ["", "\x1b[0mend\r", "   "]
     tail = health.last_lines(lines)
     assert len(tail) == health.TAIL_LINES == 50
-    assert tail[0] == "line 31" and tail[-1] == "[0mend"
+    assert tail[0] == "line 31" and tail[-1] == "?[0mend"
     assert health.last_lines(["a", "b"], 1) == ["b"] and health.last_lines([]) == []
 
 

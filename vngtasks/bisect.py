@@ -27,6 +27,7 @@ from invoke import Context
 from . import cache, log, provide, resolve, vm
 from .errors import BAD_INPUT, FAILED, MISSING_TOOL, NO_STATUS, SPLAT, Failure
 from .files import remove_tree, write_atomically
+from .log import printable
 from .settings import Settings
 
 GOOD, BAD, SKIP = "good", "bad", "skip"
@@ -152,12 +153,6 @@ class Repo:
 
     def log(self) -> str:
         return self.git("bisect", "log", check=False)
-
-
-def printable(text: str) -> str:
-    """Text from the remote (a subject, git's error) for a terminal or a summary: control characters, which
-    could move a terminal's cursor or rewrite what it shows, become '?'."""
-    return "".join("?" if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 else char for char in text)
 
 
 def arguments(settings: Settings, good: str, bad: str, splat_ignored: bool, on_build_failure: str) -> dict:

@@ -9,7 +9,9 @@ leftovers (removed) from a live build (left alone). Lock files in `.locks/` are 
 removed: deleting a lock file others may have open would let two holders in.
 
 Metadata fields read here: `name`, `arch`, `sha`, `ref`, `kernel_release`; `create` adds
-`key`, `created` (ISO time) and `size_bytes`.
+`key`, `created` (ISO time), `size_bytes`, `files` (every file's size) and `sha256` (the boot image's), which
+`Entry.damage` checks before the entry is used. A record on disk is hostile until checked: metadata.json is
+read only when it is a regular file, bounded, and every text in it made printable.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,14 +31,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import log
+from . import arches, log
 from .errors import FAILED, Failure
-from .files import disk_usage, remove_tree
+from .files import disk_usage, read_regular, remove_tree
 from .kconfig import key_tag
+from .log import printable
 from .settings import Settings
 from .validate import InputError
 
 KERNELS = "kernels"
+METADATA_BYTES = 1024 * 1024
 TEMP = ".tmp"
 LOCKS = ".locks"
 
@@ -78,6 +84,21 @@ class Entry:
     def size_bytes(self) -> int:
         size = self.metadata.get("size_bytes")
         return size if isinstance(size, int) else disk_usage(self.path)
+
+    def damage(self) -> str | None:
+        """Why this entry cannot be used as it is (a file of its list missing or of another size, a boot image
+        whose digest differs), or None; an entry made before entries listed their files is taken as it is."""
+        files, digests = self.metadata.get("files"), self.metadata.get("sha256")
+        if not isinstance(files, dict) or not isinstance(digests, dict):
+            return None
+        for name, size in files.items():
+            found = _regular_size(self.path, name)
+            if found != size:
+                return f"{name}: " + ("missing" if found is None else f"{found} bytes, not {size}")
+        for name, digest in digests.items():
+            if _sha256(self.path / name) != digest:
+                return f"{name}: its SHA-256 is not the one recorded"
+        return None
 
 
 class KernelCache:
@@ -138,14 +159,19 @@ class KernelCache:
                 yield temp
                 size = disk_usage(temp)
                 created = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-                full = {**metadata, "key": key, "created": created, "size_bytes": size}
+                full = {**metadata, "key": key, "created": created, "size_bytes": size, **manifest(temp, metadata)}
                 (temp / "metadata.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
                 try:
                     os.rename(temp, self.root / key)
                 except OSError as error:
                     if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                         raise
-                    log.info(f"cache: {key} appeared meanwhile: keeping that one")
+                    if self.lookup(key) is not None:
+                        log.info(f"cache: {key} appeared meanwhile: keeping that one")
+                    else:  # a directory of that name without a readable metadata.json: never an entry
+                        log.warn(f"cache: {key} was damaged (no readable metadata.json): replaced")
+                        self.discard(key)
+                        os.rename(temp, self.root / key)
             finally:
                 remove_tree(temp)  # after the rename there is nothing left
                 marker.unlink(missing_ok=True)
@@ -174,7 +200,32 @@ class KernelCache:
                 doomed.append(entry)
                 total -= entry.size_bytes
         doomed.sort(key=lambda entry: (entry.created, entry.key))
+        for key in self.damaged():  # useless to anyone: removed by every prune
+            with _flock(self.root / LOCKS / f"{key}.lock", wait=False) as free:
+                if free:
+                    log.info(f"cache: removed {key}: damaged (no readable metadata.json)")
+                    self.discard(key)
         return [entry for entry in doomed if self._remove(entry)]
+
+    def discard(self, key: str) -> None:
+        """Remove the directory of `key`, whatever it holds; the caller holds the key's build lock."""
+        grave = self.root / TEMP / f"{_checked(key)}-{uuid.uuid4().hex[:12]}-removed"
+        grave.parent.mkdir(exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.root / key, grave)
+        remove_tree(grave)
+
+    def damaged(self) -> list[str]:
+        """The keys of directories here that are no entry: no readable metadata.json (a damaged record)."""
+        try:
+            paths = list(self.root.iterdir())
+        except FileNotFoundError:
+            return []
+        return sorted(
+            path.name
+            for path in paths
+            if not path.name.startswith(".") and _KEY.fullmatch(path.name) and path.is_dir() and _entry(path) is None
+        )
 
     def _remove(self, entry: Entry) -> bool:
         with _flock(self.root / LOCKS / f"{entry.key}.lock", wait=False) as free:
@@ -208,11 +259,63 @@ def _checked(key: str) -> str:
 
 
 def _entry(path: Path) -> Entry | None:
+    """The entry at `path` when its metadata.json reads as a JSON object (a regular file, bounded), its texts
+    printable; else None."""
+    raw = read_regular(path / "metadata.json", METADATA_BYTES)
     try:
-        metadata = json.loads((path / "metadata.json").read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+        metadata = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
-    return Entry(path.name, path, metadata) if isinstance(metadata, dict) else None
+    return Entry(path.name, path, _printable(metadata)) if isinstance(metadata, dict) else None
+
+
+def _printable(value: object) -> object:
+    """A value of a record on disk with every text in it printable (a build host wrote some of them)."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list):
+        return [_printable(item) for item in value]
+    if isinstance(value, dict):
+        return {printable(str(key)): _printable(item) for key, item in value.items()}
+    return value
+
+
+def manifest(temp: Path, metadata: dict) -> dict[str, dict]:
+    """What Entry.damage checks: every file's size, the boot image's SHA-256 (the arch's, as metadata names it)."""
+    files = {}
+    for path in sorted(temp.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            files[str(path.relative_to(temp))] = path.stat().st_size
+    names = arches.lookup(str(metadata.get("arch"))).boot_images if metadata.get("arch") else ()
+    return {"files": files, "sha256": {name: _sha256(temp / name) for name in names if name in files}}
+
+
+def _regular_size(top: Path, name: str) -> int | None:
+    """The size of the regular file `name` under `top`, reached through no link; None when there is none."""
+    if name.startswith("/") or ".." in name.split("/"):
+        return None
+    here = top
+    for part in name.split("/"):
+        here = here / part
+        with contextlib.suppress(OSError):
+            if os.path.islink(here):
+                return None
+    try:
+        info = os.lstat(here)
+    except OSError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def _sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as data:
+            while chunk := data.read(1024 * 1024):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _group(entry: Entry) -> tuple[object, ...]:

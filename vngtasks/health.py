@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import log
 from .files import read_regular
+from .log import printable
 
 GUEST_LINE_BYTES = 4096  # the most read of `started`, `status` and `release`
 GUEST_DMESG_BYTES = 16 * 1024 * 1024
@@ -98,11 +99,6 @@ def last_lines(lines: list[str], count: int = TAIL_LINES) -> list[str]:
     """The last `count` lines that are not blank, without terminal control characters."""
     kept = [printable(line) for line in lines]
     return [line for line in kept if line.strip()][-count:] if count > 0 else []
-
-
-def printable(line: str) -> str:
-    """`line` without terminal control characters (tabs kept) and without trailing blanks."""
-    return "".join(ch for ch in line if ch == "\t" or (ord(ch) >= 0x20 and ch != "\x7f")).rstrip()
 
 
 def show_tail(console_log: Path) -> None:

@@ -1,4 +1,4 @@
-"""One-line messages to stderr; GitHub Actions annotations when running there."""
+"""One-line messages to stderr; GitHub Actions annotations when running there; text others sent, made printable."""
 
 from __future__ import annotations
 
@@ -19,3 +19,10 @@ def warn(message: str) -> None:
         print(f"::warning::{message}", file=sys.stderr, flush=True)
     else:
         print(f"vngtasks: warning: {message}", file=sys.stderr, flush=True)
+
+
+def printable(text: str) -> str:
+    """Text a guest, a build host, a remote or a record on disk sent, for a terminal or a summary: control
+    characters (but tabs), which could move a terminal's cursor or rewrite what it shows, become '?'; trailing
+    blanks and carriage returns go."""
+    return "".join("?" if (ord(ch) < 0x20 and ch != "\t") or 0x7F <= ord(ch) < 0xA0 else ch for ch in text.rstrip())

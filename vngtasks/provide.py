@@ -25,6 +25,10 @@ def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.E
     key = cache.key_for(settings, resolved.sha12)
     with kernels.lock(key):
         entry = kernels.lookup(key)
+        if entry is not None and (damage := entry.damage()) is not None:
+            log.warn(f"cache: {key} is damaged ({damage}): removed, building it again")
+            kernels.discard(key)
+            entry = None
         if entry is not None:
             log.info(f"cache: hit {key}")
             return entry

@@ -32,11 +32,11 @@ from .files import read_regular
 from .health import (
     GUEST_LINE_BYTES,
     ConsoleWatch,
-    printable,
     read_lines,
     reported_status,
     show_tail,
 )
+from .log import printable
 from .reaper import Guard, Leftovers, stop_session
 
 POLL_SECONDS = 0.1
