@@ -552,3 +552,24 @@ def _processes_under(path: Path) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def test_a_full_disk_here_is_named_in_the_one_line(cli, tmp_path: Path):
+    """The cache dir on a full disk: git's "No space left on device" is the reason, not "cannot fetch"."""
+    tree = tmp_path / "tree"
+    small_repo(tree, random.randbytes(4 * 1024 * 1024))
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cache_dir)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        done = cli(
+            "build", "--tag", "v1", "--kernel-url", str(tree), "--kconfig-base", "tiny", "--cache-dir", str(cache_dir)
+        )
+    finally:
+        subprocess.run(["umount", "--lazy", str(cache_dir)], check=False)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("vngtasks: tag: cannot fetch commit ") and line.endswith(
+        f": no space left on device under {cache_dir}/work/default-{arches.host().name}/linux"
+    ), done.stderr

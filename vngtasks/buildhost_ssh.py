@@ -26,7 +26,7 @@ from fabric import Config, Connection
 from invoke.exceptions import UnexpectedExit
 
 from . import log
-from .errors import FAILED, Failure
+from .errors import FAILED, Failure, no_space
 from .validate import InputError
 
 CONNECT_TIMEOUT_SECONDS = 30
@@ -276,7 +276,7 @@ def _lost_or(conn: BuildHost, reason: str, exited: int = 0) -> str:
 
 def command_problem(result: object) -> str:
     stdout, stderr = getattr(result, "stdout", ""), getattr(result, "stderr", "")
-    if "No space left on device" in stdout + stderr:
+    if no_space(stdout, stderr):
         return "no space left on device"
     for text in (stderr, stdout):  # a program's complaint is on stderr, when it makes one
         lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from invoke import Context
+from invoke.exceptions import UnexpectedExit
 
 from . import log
 from .arches import Arch
-from .errors import FAILED, Failure
+from .errors import FAILED, Failure, no_space
 from .settings import Settings
 
 # Fixed build identity: the same sources give the same objects, so ccache hits across trees.
@@ -117,6 +118,8 @@ def fetch(c: Context, url: str, tag: str, sha: str, tree: str) -> None:
         fetched = c.run(
             shlex.join(fetch_argv(tree, url, want)), warn=True, in_stream=False, env={"GIT_TERMINAL_PROMPT": "0"}
         )
+        if no_space(fetched.stdout, fetched.stderr):
+            raise Failure(f"tag: cannot fetch commit {sha[:12]} of {tag}: no space left on device under {tree}", FAILED)
         if not fetched.ok:
             continue
         got = c.run(shlex.join(_git(tree, "rev-parse", "FETCH_HEAD^{commit}")), hide=True, in_stream=False)
@@ -227,8 +230,13 @@ def _module_line(line: str) -> bool:
 
 def copy_tree_files(c: Context, tree: str, paths: list[str], dest: str) -> None:
     """Copy `paths` of `tree` into the directory `dest` on the same machine, keeping their layout."""
-    c.run(
+    copied = c.run(
         f"tar -C {shlex.quote(tree)} -cf - --files-from=- | tar -C {shlex.quote(dest)} -xf -",
         in_stream=_Text("\n".join(paths) + "\n"),
         hide=True,
+        warn=True,
     )
+    if no_space(copied.stderr):
+        raise Failure(f"cache: no space left on device under {dest}", FAILED)
+    if not copied.ok:
+        raise UnexpectedExit(copied)

@@ -20,3 +20,11 @@ class Failure(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+NO_SPACE = "No space left on device"  # what git, tar, make and the kernel say for ENOSPC
+
+
+def no_space(*outputs: str) -> bool:
+    """A command's output says the disk it wrote to is full."""
+    return any(NO_SPACE in output for output in outputs)

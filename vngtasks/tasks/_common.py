@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import os
 import signal
@@ -14,7 +15,7 @@ from invoke import Context, Program, Task, task
 from invoke.exceptions import Exit, ParseError, UnexpectedExit
 from invoke.util import yaml
 
-from ..errors import BAD_INPUT, FAILED, STOPPING_SIGNALS, Failure
+from ..errors import BAD_INPUT, FAILED, STOPPING_SIGNALS, Failure, no_space
 from ..settings import BY_NAME, HELP, Settings, effective, taken_by
 from ..validate import InputError
 
@@ -116,10 +117,16 @@ def exit_statuses() -> Iterator[None]:
     except Failure as failure:
         raise Exit(f"vngtasks: {failure}", code=failure.code) from None
     except UnexpectedExit as error:
-        command = error.result.command if len(error.result.command) < 200 else error.result.command[:197] + "..."
-        raise Exit(f"vngtasks: `{command}` failed with exit status {error.result.exited}", code=FAILED) from None
+        result = error.result
+        command = result.command if len(result.command) < 200 else result.command[:197] + "..."
+        full = ": no space left on device" if no_space(result.stdout, result.stderr) else ""
+        raise Exit(f"vngtasks: `{command}` failed with exit status {result.exited}{full}", code=FAILED) from None
     except InputError as error:
         raise Exit(f"vngtasks: {error}", code=BAD_INPUT) from None
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise Exit(f"vngtasks: no space left on device, writing {error.filename or '?'}", code=FAILED) from None
 
 
 def parse_errors_are_bad_input() -> None:
