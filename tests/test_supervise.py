@@ -112,3 +112,45 @@ def test_a_session_number_reused_by_another_is_left_alone(tmp_path: Path) -> Non
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_sweep_removes_only_the_run_directories_of_runs_that_are_over(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    live, dead, old, young = (runs / name for name in ("live", "dead", "old", "young"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from vngtasks import reaper\n"
+         "with reaper.held(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()", str(live)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline() == "held\n"
+    for run in (live, dead, old, young):
+        (run / "shared").mkdir(parents=True)
+    (runs / "dead.lock").touch()  # its run was killed with its guard: nothing holds it
+    os.utime(old, (time.time() - 2 * 86400,) * 2)  # made before runs had locks
+    try:
+        assert sorted(p.name for p in reaper.sweep(runs)) == ["dead", "old"]
+        assert live.is_dir() and young.is_dir() and not dead.exists() and not old.exists()
+        assert not (runs / "dead.lock").exists()
+    finally:
+        holder.communicate("")
+    assert not (runs / "live.lock").exists()  # a run that ends removes its lock (and its directory) itself
+
+
+def test_a_workload_of_any_bytes_is_written_as_given_and_a_failed_prepare_leaves_nothing(tmp_path, monkeypatch):
+    from vngtasks import vm
+    from vngtasks.settings import DEFAULTS, effective
+
+    settings = effective(DEFAULTS, {"cache_dir": str(tmp_path / "c"), "extra_rwdirs": ""}, workspace=tmp_path)
+    boot = vm.Boot(settings, tmp_path / "vmlinuz", "tcg", vm.new_run_dir(settings))
+    vm.prepare(boot, "echo \udcff", {})
+    assert (boot.shared / "workload.sh").read_bytes() == b"echo \xff\n"
+    host_side = vm.HostSide(force_9p=True, native_init=True, probe_seconds=0.0)
+
+    def broken(environ):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(vm, "guest_environment", broken)
+    host = vm.Host(settings.arch, 1024, "vng", {})
+    with pytest.raises(OSError, match="went away"):
+        vm.attempt(settings, tmp_path / "vmlinuz", "true", host, "tcg", host_side, None)
+    assert [p.name for p in vm.runs_dir(settings).iterdir()] == [boot.run_dir.name]  # only the one made above

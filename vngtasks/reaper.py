@@ -1,5 +1,6 @@
 """The VM's last guard: it stops vng's whole session and removes the run's leftovers when `invoke boot` dies,
-however it dies: SIGKILL too, where no `finally` of ours runs.
+however it dies: SIGKILL too, where no `finally` of ours runs. And the run directory's lock, by which a later
+boot or prune sweeps away what a run that is over left (one whose guard died with it).
 
 The guard is a process of its own, started before vng in a session of its own (a signal to invoke's process
 group does not reach it), that blocks reading a pipe whose other end only invoke holds; the kernel closes that
@@ -14,19 +15,23 @@ Stdlib only, and nothing of vngtasks but files.py: the guard starts on every boo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .files import remove_empty_dirs, remove_tree
 
 POLL_SECONDS = 0.1
+RUNS = "runs"  # under cache-dir: one directory per run, and its lock beside it
+LOCK_SUFFIX = ".lock"
+UNLOCKED_RUN_SECONDS = 24 * 3600
 TERM_SECONDS = 3.0  # from SIGTERM to SIGKILL
 ORDER_BYTES = 64 * 1024
 
@@ -42,6 +47,55 @@ class Leftovers:
         remove_tree(self.run_dir)
         if self.mountpoints is not None:
             remove_empty_dirs(*self.mountpoints)
+
+
+@contextlib.contextmanager
+def held(run_dir: Path) -> Iterator[None]:
+    """The run's lock held while the run lives: `runs/<id>.lock` beside its directory, taken before the
+    directory is made. A sweep removes a run directory only when its lock is free: that run is over."""
+    lock = run_dir.with_name(run_dir.name + LOCK_SUFFIX)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def sweep(runs: Path) -> list[Path]:
+    """Remove the run directories of runs that are over (an invoke killed with its guard, a machine that went
+    down): those whose lock is free, and those with no lock older than a day (made before runs had locks)."""
+    removed = []
+    try:
+        found = list(runs.iterdir())
+    except OSError:
+        return removed
+    for path in found:
+        if path.name.endswith(LOCK_SUFFIX) or not path.is_dir() or path.is_symlink():
+            continue
+        lock = path.with_name(path.name + LOCK_SUFFIX)
+        if _over(lock) or (not lock.exists() and time.time() - path.stat().st_mtime > UNLOCKED_RUN_SECONDS):
+            Leftovers(path).remove()
+            lock.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _over(lock: Path) -> bool:
+    """The run of this lock file has ended (nothing holds it)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 class Guard:

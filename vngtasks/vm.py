@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel, arches, guestroot, health, log, render
+from . import accel, arches, guestroot, health, log, reaper, render
 from .arches import Arch
 from .errors import BAD_INPUT, Failure
 from .hostprobe import HostProbes, virtme_ng_init_runs
@@ -215,15 +215,19 @@ def prepare(boot: Boot, workload: str, environ: Mapping[str, str]) -> None:
     boot.run_dir.parent.mkdir(parents=True, exist_ok=True)
     boot.run_dir.mkdir(mode=0o700)
     boot.shared.mkdir(mode=0o700)
-    (boot.shared / "workload.sh").write_text(workload + "\n")
+    (boot.shared / "workload.sh").write_bytes(workload.encode(errors="surrogateescape") + b"\n")  # bytes as given
     (boot.shared / "environ").write_bytes(guest_environment(environ))
     boot.guest_script.write_text(render.text("guest.sh.j2", run_dir=boot.shared, workdir=boot.settings.workspace))
     if boot.root is not None:
         guestroot.make_mountpoints(boot.root, [*shared_dirs(boot.settings, boot.shared, environ), *visible_dirs(boot)])
 
 
+def runs_dir(settings: Settings) -> Path:
+    return settings.cache_dir / reaper.RUNS
+
+
 def new_run_dir(settings: Settings) -> Path:
-    return settings.cache_dir / "runs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    return runs_dir(settings) / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def run(settings: Settings, kernel: Path, workload: str) -> int:
@@ -235,6 +239,7 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
     accel.qemu_binary(settings.arch)
     make_directory("log_dir", settings.log_dir)
     make_directory("cache_dir", settings.cache_dir)
+    reaper.sweep(runs_dir(settings))
     root = guest_root(settings, host)
     probing = time.monotonic()
     probes = HostProbes(settings.cache_dir)
@@ -312,18 +317,19 @@ def attempt(
     root: Path | None,
 ) -> Attempt:
     boot = new_boot(settings, kernel, accel_name, host_side, root)
-    prepare(boot, workload, host.environ)
     marks = Marks(probe=host_side.probe_seconds)
-    try:
-        outcome = supervise(boot.supervised(), vng_argv(boot, host), child_environment(host.environ), marks)
-        report = health.read_guest_report(boot.shared)
-        marks.guest_uptime = report.uptime
-        marks.guest_init = health.init_started(report.dmesg or b"")
-        phases = marks.phases() if outcome.result == "workload" else ()
-        outcome = dataclasses.replace(outcome, release=report.release, phases=phases)
-        return Attempt(outcome, health.read_console(boot.console_log), report.dmesg)
-    finally:
-        boot.leftovers().remove()
+    with reaper.held(boot.run_dir):
+        try:
+            prepare(boot, workload, host.environ)
+            outcome = supervise(boot.supervised(), vng_argv(boot, host), child_environment(host.environ), marks)
+            report = health.read_guest_report(boot.shared)
+            marks.guest_uptime = report.uptime
+            marks.guest_init = health.init_started(report.dmesg or b"")
+            phases = marks.phases() if outcome.result == "workload" else ()
+            outcome = dataclasses.replace(outcome, release=report.release, phases=phases)
+            return Attempt(outcome, health.read_console(boot.console_log), report.dmesg)
+        finally:
+            boot.leftovers().remove()
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:

@@ -7,7 +7,7 @@ import time
 from invoke import Context
 from invoke.exceptions import Exit
 
-from .. import log
+from .. import log, reaper
 from ..cache import KernelCache, human_age, human_size, kernels_root, parse_age, parse_keep, parse_size
 from ..errors import BAD_INPUT
 from ..validate import InputError
@@ -43,6 +43,8 @@ def cache(c: Context, keep=None, max_size=None, max_age=None, **flags: str | Non
             print(f"{entry.key}\t{size}\t{human_age(now - entry.created)}\t{release}")
         return
     removed = store.prune(keep_per_name, max_bytes, max_seconds)
+    for run in reaper.sweep(s.cache_dir / reaper.RUNS):
+        log.info(f"cache: removed {run}: a run that is over")
     for entry in removed:
         print(f"removed {entry.key}\t{human_size(entry.size_bytes)}")
     left = store.entries()
