@@ -203,3 +203,17 @@ def test_the_workspaces_vngtasks_yaml_is_read_below_env_and_flags(cli, home: Pat
     (workspace / "vngtasks.yaml").write_text("- not a mapping\n")
     done = cli("settings")
     assert done.returncode == 2 and done.stderr.startswith("vngtasks: vngtasks.yaml: "), done.stderr
+
+
+def test_a_path_that_a_link_makes_unplain_is_refused_after_the_resolve(cli, tmp_path: Path):
+    """cache-dir is plain, but its runs/ is a link to a directory whose name vng's shell would run: the path
+    that reaches the vng line is checked, after every resolve."""
+    evil = tmp_path / "x" / "evil$(touch${IFS}PWNED)"
+    evil.mkdir(parents=True)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / "runs").symlink_to(evil)
+    (tmp_path / "vmlinuz").write_bytes(b"a kernel image")
+    done = cli("boot", "--kernel", str(tmp_path / "vmlinuz"), "--cache-dir", str(cache_dir), "--dry-run", "--", "true")
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith("vngtasks: cache-dir: "), done.stderr
+    assert "$(touch" not in done.stdout and not list(tmp_path.rglob("PWNED"))

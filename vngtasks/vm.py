@@ -150,16 +150,17 @@ def _without_cpu_host(opts: list[str]) -> list[str]:
 
 
 def shared_dirs(settings: Settings, run_dir: Path, environ: Mapping[str, str]) -> list[Path]:
-    """Host directories the guest may write: workspace, extra-rwdirs, GitHub files, the run's shared dir."""
-    wanted: list[Path] = [settings.workspace] if settings.workspace_rw else []
+    """Host directories the guest may write: workspace, extra-rwdirs, GitHub files, the run's shared dir;
+    each as vng gets it, resolved, and checked plain after the resolve (a link may lead anywhere)."""
+    wanted: list[tuple[str, Path]] = [("workspace", settings.workspace)] if settings.workspace_rw else []
     for extra in settings.extra_rwdirs:
         if extra.is_dir():
-            wanted.append(extra)
+            wanted.append(("extra_rwdirs", extra))
         else:
             log.info(f"extra-rwdirs: skipping {extra}: not a directory")
     wanted += github_dirs(environ)
-    wanted.append(run_dir)
-    return list(dict.fromkeys(path.resolve() for path in wanted))
+    wanted.append(("cache_dir", run_dir))
+    return list(dict.fromkeys(plain_path(name, path.resolve()) for name, path in wanted))
 
 
 def visible_dirs(boot: Boot) -> list[Path]:
@@ -167,12 +168,13 @@ def visible_dirs(boot: Boot) -> list[Path]:
     root, which a host-arch guest sees whole, is not there)."""
     if boot.root is None or boot.settings.workspace_rw:
         return []
-    return [boot.settings.workspace.resolve()]
+    return [plain_path("workspace", boot.settings.workspace.resolve())]
 
 
-def github_dirs(environ: Mapping[str, str]) -> list[Path]:
-    """The directories of GitHub's step files that are set: plain paths, as vng shares them."""
-    return [plain_path(name, Path(environ[name]).parent.resolve()) for name in GITHUB_FILES if environ.get(name)]
+def github_dirs(environ: Mapping[str, str]) -> list[tuple[str, Path]]:
+    """(variable, its file's directory) for each of GitHub's step files set: resolved, plain, as vng shares them."""
+    found = [(name, Path(environ[name]).parent.resolve()) for name in GITHUB_FILES if environ.get(name)]
+    return [(name, plain_path(name, path)) for name, path in found]
 
 
 def vng_argv(boot: Boot, host: Host) -> list[str]:
