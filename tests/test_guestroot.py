@@ -227,3 +227,28 @@ def test_a_foreign_boot_without_a_kernel_boots_debians_kernel_of_that_arch(tmp_p
     with pytest.raises(Failure, match="no riscv64 userland") as riscv:
         kernels.default_kernel(arches.lookup("riscv64"), tmp_path)
     assert riscv.value.code == BAD_INPUT
+
+
+def package_tree(tmp_path: Path, **links: str) -> Path:
+    """A root as packages unpacked it (a busybox), with `links` (path: target) a package placed."""
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "busybox").write_text(FAKE_BUSYBOX)
+    for path, target in links.items():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).symlink_to(target)
+    return tree
+
+
+@pytest.mark.unit
+def test_a_root_is_never_finished_through_a_link_a_package_placed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tree = package_tree(tmp_path, **{"etc/passwd": str(outside / "passwd")})  # dangling: open() would create it
+    guestroot.finish_root(tree)
+    assert not (outside / "passwd").exists() and (tree / "etc" / "passwd").is_symlink()
+    for name, target in (("sbin", outside), ("tmp", outside / "gone")):
+        tree = package_tree(tmp_path / name, **{name: str(target)})
+        with pytest.raises(Failure, match=r"^guest root: .*: nothing made through a link"):
+            guestroot.finish_root(tree)
+    assert list(outside.iterdir()) == []  # no udevd or udevadm out here

@@ -110,3 +110,40 @@ def disk_usage(path: Path) -> int:
                 seen.add((info.st_dev, info.st_ino))
                 total += info.st_size
     return total
+
+
+def open_dir_inside(top: Path, parts: tuple[str, ...]) -> int:
+    """A descriptor of the directory `top/parts...`, each part made when missing and none reached through a
+    link (a link there raises OSError: ELOOP or ENOTDIR). The caller closes it."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            deeper = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_inside(top: Path, name: str, data: bytes | None = None, mode: int = 0o644, link: str = "") -> bool:
+    """A new file `name` (relative) under `top` holding `data`, or a symlink to `link`, its directories made,
+    none of them reached through a link; False, and nothing written, when something is at `name` already."""
+    *folders, leaf = name.split("/")
+    parent = open_dir_inside(top, tuple(folders))
+    try:
+        if link:
+            os.symlink(link, leaf, dir_fd=parent)
+            return True
+        fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+    except FileExistsError:
+        return False
+    finally:
+        os.close(parent)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data or b"")
+        os.fchmod(out.fileno(), mode)
+    return True

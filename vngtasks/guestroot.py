@@ -11,13 +11,14 @@ where vng finds the modules of the image it is given.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -25,7 +26,7 @@ from urllib.parse import unquote
 from . import log, render
 from .arches import Arch
 from .errors import BAD_INPUT, FAILED, Failure
-from .files import remove_empty_dirs, remove_tree, write_atomically
+from .files import create_inside, open_dir_inside, read_regular, remove_empty_dirs, remove_tree, write_atomically
 
 # bash for vng's shell init (virtme/guest/virtme-init) and the workload; every other command, vng's initramfs and
 # init=/bin/sh included, is an applet of busybox-static. Under TCG a dynamically linked command costs about a
@@ -49,6 +50,7 @@ done
     "sbin/udevadm": "#!/bin/sh\n# vngtasks: udevd's stand-in has named the ports: nothing to trigger or wait for.\n",
 }
 BUSYBOX = "bin/busybox"
+BUSYBOX_BYTES = 64 * 1024 * 1024  # busybox-static is about 2 MiB
 # Part of every root's key: a root made by an older finish_root is not reused.
 ROOT_LAYOUT = 3
 # Where scripts' #! lines look for a command outside /bin: `#!/usr/bin/env bash` is virtme-init's.
@@ -194,23 +196,30 @@ def finish_root(tree: Path) -> None:
     """What a root needs that no package holds (see ROOT_FILES), and busybox's applets as commands in bin/
     where no package has put one."""
     for name in ROOT_DIRS:
-        (tree / name).mkdir(exist_ok=True)
-    for name, text in ROOT_FILES.items() | ROOT_SCRIPTS.items():
-        if not (tree / name).exists():
-            (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            (tree / name).write_text(text)
-            (tree / name).chmod(0o755 if name in ROOT_SCRIPTS else 0o644)
+        with _made_inside(name):
+            os.close(open_dir_inside(tree, (name,)))
+    for name, text in (ROOT_FILES | ROOT_SCRIPTS).items():  # a package's file at `name` wins
+        with _made_inside(name):
+            create_inside(tree, name, text.encode(), 0o755 if name in ROOT_SCRIPTS else 0o644)
+    busybox = read_regular(tree / BUSYBOX, BUSYBOX_BYTES)
     try:
-        applets = busybox_applets((tree / BUSYBOX).read_bytes())
-    except (OSError, ValueError) as problem:
+        applets = busybox_applets(busybox or b"")
+    except ValueError as problem:
         raise Failure(f"guest root: {BUSYBOX}: {problem}", FAILED) from None
     links = {f"bin/{name}": "busybox" for name in applets}  # names of [a-z0-9._-] (and "[", "[["): no "/"
     links.update({path: os.path.relpath(tree / BUSYBOX, (tree / path).parent) for path in SHEBANG_PATHS})
     for path, target in links.items():
-        link = tree / path
-        if not link.exists() and not link.is_symlink():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(target)
+        with _made_inside(path):
+            create_inside(tree, path, link=target)
+
+
+@contextlib.contextmanager
+def _made_inside(path: str) -> Iterator[None]:
+    """Making `path` in a root: a link a package placed on the way is never followed, and fails the root."""
+    try:
+        yield
+    except OSError as problem:
+        raise Failure(f"guest root: {path}: {problem.strerror}: nothing made through a link", FAILED) from None
 
 
 def unpack_once(debs: list[Path], dest: Path, finish: Callable[[Path], None] | None = None) -> Path:
