@@ -151,8 +151,14 @@ def test_on_build_failure_bad_counts_a_broken_commit_as_bad(tmp_path, monkeypatc
     assert status == bisect.FOUND and record(tmp_path)["result"]["first_bad"]["sha"] == shas[2]
 
 
+def kept_steps(tmp_path: Path) -> Path:
+    """The steps file a re-run resumes from (beside the range's repository in cache-dir)."""
+    (found,) = (tmp_path / "cache" / "bisect").glob("*/steps.json")
+    return found
+
+
 @pytest.mark.unit
-def test_a_rerun_resumes_from_the_record_and_redoes_no_step(tmp_path, monkeypatch):
+def test_a_rerun_resumes_from_the_kept_steps_and_redoes_none(tmp_path, monkeypatch):
     repo, _ = history(tmp_path, ["pass"] * 3 + ["fail"] * 6)
     first, _ = run(tmp_path, repo, monkeypatch)
     done = record(tmp_path)
@@ -160,23 +166,50 @@ def test_a_rerun_resumes_from_the_record_and_redoes_no_step(tmp_path, monkeypatc
     assert first == second == bisect.FOUND and steps.tested == []
     assert record(tmp_path)["steps"] == done["steps"] and record(tmp_path)["result"] == done["result"]
     # Interrupted after one step: the rest is done, the first not again.
-    (tmp_path / bisect.RECORD).write_text(json.dumps({**done, "steps": done["steps"][:1], "result": {}}))
+    kept = json.loads(kept_steps(tmp_path).read_text())
+    kept_steps(tmp_path).write_text(json.dumps({**kept, "steps": kept["steps"][:1]}))
     third, steps = run(tmp_path, repo, monkeypatch)
     assert third == bisect.FOUND and done["steps"][0]["sha"] not in steps.tested
     assert len(steps.tested) == len(done["steps"]) - 1
 
 
 @pytest.mark.unit
-def test_a_record_of_other_arguments_or_damaged_is_not_used(tmp_path, monkeypatch):
-    repo, _ = history(tmp_path, ["pass"] * 3 + ["fail"] * 3)
+def test_kept_steps_of_other_arguments_or_damaged_are_not_used(tmp_path, monkeypatch):
+    repo, shas = history(tmp_path, ["pass"] * 3 + ["fail"] * 3)
     run(tmp_path, repo, monkeypatch)
     done = record(tmp_path)
     _, steps = run(tmp_path, repo, monkeypatch, splat_ignored=True)  # another bisect: starts over
     assert len(steps.tested) == len(done["steps"])
-    forged = {**record(tmp_path), "steps": [{**done["steps"][0], "verdict": "rm -rf"}]}
+    kept = json.loads(kept_steps(tmp_path).read_text())
+    good_one = kept["steps"][0]
+    for damaged in ({"verdict": "rm -rf"}, {"sha": shas[0]}, {"sha": "f" * 40}, {"build_seconds": "soon"},
+                    {"subject": {"a": "dict"}}, {"status": True}):  # fmt: skip
+        kept_steps(tmp_path).write_text(json.dumps({**kept, "steps": [{**good_one, **damaged}]}))
+        _, steps = run(tmp_path, repo, monkeypatch, splat_ignored=True)
+        assert len(steps.tested) == len(done["steps"]), damaged
+
+
+@pytest.mark.unit
+def test_the_report_in_log_dir_is_never_read_back(tmp_path, monkeypatch, capsys):
+    """log-dir is the workspace, which a guest writes: a forged bisect.json (steps out of the range, made-up
+    verdicts, wrong types, a subject with escapes) changes nothing; the next run's table is its own."""
+    repo, shas = history(tmp_path, ["pass"] * 3 + ["fail"] * 3)
+    forged = {"arguments": {}, "result": {}, "steps": [
+        {"sha": "f" * 40, "subject": "\x1b[2Jowned\x07", "verdict": "bad", "status": 1, "build_seconds": "soon",
+         "boot_seconds": 1.0, "cache_hit": False},
+        {"sha": shas[1], "subject": {"a": "dict"}, "verdict": "bad", "status": 1, "build_seconds": 1.0,
+         "boot_seconds": 1.0, "cache_hit": False},
+    ]}  # fmt: skip
     (tmp_path / bisect.RECORD).write_text(json.dumps(forged))
-    _, steps = run(tmp_path, repo, monkeypatch, splat_ignored=True)
-    assert len(steps.tested) == len(done["steps"])
+    status, steps = run(tmp_path, repo, monkeypatch)
+    assert status == bisect.FOUND and record(tmp_path)["result"]["first_bad"]["sha"] == shas[3]
+    assert steps.tested and "\x1b" not in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_the_table_shows_a_remotes_subject_printable() -> None:
+    step = bisect.Step("a" * 40, "fix \x1b]0;owned\x07 | it", "bad", 1, 1.0, 2.0, False)
+    assert "| fix ?]0;owned? \\| it | bad (1) |" in bisect.table([step])
 
 
 @pytest.mark.unit
@@ -228,7 +261,7 @@ def test_bisect_names_the_commit_that_changed_what_the_guest_sees_then_resumes(c
     # Run again with the same arguments: resumed from the record, nothing built or booted.
     again = cli(*args, env=CCACHE_ENV, timeout=600)
     assert again.returncode == bisect.FOUND, again.stderr[-4000:]
-    assert f"resumed from {workspace / bisect.RECORD}: {len(steps)} step(s) done" in again.stderr
+    assert "step(s) done" in again.stderr and f"resumed from {tmp_path / 'cache' / 'bisect'}/" in again.stderr
     assert "cache: " not in again.stderr and "booted in" not in again.stderr
     assert f"first bad commit: {shas[4]}" in again.stdout
     assert json.loads((workspace / bisect.RECORD).read_text())["steps"] == steps

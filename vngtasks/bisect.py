@@ -4,8 +4,11 @@ Owns: the range (good and bad resolved exactly; only the commits from good to ba
 their trees where the server filters, and without anything reachable from good when good is a ref),
 git's own bisect over it in a repository of its own under cache-dir (git picks each step, the
 neighbour of a skipped one, and writes the log that replays it), a step's verdict from its build and
-its exit status, and the record: `bisect.json` in log-dir, rewritten after every step, from which a
-re-run with the same arguments resumes without redoing a finished step. Each step's kernel is found
+its exit status, and the record: `bisect.json` in log-dir, rewritten after every step. A re-run with the same
+arguments resumes without redoing a finished step, from the steps kept beside the range's repository in
+cache-dir (`steps.json`): log-dir is the workspace by default, which a guest writes, so bisect.json is a report
+only, never read back; the steps file is read as any record on disk, each step checked (a commit of the range,
+its fields' types, its verdict). Each step's kernel is found
 or built by provide.py (cache, ccache, build-host) and booted by vm.py. No shell runs here: git gets
 argument lists.
 """
@@ -26,7 +29,7 @@ from invoke import Context
 
 from . import cache, log, provide, resolve, vm
 from .errors import BAD_INPUT, FAILED, MISSING_TOOL, NO_STATUS, SPLAT, Failure
-from .files import remove_tree, write_atomically
+from .files import read_regular, remove_tree, write_atomically
 from .log import printable
 from .settings import Settings
 
@@ -80,6 +83,18 @@ class Repo:
     def __init__(self, cache_dir: Path, good: str, bad: str) -> None:
         self.path = cache_dir / "bisect" / f"{good[:12]}-{bad[:12]}"
         self.good, self.bad = good, bad
+        self._commits: set[str] | None = None
+
+    @property
+    def steps_file(self) -> Path:
+        """The finished steps, kept for a re-run: beside the repository, where only we write."""
+        return self.path / "steps.json"
+
+    def commits(self) -> set[str]:
+        """The commits a step may test: those after good, up to bad."""
+        if self._commits is None:
+            self._commits = set(self.git("rev-list", self.bad, f"^{self.good}").split())
+        return self._commits
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         try:
@@ -166,34 +181,55 @@ def arguments(settings: Settings, good: str, bad: str, splat_ignored: bool, on_b
     }  # fmt: skip
 
 
-def finished_steps(path: Path, wanted: dict) -> list[Step]:
-    """The steps of a record for the same arguments; none (with a warning) for another or a damaged one.
-    The record is checked as any file we did not just write: each step's fields and verdict."""
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as problem:
-        log.warn(f"bisect: {path} cannot be read ({problem}): starting over")
-        return []
-    if not isinstance(record, dict) or record.get("arguments") != wanted:
-        log.warn(f"bisect: {path} is the record of another bisect: starting over, it will be replaced")
-        return []
-    try:
-        steps = [Step(**step) for step in record["steps"]]
-    except (KeyError, TypeError) as problem:
-        log.warn(f"bisect: {path} has a damaged step ({problem}): starting over")
-        return []
-    if not all(resolve.is_sha(step.sha) and step.verdict in VERDICTS for step in steps):
-        log.warn(f"bisect: {path} has a step with a bad commit or verdict: starting over")
-        return []
-    return steps
+STEP_FIELDS = {"sha": str, "subject": str, "verdict": str, "status": (int, type(None)), "build_seconds": (int, float),
+               "boot_seconds": (int, float), "cache_hit": bool}  # fmt: skip
+STEPS_BYTES = 4 * 1024 * 1024
 
 
-def write_record(path: Path, wanted: dict, steps: list[Step], result: dict, repo: Repo) -> None:
-    record = {"arguments": wanted, "steps": [dataclasses.asdict(step) for step in steps], "result": result}
-    record["git_bisect_log"] = repo.log()
-    write_atomically(path, json.dumps(record, indent=2) + "\n")
+def finished_steps(repo: Repo, wanted: dict) -> list[Step]:
+    """The steps kept for the same arguments; none (with a warning) for another bisect's or a damaged file.
+    Read as any record on disk: each step must be a commit of the range, with fields of their types and a
+    verdict; its subject made printable."""
+    raw = read_regular(repo.steps_file, STEPS_BYTES)
+    if raw is None:
+        return []
+    try:
+        kept = json.loads(raw)
+    except ValueError:
+        kept = None
+    if not isinstance(kept, dict) or kept.get("arguments") != wanted or not isinstance(kept.get("steps"), list):
+        log.warn(f"bisect: {repo.steps_file} is another bisect's or damaged: starting over")
+        return []
+    steps = [checked_step(step, repo.commits()) for step in kept["steps"]]
+    if not all(steps):
+        log.warn(f"bisect: {repo.steps_file} has a step that is not one of this range: starting over")
+        return []
+    return [step for step in steps if step is not None]
+
+
+def checked_step(step: object, commits: set[str]) -> Step | None:
+    """A kept step as a Step when every field has its type, its commit is one of the range's `commits` and its
+    verdict is one; else None."""
+    if not isinstance(step, dict) or set(step) != set(STEP_FIELDS):
+        return None
+    if not all(_typed(step[name], kind) for name, kind in STEP_FIELDS.items()):
+        return None
+    if step["sha"] not in commits or step["verdict"] not in VERDICTS:
+        return None
+    return Step(**{**step, "subject": printable(step["subject"])})
+
+
+def _typed(value: object, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, where a bool (an int to Python) is only ever a bool."""
+    return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+
+
+def write_record(record: Path, repo: Repo, wanted: dict, steps: list[Step], result: dict) -> None:
+    """The steps kept for a re-run (beside the range's repository), and the report in log-dir."""
+    done = [dataclasses.asdict(step) for step in steps]
+    write_atomically(repo.steps_file, json.dumps({"arguments": wanted, "steps": done}) + "\n")
+    report = {"arguments": wanted, "steps": done, "result": result, "git_bisect_log": repo.log()}
+    write_atomically(record, json.dumps(report, indent=2) + "\n", 0o644)
 
 
 def table(steps: list[Step]) -> str:
@@ -205,7 +241,7 @@ def table(steps: list[Step]) -> str:
             str(number), step.sha[:12], step.subject, said, f"{step.build_seconds:.0f}", f"{step.boot_seconds:.0f}",
             "cache" if step.cache_hit else "built",
         ]  # fmt: skip
-        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        rows.append("| " + " | ".join(printable(cell).replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(rows) + "\n"
 
 
@@ -244,12 +280,12 @@ def bisect(
         raise Failure(f"bisect: good {good.sha12} is not an ancestor of bad {bad.sha12}", BAD_INPUT)
     record = settings.log_dir / RECORD
     wanted = arguments(settings, good.sha, bad.sha, splat_ignored, on_build_failure)
-    steps = finished_steps(record, wanted)
+    steps = finished_steps(repo, wanted)
     repo.start()
     for step in steps:
         repo.mark(step.sha, step.verdict)
     if steps:
-        log.info(f"bisect: resumed from {record}: {len(steps)} step(s) done")
+        log.info(f"bisect: resumed from {repo.steps_file}: {len(steps)} step(s) done")
     started = time.monotonic()
     state = repo.state()
     while state.next is not None:
@@ -262,7 +298,7 @@ def bisect(
         said = verdict(status, splat_ignored=splat_ignored, on_build_failure=on_build_failure)
         steps.append(Step(state.next, subject, said, status, round(build_s, 1), round(boot_s, 1), hit))
         repo.mark(state.next, said)
-        write_record(record, wanted, steps, {}, repo)
+        write_record(record, repo, wanted, steps, {})
         tested, state = state.next, repo.state()
         if state.next == tested:
             raise Failure(f"bisect: git bisect {said} {tested[:12]} did not take", FAILED)
@@ -281,7 +317,7 @@ def conclude(repo: Repo, record: Path, wanted: dict, steps: list[Step], state: S
         result = {"candidates": [{"sha": s, "subject": subj, "author_date": d} for s, subj, d in described]}
         lines.append("not decidable: skipped commits are left; the first bad commit is one of:")
         lines += [f"  {sha} {subj} ({d})" for sha, subj, d in described]
-    write_record(record, wanted, steps, result, repo)
+    write_record(record, repo, wanted, steps, result)
     text = "\n".join(lines) + "\n"
     print(text, end="", flush=True)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
