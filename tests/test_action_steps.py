@@ -196,3 +196,24 @@ def test_a_runtime_config_file_is_above_the_environment_and_the_workspace_file(t
     boot = ["boot", "--kernel", "vmlinuz", "--memory", "4G", "--dry-run", "--", "true"]
     flagged = invoke(["-f", str(tmp_path / "run.yaml"), *boot], env, tmp_path)
     assert "--memory=4096M" in flagged.stdout, flagged.stderr
+
+
+def test_a_ccache_dir_of_two_lines_is_bad_input_not_a_second_cache_path(tmp_path: Path) -> None:
+    """CCACHE_DIR becomes a `path:` of actions/cache, which takes a path a line: a line break would save
+    another directory (say ~/.ssh) to the cache."""
+    (tmp_path / "rt").mkdir()
+    env = {"VNGTASKS_ACTION_INPUTS": json.dumps(inputs()), "RUNNER_TEMP": str(tmp_path / "rt"),
+           "GITHUB_OUTPUT": str(tmp_path / "out"), "CCACHE_DIR": f"{tmp_path}/ccache\n{tmp_path}/.ssh"}  # fmt: skip
+    done = invoke(["action.settings"], env, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "vngtasks: CCACHE_DIR: must be a single line without control characters"
+    assert not (tmp_path / "out").exists() and list((tmp_path / "rt").iterdir()) == []  # nothing written
+
+
+def test_odd_keys_and_nul_characters_are_one_line_of_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "vngtasks.yaml").write_text('vng: {extra_rwdirs: "a\\0b"}\n')
+    done = invoke(["settings"], {}, tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == "vngtasks: extra-rwdirs: holds a NUL character"
+    (tmp_path / "vngtasks.yaml").write_text("vng: {__class__: x}\n")
+    done = invoke(["settings"], {}, tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().startswith("vngtasks: __class__: not a known setting")

@@ -154,3 +154,20 @@ def test_a_workload_of_any_bytes_is_written_as_given_and_a_failed_prepare_leaves
     with pytest.raises(OSError, match="went away"):
         vm.attempt(settings, tmp_path / "vmlinuz", "true", host, "tcg", host_side, None)
     assert [p.name for p in vm.runs_dir(settings).iterdir()] == [boot.run_dir.name]  # only the one made above
+
+
+def test_a_stop_that_comes_while_vng_starts_waits_until_its_cleanup_is_in_place() -> None:
+    """A signal between starting vng and the `try` that stops it would leave vng running: stopping signals are
+    held until vng's cleanup is registered, then arrive."""
+    arrived: list[str] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: arrived.append("after" if done else "during"))
+    done = False
+    try:
+        with supervise.stopping_signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            done = True
+        time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert arrived == ["after"]

@@ -23,7 +23,7 @@ from .files import remove_tree, write_atomically
 from .reference import action_input_name
 from .resolve import is_sha
 from .settings import SETTINGS, Settings
-from .validate import InputError
+from .validate import InputError, one_line
 
 INPUTS_VARIABLE = "VNGTASKS_ACTION_INPUTS"  # the action's `toJSON(inputs)`
 SETTING_OF_INPUT = {action_input_name(setting): setting.name for setting in SETTINGS}
@@ -63,7 +63,13 @@ def stage_dir(s: Settings) -> Path:
     return s.cache_dir / "action" / "kernel"
 
 
-def layout(s: Settings, settings_file: Path, environ: Mapping[str, str]) -> dict[str, str]:
+def ccache_dir(environ: Mapping[str, str]) -> str:
+    """The ccache layer's path: a `path:` of actions/cache, which takes one path a line (a line break in
+    CCACHE_DIR would add another directory to save)."""
+    return one_line("CCACHE_DIR", environ.get("CCACHE_DIR") or str(Path.home() / ".cache" / "ccache"))
+
+
+def layout(s: Settings, settings_file: Path, ccache: str) -> dict[str, str]:
     """The `Check inputs` step's outputs: the settings file and the paths the cache steps use."""
     return {
         "file": str(settings_file),
@@ -71,7 +77,7 @@ def layout(s: Settings, settings_file: Path, environ: Mapping[str, str]) -> dict
         "arch": s.arch.name,
         "apt-dir": str(s.cache_dir / "apt" / "archives"),
         "stage-dir": str(stage_dir(s)),
-        "ccache-dir": environ.get("CCACHE_DIR") or str(Path.home() / ".cache" / "ccache"),
+        "ccache-dir": ccache,
     }
 
 

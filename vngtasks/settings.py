@@ -205,10 +205,13 @@ def _check_together(s: Settings) -> None:
 
 
 def _text(key: str, value: object) -> str:
+    """A raw value as text; none holds a NUL (no path, argument or environment value can)."""
     if isinstance(value, bool):  # YAML true/false in invoke.yaml
         return "true" if value else "false"
-    if isinstance(value, int | str):
-        return str(value).strip()
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return ("\n" if key in _LINE_LISTS else " ").join(value)
-    raise InputError(key, f"expected a string, got {type(value).__name__}")
+        value = ("\n" if key in _LINE_LISTS else " ").join(value)
+    if not isinstance(value, int | str):
+        raise InputError(key, f"expected a string, got {type(value).__name__}")
+    if "\0" in str(value):
+        raise InputError(key, "holds a NUL character")
+    return str(value).strip()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import arches
 from .arches import Arch
+from .log import printable
 
 ACCELS = ("auto", "kvm", "tcg")
 KCONFIG_BASES = ("vng", "tiny")  # or the path of a full .config
@@ -38,11 +39,16 @@ _SCP_LIKE = re.compile(r"[^/]+:")  # git's [user@]host:path
 _MIB = {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
 
 
+_SETTING_LIKE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
+
+
 class InputError(ValueError):
     """A bad input: the message names it and says what is wrong."""
 
     def __init__(self, key: str, message: str) -> None:
-        self.input = key if key.isupper() else key.replace("_", "-")  # GITHUB_OUTPUT stays as it is
+        # A setting's name as its flag spells it (extra_rwdirs: extra-rwdirs); anything else as it was given
+        # (GITHUB_OUTPUT, or a misspelt key such as __class__), made printable.
+        self.input = key.replace("_", "-") if _SETTING_LIKE.fullmatch(key) else printable(key)
         super().__init__(f"{self.input}: {message}")
 
 

@@ -40,8 +40,9 @@ def check_inputs(c: Context):
     with _common.exit_statuses():
         raw = action.raw_settings(_environ(action.INPUTS_VARIABLE))
         s = effective(DEFAULTS, raw)
+        ccache = action.ccache_dir(os.environ)  # checked, as every input, before anything is written
         path = action.write_settings_file(Path(_environ("RUNNER_TEMP")), raw)
-        action.write_outputs(Path(_environ("GITHUB_OUTPUT")), action.layout(s, path, os.environ))
+        action.write_outputs(Path(_environ("GITHUB_OUTPUT")), action.layout(s, path, ccache))
 
 
 @task(help={"first": "an unreachable remote with no cached kernel is not an error: outputs retry=true"})
