@@ -20,8 +20,7 @@ from vngtasks.supervise import Marks, VmRun
 def vm_run(tmp_path: Path) -> VmRun:
     run_dir = tmp_path / "runs" / "one"
     (run_dir / "shared").mkdir(parents=True)
-    leftovers = reaper.Leftovers(run_dir)
-    return VmRun("tcg", run_dir / "shared", run_dir / "console.log", 60, 0, leftovers=leftovers)
+    return VmRun("tcg", run_dir / "shared", run_dir / "console.log", 60, 0)
 
 
 def fake_vng(tmp_path: Path, body: str) -> str:
@@ -38,7 +37,9 @@ def test_vngs_own_error_is_the_message_when_it_fails_before_the_kernel(tmp_path:
         echo "FileNotFoundError: [Errno 2] No such file or directory: 'file'" >&2
         exit 1
     """)  # fmt: skip
-    outcome = supervise.supervise(vm_run(tmp_path), [vng], dict(os.environ), Marks(probe=0.0))
+    vm = vm_run(tmp_path)
+    with reaper.Guard(reaper.Leftovers(vm.shared.parent)) as guard:
+        outcome = supervise.supervise(vm, [vng], dict(os.environ), Marks(probe=0.0), guard)
     assert (outcome.status, outcome.result) == (NO_STATUS, "no-status")
     err = capsys.readouterr().err
     said = "vng failed (exit 1) before the guest kernel printed anything: FileNotFoundError: [Errno 2] No such file"
@@ -50,8 +51,9 @@ import os, sys
 from pathlib import Path
 from vngtasks import reaper, supervise
 run_dir = Path(sys.argv[1])
-vm = supervise.VmRun("tcg", run_dir / "shared", run_dir / "console.log", 0, 0, leftovers=reaper.Leftovers(run_dir))
-supervise.supervise(vm, [sys.argv[2]], dict(os.environ), supervise.Marks(probe=0.0))
+vm = supervise.VmRun("tcg", run_dir / "shared", run_dir / "console.log", 0, 0)
+with reaper.Guard(reaper.Leftovers(run_dir)) as guard:
+    supervise.supervise(vm, [sys.argv[2]], dict(os.environ), supervise.Marks(probe=0.0), guard)
 """
 
 
@@ -66,7 +68,7 @@ def test_a_killed_supervisor_leaves_no_vm_and_no_run_directory(tmp_path: Path, h
         echo $! > {pids}
         wait
     """)  # fmt: skip
-    run_dir = vm_run(tmp_path).leftovers.run_dir
+    run_dir = vm_run(tmp_path).shared.parent
     supervisor = subprocess.Popen(
         [sys.executable, "-c", GUARDED, str(run_dir), vng], start_new_session=True, stdin=subprocess.DEVNULL
     )
@@ -171,3 +173,30 @@ def test_a_stop_that_comes_while_vng_starts_waits_until_its_cleanup_is_in_place(
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert arrived == ["after"]
+
+
+FAKE_VM = """\
+#!/usr/bin/env python3
+# Stands in for vng and its VM: runs the guest script (the `--exec` vng got) here, as the guest would.
+import shlex, subprocess, sys
+sys.exit(subprocess.call(shlex.split(sys.argv[-1].removeprefix("--exec="))))
+"""
+
+
+def test_an_attempt_reads_what_the_guest_left_before_its_run_directory_goes(tmp_path: Path) -> None:
+    from vngtasks import vm
+    from vngtasks.settings import DEFAULTS, effective
+
+    fake = tmp_path / "vng"
+    fake.write_text(FAKE_VM)
+    fake.chmod(0o755)
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    flags = {"cache_dir": str(tmp_path / "c"), "extra_rwdirs": "", "splat_check": "false"}
+    settings = effective(DEFAULTS, flags, workspace=workspace)
+    host = vm.Host(settings.arch, 1024, str(fake), {"PATH": os.environ["PATH"]})
+    host_side = vm.HostSide(force_9p=True, native_init=True, probe_seconds=0.0)
+    attempted = vm.attempt(settings, tmp_path / "vmlinuz", "exit 3", host, "tcg", host_side, None)
+    assert attempted.outcome.status == 3 and attempted.outcome.result == "workload"
+    assert attempted.outcome.release == os.uname().release and attempted.dmesg is not None
+    assert list(vm.runs_dir(settings).iterdir()) == []  # then all of it is gone

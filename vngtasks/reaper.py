@@ -138,6 +138,12 @@ class Guard:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
 
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def start_time(pid: int) -> int | None:
     """When process `pid` started (clock ticks after boot, /proc/PID/stat's 22nd field); None: no such process."""

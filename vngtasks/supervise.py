@@ -37,7 +37,7 @@ from .health import (
     show_tail,
 )
 from .log import printable
-from .reaper import Guard, Leftovers, stop_session
+from .reaper import Guard, stop_session
 
 POLL_SECONDS = 0.1
 # After the workload's status, the guest powers off; a kernel that cannot (no ACPI on x86) or a
@@ -59,7 +59,6 @@ class VmRun:
     console_log: Path  # written by QEMU
     boot_timeout: int  # seconds from vng start to workload start; 0: no limit
     run_timeout: int  # seconds the workload may run; 0: no limit
-    leftovers: Leftovers  # what the guard removes should invoke die
 
 
 @dataclass(frozen=True)
@@ -114,14 +113,13 @@ class Marks:
         )
 
 
-def supervise(vm: VmRun, argv: list[str], env: Mapping[str, str], marks: Marks) -> Outcome:
-    """Run vng until the VM ends, is over its time or panics; `marks` notes when each thing happened."""
+def supervise(vm: VmRun, argv: list[str], env: Mapping[str, str], marks: Marks, guard: Guard) -> Outcome:
+    """Run vng until the VM ends, is over its time or panics; `marks` notes when each thing happened, `guard`
+    (started before, closed after, by the caller) learns vng's session."""
     vm.console_log.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    guard = Guard(vm.leftovers)
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(guard.close)
         with stopping_signals_held():  # a stop waits until vng is started and its cleanup is in place
             process = start(argv, env)
             relays = relay(process)

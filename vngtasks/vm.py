@@ -99,9 +99,7 @@ class Boot:
     def supervised(self) -> VmRun:
         """What supervision needs of this boot: plain paths and seconds."""
         s = self.settings
-        return VmRun(
-            self.accel, self.shared, self.console_log, s.boot_timeout, s.run_timeout, leftovers=self.leftovers()
-        )
+        return VmRun(self.accel, self.shared, self.console_log, boot_timeout=s.boot_timeout, run_timeout=s.run_timeout)
 
 
 def vng_program() -> str:
@@ -320,10 +318,12 @@ def attempt(
 ) -> Attempt:
     boot = new_boot(settings, kernel, accel_name, host_side, root)
     marks = Marks(probe=host_side.probe_seconds)
-    with reaper.held(boot.run_dir):
+    # The guard outlives this attempt's own cleanup: should invoke die anywhere in it, the guard cleans up.
+    with reaper.held(boot.run_dir), reaper.Guard(boot.leftovers()) as guard:
         try:
             prepare(boot, workload, host.environ)
-            outcome = supervise(boot.supervised(), vng_argv(boot, host), child_environment(host.environ), marks)
+            argv = vng_argv(boot, host)
+            outcome = supervise(boot.supervised(), argv, child_environment(host.environ), marks, guard)
             report = health.read_guest_report(boot.shared)
             marks.guest_uptime = report.uptime
             marks.guest_init = health.init_started(report.dmesg or b"")
