@@ -19,6 +19,8 @@ import pytest
 from conftest import CCACHE_ENV, ROOT, tiny_flags
 from linux_remote import KCONFIG
 
+from vngtasks import kernels
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 USER = "vngtasks-runner"
@@ -94,12 +96,16 @@ def invoke(user: pwd.struct_passwd, *args: str, cwd: Path, env: dict[str, str] |
 
 
 def test_deps_installs_through_sudo(runner: pwd.struct_passwd):
+    """Also: a distro kernel readable by root only (Ubuntu installs /boot/vmlinuz-* 0600) is made readable."""
     _root("apt-get", "remove", "-y", "-q", PACKAGE)
+    image = kernels.host_kernel()
+    image.chmod(0o600)
     try:
         done = invoke(runner, "deps", "--packages", PACKAGE, cwd=Path(runner.pw_dir))
         assert done.returncode == 0, done.stderr
         assert f"deps: installing {PACKAGE}" in done.stderr
         assert shutil.which(PACKAGE, path="/usr/bin")
+        assert image.stat().st_mode & 0o004 and "making /boot/vmlinuz-* readable" in done.stderr
         # /dev/kvm (root:kvm 0660 here) for this user needs the udev rule; with no udev daemon to load
         # it (this machine, containers), one warning says so and deps still succeeds.
         udev_runs = subprocess.run(["udevadm", "control", "--ping"], capture_output=True).returncode == 0
@@ -108,6 +114,7 @@ def test_deps_installs_through_sudo(runner: pwd.struct_passwd):
         assert len(warned) == (1 if kvm_closed and not udev_runs else 0), done.stderr
     finally:
         _root("apt-get", "remove", "-y", "-q", PACKAGE)
+        image.chmod(0o644)
 
 
 def test_the_user_builds_and_boots(runner: pwd.struct_passwd, tiny_build, remote: tuple[str, str]):

@@ -119,6 +119,8 @@ def install(c: Context, settings: Settings, host: Arch) -> list[str]:
     if todo:
         _apt(c, sudo, settings, todo, host)
     _kvm_access(c)
+    if sudo:
+        _kernel_images_readable(c)
     return todo
 
 
@@ -196,6 +198,16 @@ def _attempt(c: Context, command: str, env: dict[str, str], timeout: int, host: 
 def _show(output: str) -> None:
     for line in output.strip().splitlines()[-40:]:
         log.info(f"apt: {line}")
+
+
+def _kernel_images_readable(c: Context) -> None:
+    """vng reads the distro kernel as you: Ubuntu installs /boot/vmlinuz-* readable by root only (0600)."""
+    unreadable = 'for image in /boot/vmlinuz-*; do test -e "$image" && ! test -r "$image" && exit 0; done; exit 1'
+    if c.run(unreadable, warn=True, hide=True, in_stream=False).ok:
+        log.info(
+            "deps: making /boot/vmlinuz-* readable to all (vng reads the distro kernel as you; Ubuntu installs it 0600)"
+        )
+        c.run("sudo chmod a+r /boot/vmlinuz-*", hide=True, in_stream=False)
 
 
 def _kvm_access(c: Context) -> None:
