@@ -53,54 +53,60 @@ def any_kernel(request: pytest.FixtureRequest) -> Path:
 
 
 def test_status_files_and_environment_cross_the_vm(cli, tmp_path: Path, workspace: Path, any_kernel: Path):
+    """Also, as GitHub runs a `run:` step (`bash -eo pipefail`): a failing pipeline skips what depends on it, a
+    failing command ends the script with its status."""
     github = tmp_path / "runner-files"
     github.mkdir()
     output = github / "output"
     output.touch()
-    workload = 'echo hi > out.txt; echo "answer=$VNGTASKS_TEST_VALUE" >> "$GITHUB_OUTPUT"; exit 3'
+    workload = (
+        'echo hi > out.txt; echo "answer=$VNGTASKS_TEST_VALUE" >> "$GITHUB_OUTPUT";'
+        " (false | true) && echo pipefail-is-off; echo reached; (exit 3); echo not-reached"
+    )
     done = cli(
         "boot", "--kernel", str(any_kernel), *QUIET, "--", workload,
         env={"GITHUB_OUTPUT": str(output), "VNGTASKS_TEST_VALUE": "a b $c 'd'"},
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
+    assert done.stdout.split() == ["reached"], done.stdout
     assert (workspace / "out.txt").read_text() == "hi\n"
     assert output.read_text() == "answer=a b $c 'd'\n"
 
 
-def test_a_log_file_keeps_what_came_before_the_vm(cli, tmp_path: Path, distro_kernel: Path):
+def test_a_log_file_keeps_what_came_before_the_vm(cli, tmp_path: Path, workspace: Path, distro_kernel: Path):
     """`invoke boot ... > log 2>&1`: QEMU reopens the guest's stdout and stderr (virtme-ng's `file`
-    chardevs on /proc/self/fd/1 and /2) with O_TRUNC, which would erase the log up to the boot."""
+    chardevs on /proc/self/fd/1 and /2) with O_TRUNC, which would erase the log up to the boot.
+    Also: what a program writes to /dev/kmsg (a line that reads like a kernel warning) is not the kernel's,
+    and fails nothing."""
     log_file = tmp_path / "boot.log"
     with log_file.open("w") as out:
         out.write("written before the VM\n")
         out.flush()
-        done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--", "echo guest-says-hi", output=out)
+        workload = f"echo guest-says-hi; echo '{FAKE_WARNING}' > /dev/kmsg"
+        done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--", workload, output=out)
     text = log_file.read_text()
     assert done.returncode == 0, text
     assert text.startswith("written before the VM\n") and "\0" not in text
     assert "guest-says-hi" in text
+    assert run_record(workspace)["splats"] == [] and FAKE_WARNING in (workspace / "vng-dmesg.log").read_text()
 
 
-def test_read_only_workspace_and_accel_auto(cli, workspace: Path, distro_kernel: Path):
-    """Also: what a program writes to /dev/kmsg (here a line that reads like a kernel warning) is not the
-    kernel's, and fails nothing."""
+def test_read_only_workspace_and_accel_auto(cli, workspace: Path, tiny_build):
     from vngtasks import accel, arches
 
     problem = accel.kvm_problem(arches.host())
-    workload = f"touch ro-probe; echo '{FAKE_WARNING}' > /dev/kmsg"
-    done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--workspace-rw", "false", "--", workload)
+    done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--workspace-rw", "false", "--", "touch ro-probe")
     # vng gives unshared paths a throwaway overlay: the write works inside, never reaches the host.
     assert done.returncode == 0, done.stderr
     assert not (workspace / "ro-probe").exists()
-    assert run_record(workspace)["splats"] == [] and FAKE_WARNING in (workspace / "vng-dmesg.log").read_text()
     if problem is not None:
         warnings = [line for line in done.stderr.splitlines() if "falling back to TCG" in line]
         assert len(warnings) == 1 and problem in warnings[0], done.stderr
 
 
-def test_run_timeout_kills_the_vm(cli, home: Path, distro_kernel: Path):
+def test_run_timeout_kills_the_vm(cli, home: Path, tiny_build):
     started = time.monotonic()
-    done = cli("boot", "--kernel", str(distro_kernel), *QUIET, "--run-timeout", "5", "--", "sleep 600")
+    done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--run-timeout", "3", "--", "sleep 600")
     assert done.returncode == 124, done.stderr
     assert time.monotonic() - started < 120
     assert "run-timeout" in done.stderr
@@ -175,8 +181,8 @@ def test_a_kernel_that_cannot_boot_fails_fast(cli, home: Path, tmp_path: Path, w
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_a_stopping_signal_ends_the_vm_and_leaves_no_run_behind(home: Path, workspace: Path, distro_kernel: Path, sig):
-    argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "boot", "--kernel", str(distro_kernel), *QUIET, "--"]
+def test_a_stopping_signal_ends_the_vm_and_leaves_no_run_behind(home: Path, workspace: Path, tiny_build, sig):
+    argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "boot", "--kernel", str(tiny_build.entry), *QUIET, "--"]
     running = subprocess.Popen(
         [*argv, "sleep 600"], cwd=workspace, env=user_environment(home), stderr=subprocess.PIPE, text=True
     )
@@ -260,12 +266,3 @@ def test_two_runs_sharing_a_log_dir_are_each_judged_on_their_own_console(home: P
     published = sorted(p.name for p in logs.iterdir())
     assert published == [".vng-logs.lock", "vng-console.log", "vng-dmesg.log", "vng-run.json"]
     assert (logs / ".vng-logs.lock").stat().st_size == 0
-
-
-def test_the_workload_stops_at_its_first_failure(cli, tiny_build):
-    """`bash -eo pipefail`, as GitHub runs a `run:` step: a failing pipeline skips what depends on it,
-    a failing command ends the script with its status."""
-    workload = "(false | true) && echo pipefail-is-off; echo reached; false; echo not-reached"
-    done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--", workload)
-    assert done.returncode == 1, done.stderr
-    assert done.stdout.split() == ["reached"], done.stdout
