@@ -166,6 +166,21 @@ def test_a_kernel_line_only_on_the_console_is_judged(tmp_path: Path) -> None:
     assert runrecord.conclude(s, Path("/boot/vmlinuz"), run, {}) == SPLAT
 
 
+def test_util_linux_decoded_dmesg_is_parted_by_facility_too() -> None:
+    """`dmesg -x`, as util-linux prints it (its `dmesg -r` loses the facility)."""
+    dmesg = (
+        b"kern  :warn  : [    1.0] WARNING: CPU: 0 PID: 1 at a.c:1 f+0x0/0x1\n"
+        b"                               more of that record\n"
+        b'user  :info  : [    1.5] virtme-ng-init: WARNING: failed to run: "systemd-tmpfiles"\n'
+        b"kern  :info  : [    2.3] Run /usr/lib/virtme-ng-init as init process\n"
+    )
+    kernel, programs = health.kernel_and_program_lines(dmesg)
+    assert kernel == ["[    1.0] WARNING: CPU: 0 PID: 1 at a.c:1 f+0x0/0x1", "                               more of"
+                      " that record", "[    2.3] Run /usr/lib/virtme-ng-init as init process"]  # fmt: skip
+    assert programs == ['[    1.5] virtme-ng-init: WARNING: failed to run: "systemd-tmpfiles"']
+    assert health.init_started(dmesg) == 2.3
+
+
 def test_dmesg_lines_are_parted_by_facility_continuations_included() -> None:
     dmesg = b"<4>[ 1.0] WARNING: at a.c:1\n more of that record\n<14>[ 1.1] prog: hello\n<0>[ 1.2] Oops\n"
     kernel, programs = health.kernel_and_program_lines(dmesg)

@@ -32,9 +32,13 @@ SPLAT_PATTERN = re.compile(
     r"|rcu: INFO: rcu_\w+ detected stalls|detected stalls on CPUs/tasks|\bOops\b"
 )
 _TIMESTAMP = re.compile(r"^\[\s*[0-9]+\.[0-9]+\]\s?")
-# `dmesg -r` (util-linux's and busybox's) starts each record with its syslog priority, facility * 8 + level.
-_PRIORITY = re.compile(r"<([0-9]{1,3})>")
-_RUN_INIT = re.compile(r"^(?:<[0-9]{1,3}>)?\[\s*([0-9]+\.[0-9]+)\] Run \S+ as init process$", re.MULTILINE)
+# The guest's dmesg tells each record's facility (the kernel's is 0, `kern`): util-linux's `dmesg -x` starts a
+# record with `kern  :warn  : `, busybox's `dmesg -r` with its syslog priority, facility * 8 + level: `<4>`.
+# (util-linux 2.38's own `dmesg -r` drops the facility from that number: Debian 12's prints <5> for user.notice.)
+_FACILITY = re.compile(r"<(?P<priority>[0-9]{1,3})>|(?P<name>[a-z][a-z0-9]*) *:[a-z]+ *: ?")
+_RUN_INIT = re.compile(
+    r"^(?:<[0-9]{1,3}>|[a-z][a-z0-9]* *:[a-z]+ *: ?)?\[\s*([0-9]+\.[0-9]+)\] Run \S+ as init process$", re.MULTILINE
+)
 
 
 @dataclass(frozen=True)
@@ -111,16 +115,17 @@ def show_tail(console_log: Path) -> None:
 
 
 def kernel_and_program_lines(dmesg: bytes) -> tuple[list[str], list[str]]:
-    """The guest's `dmesg -r` parted into the lines the kernel logged (facility 0) and those programs wrote to
-    /dev/kmsg (vng's init, the workload: the kernel gives them another facility, whatever they ask for), each
-    without its priority; a line with none continues the record above it."""
+    """The guest's dmesg (see _FACILITY) parted into the lines the kernel logged (facility 0) and those programs
+    wrote to /dev/kmsg (vng's init, the workload: the kernel gives them another facility, whatever they ask
+    for), each without its facility; a line with none continues the record above it."""
     kernel: list[str] = []
     programs: list[str] = []
     into = kernel
     for line in dmesg.decode(errors="replace").splitlines():
-        found = _PRIORITY.match(line)
+        found = _FACILITY.match(line)
         if found:
-            into = kernel if int(found[1]) >> 3 == 0 else programs
+            ours = found["name"] == "kern" if found["name"] else int(found["priority"]) >> 3 == 0
+            into = kernel if ours else programs
             line = line[found.end() :]
         into.append(line)
     return kernel, programs

@@ -16,8 +16,9 @@ printf '%s\n' "$uptime" > "$run_dir/started"
 # As GitHub runs a `run:` step (and the seed ran `run`): the first failing command ends it.
 bash -eo pipefail "$run_dir/workload.sh"
 status=$?
-# -r: each record keeps its priority, whose facility tells the kernel's lines from what programs wrote.
-dmesg -r > "$run_dir/dmesg" 2>&1 || true
+# Each record with its facility, which tells the kernel's lines from what programs wrote: util-linux's -x names
+# it (its -r loses it), busybox's -r keeps it in the priority.
+{ dmesg -x 2>/dev/null || dmesg -r; } > "$run_dir/dmesg" 2>&1 || true
 # Everything the workload wrote reaches the host before the status says the run is over.
 sync
 printf '%s\n' "$status" > "$run_dir/status"
