@@ -90,6 +90,8 @@ def wanted(settings: Settings, distro: Distro, host: Arch, need_kernel_image: bo
     if settings.llvm or settings.cc.startswith("clang"):
         suffix = settings.llvm if settings.llvm.startswith("-") else ""
         names += [f"clang{suffix}", f"lld{suffix}", f"llvm{suffix}"]
+    if settings.udev:  # vng's init runs the host's udev in the guest only with it (else vngtasks' stand-ins)
+        names.append("udev")
     if need_kernel_image:
         names += distro.names("kernel-image", host)
     names += settings.packages

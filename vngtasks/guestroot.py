@@ -37,22 +37,13 @@ GUEST_PACKAGES = ("bash", "busybox-static")
 ROOT_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/bash\n", "etc/group": "root:x:0:\n"}
 ROOT_DIRS = ("opt", "srv", "root", "tmp", "run")
 # udev's part in vng's shell init, which runs `udevd --daemon` and `udevadm trigger|settle` when it finds them:
-# name the virtio serial ports (/dev/virtio-ports/virtme.stdout, ...) as udev's rule does, so that the
+# both name the virtio serial ports (/dev/virtio-ports/virtme.stdout, ...) as udev's rule does, so that the
 # workload's stdout and stderr reach the host's apart, not mixed into the console. Nothing else of udev's.
-ROOT_SCRIPTS = {
-    "sbin/udevd": """#!/bin/sh
-# vngtasks: stands in for udevd in a foreign guest root: names the virtio serial ports, nothing else.
-for port in /sys/class/virtio-ports/*; do
-    name=$(cat "$port/name" 2>/dev/null) && [ -n "$name" ] || continue
-    mkdir -p /dev/virtio-ports && ln -sf "../${port##*/}" "/dev/virtio-ports/$name"
-done
-""",
-    "sbin/udevadm": "#!/bin/sh\n# vngtasks: udevd's stand-in has named the ports: nothing to trigger or wait for.\n",
-}
+STAND_INS = ("sbin/udevd", "sbin/udevadm")
 BUSYBOX = "bin/busybox"
 BUSYBOX_BYTES = 64 * 1024 * 1024  # busybox-static is about 2 MiB
 # Part of every root's key: a root made by an older finish_root is not reused.
-ROOT_LAYOUT = 3
+ROOT_LAYOUT = 4
 # Where scripts' #! lines look for a command outside /bin: `#!/usr/bin/env bash` is virtme-init's.
 SHEBANG_PATHS = ("usr/bin/env",)
 # busybox's table of its applets' names: "[", "[[", then the rest in sorted order, NUL-separated.
@@ -198,9 +189,12 @@ def finish_root(tree: Path) -> None:
     for name in ROOT_DIRS:
         with _made_inside(name):
             os.close(open_dir_inside(tree, (name,)))
-    for name, text in (ROOT_FILES | ROOT_SCRIPTS).items():  # a package's file at `name` wins
+    for name, text in ROOT_FILES.items():  # a package's file at `name` wins
         with _made_inside(name):
-            create_inside(tree, name, text.encode(), 0o755 if name in ROOT_SCRIPTS else 0o644)
+            create_inside(tree, name, text.encode(), 0o644)
+    for name in STAND_INS:
+        with _made_inside(name):
+            create_inside(tree, name, render.text("virtio-ports.sh.j2").encode(), 0o755)
     busybox = read_regular(tree / BUSYBOX, BUSYBOX_BYTES)
     try:
         applets = busybox_applets(busybox or b"")

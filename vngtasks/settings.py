@@ -81,6 +81,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds the workload may run, 0 = no limit (exit 124 on expiry)"),
     Setting("boot_timeout", "300", _BOOTS, validate.count(0),
             "seconds the guest may take to start the workload, 0 = no limit"),
+    Setting("udev", "false", _BOOTS, validate.boolean,
+            "run udev's coldplug in the guest before the workload (vng's init does where the host has udev; "
+            "under TCG it costs seconds)"),
     Setting("workspace_rw", "true", _BOOTS, validate.boolean, "the current directory is writable from the guest"),
     Setting("extra_rwdirs", "~/.cargo", _BOOTS, validate.rwdirs,
             "more host directories the guest may write, space-separated, ~ expanded"),
@@ -150,6 +153,7 @@ class Settings:
     qemu_opts: tuple[str, ...]
     run_timeout: int
     boot_timeout: int
+    udev: bool
     workspace_rw: bool
     extra_rwdirs: tuple[Path, ...]
     cache_dir: Path

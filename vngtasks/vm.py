@@ -84,6 +84,17 @@ class Boot:
         return self.shared / "guest.sh"
 
     @property
+    def init_path(self) -> Path | None:
+        """A directory put first on the PATH of vng's own init (virtme-ng-init takes PATH from the kernel command
+        line) holding `udevd` and `udevadm` that only name the virtio serial ports (templates/virtio-ports.sh.j2):
+        udev's coldplug of every device then costs nothing (with a distro kernel under TCG, most of the boot),
+        and the workload's stdout and stderr still come back apart, on a host without udev too. None: vng's
+        init runs udev as it would (`udev` true, vng's shell init, a root of its own)."""
+        if self.settings.udev or not self.native_init or self.root is not None:
+            return None
+        return self.run_dir / "init-bin"
+
+    @property
     def console_log(self) -> Path:
         """This run's console, written by QEMU: judged, then published to log-dir (see runrecord.publish)."""
         return self.run_dir / "console.log"
@@ -197,6 +208,7 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         force_9p=boot.force_9p,
         native_init=boot.native_init,
         root=boot.root,
+        init_path=boot.init_path,
     )
 
 
@@ -216,6 +228,11 @@ def prepare(boot: Boot, workload: str, environ: Mapping[str, str]) -> None:
     boot.run_dir.mkdir(mode=0o700)
     boot.shared.mkdir(mode=0o700)
     (boot.shared / "workload.sh").write_bytes(workload.encode(errors="surrogateescape") + b"\n")  # bytes as given
+    if boot.init_path is not None:  # the host's root is the guest's: the guest finds it at the same path
+        boot.init_path.mkdir()
+        for name in ("udevd", "udevadm"):  # vng's init runs `udevadm` from PATH, `udevd` when the host has none
+            (boot.init_path / name).write_text(render.text("virtio-ports.sh.j2"))
+            (boot.init_path / name).chmod(0o755)
     (boot.shared / "environ").write_bytes(guest_environment(environ))
     boot.guest_script.write_text(render.text("guest.sh.j2", run_dir=boot.shared, workdir=boot.settings.workspace))
     if boot.root is not None:
