@@ -194,7 +194,7 @@ def finish_root(tree: Path) -> None:
             create_inside(tree, name, text.encode(), 0o644)
     for name in STAND_INS:
         with _made_inside(name):
-            create_inside(tree, name, render.text("virtio-ports.sh.j2").encode(), 0o755)
+            create_inside(tree, name, render.text("virtio-ports.sh.j2", shell="/bin/sh").encode(), 0o755)
     busybox = read_regular(tree / BUSYBOX, BUSYBOX_BYTES)
     try:
         applets = busybox_applets(busybox or b"")

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 import uuid
@@ -86,10 +87,11 @@ class Boot:
     @property
     def init_path(self) -> Path | None:
         """A directory put first on the PATH of vng's own init (virtme-ng-init takes PATH from the kernel command
-        line) holding `udevd` and `udevadm` that only name the virtio serial ports (templates/virtio-ports.sh.j2):
-        udev's coldplug of every device then costs nothing (with a distro kernel under TCG, most of the boot),
-        and the workload's stdout and stderr still come back apart, on a host without udev too. None: vng's
-        init runs udev as it would (`udev` true, vng's shell init, a root of its own)."""
+        line) holding stand-ins (write_init_stand_ins): `udevd` and `udevadm` that only name the virtio serial
+        ports (templates/virtio-ports.sh.j2), so udev's coldplug of every device costs nothing (with a distro
+        kernel under TCG, most of the boot) and the workload's stdout and stderr still come back apart, on a
+        host without udev too; `systemd-tmpfiles` for the guest's own /run only. None: vng's init runs as it
+        would (`udev` true, vng's shell init, a root of its own)."""
         if self.settings.udev or not self.native_init or self.root is not None:
             return None
         return self.run_dir / "init-bin"
@@ -229,10 +231,7 @@ def prepare(boot: Boot, workload: str, environ: Mapping[str, str]) -> None:
     boot.shared.mkdir(mode=0o700)
     (boot.shared / "workload.sh").write_bytes(workload.encode(errors="surrogateescape") + b"\n")  # bytes as given
     if boot.init_path is not None:  # the host's root is the guest's: the guest finds it at the same path
-        boot.init_path.mkdir()
-        for name in ("udevd", "udevadm"):  # vng's init runs `udevadm` from PATH, `udevd` when the host has none
-            (boot.init_path / name).write_text(render.text("virtio-ports.sh.j2"))
-            (boot.init_path / name).chmod(0o755)
+        write_init_stand_ins(boot.init_path)
     (boot.shared / "environ").write_bytes(guest_environment(environ))
     boot.guest_script.write_text(render.text("guest.sh.j2", run_dir=boot.shared, workdir=boot.settings.workspace))
     if boot.root is not None:
@@ -241,6 +240,20 @@ def prepare(boot: Boot, workload: str, environ: Mapping[str, str]) -> None:
 
 def runs_dir(settings: Settings) -> Path:
     return settings.cache_dir / reaper.RUNS
+
+
+def write_init_stand_ins(init_path: Path) -> None:
+    """What vng's init finds first on its PATH (see Boot.init_path): `udevd` and `udevadm` that only name the
+    virtio serial ports, and `systemd-tmpfiles` for /run alone (where the host has it)."""
+    init_path.mkdir()
+    busybox = shutil.which("busybox")  # static: quick to start under TCG (vng needs busybox-static)
+    shell = f"{busybox} sh" if busybox else "/bin/sh"
+    stand_ins = {name: render.text("virtio-ports.sh.j2", shell=shell) for name in ("udevd", "udevadm")}
+    if tmpfiles := shutil.which("systemd-tmpfiles"):
+        stand_ins["systemd-tmpfiles"] = render.text("systemd-tmpfiles.sh.j2", shell=shell, tmpfiles=tmpfiles)
+    for name, text in stand_ins.items():
+        (init_path / name).write_text(text)
+        (init_path / name).chmod(0o755)
 
 
 def new_run_dir(settings: Settings) -> Path:
