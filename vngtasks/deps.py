@@ -22,7 +22,6 @@ from .errors import FAILED, Failure
 from .settings import Settings
 
 RETRY_DELAY_SECONDS = 5.0
-LOCK_WAIT_SECONDS = 600
 KILL_AFTER_SECONDS = 10
 TIMED_OUT = (124, 137)  # timeout(1): the limit passed, or the command needed SIGKILL after it
 
@@ -144,8 +143,15 @@ def other_arch_indexes(apt_errors: list[str], host: Arch) -> list[str]:
 
 
 def _apt(c: Context, sudo: str, settings: Settings, packages: list[str], host: Arch) -> None:
-    # apt waits for a busy dpkg lock (another apt, unattended-upgrades); deps-timeout bounds the wait.
-    options = ["-y", "-q", f"-oDPkg::Lock::Timeout={LOCK_WAIT_SECONDS}"]
+    """apt-get update, then install, each attempt bounded by deps-timeout where stopping is safe: the update
+    whole, and in the install apt's wait for the dpkg lock (another apt, unattended-upgrades) and a stalled
+    download, which apt gives up by itself. dpkg is never stopped: stopped half way, it leaves the machine
+    needing `dpkg --configure -a` (a fresh machine's first install, with a kernel and its initramfs, takes
+    minutes)."""
+    bounded = [f"-oDPkg::Lock::Timeout={settings.deps_timeout}"] if settings.deps_timeout else []
+    for scheme in ("http", "https") if settings.deps_timeout else ():
+        bounded.append(f"-oAcquire::{scheme}::Timeout={settings.deps_timeout}")
+    options = ["-y", "-q", *bounded]
     if not settings.install_recommends:
         options.append("--no-install-recommends")
     archives = settings.cache_dir / "apt" / "archives"
@@ -158,7 +164,7 @@ def _apt(c: Context, sudo: str, settings: Settings, packages: list[str], host: A
     log.info(f"deps: installing {' '.join(packages)}")
     for attempt in range(1, settings.deps_retries + 1):
         problem = _attempt(c, update, env, settings.deps_timeout, host, last=attempt == settings.deps_retries)
-        problem = problem or _attempt(c, install, env, settings.deps_timeout, host)
+        problem = problem or _attempt(c, install, env, 0, host, lock_wait=settings.deps_timeout)
         if problem is None:
             if settings.apt_cache and sudo:  # apt ran as root: the .deb files are for this user's cache
                 c.run(f"sudo chown -R {os.getuid()}:{os.getgid()} {shlex.quote(str(archives))}", in_stream=False)
@@ -170,10 +176,13 @@ def _apt(c: Context, sudo: str, settings: Settings, packages: list[str], host: A
     raise Failure(f"deps: apt-get failed {settings.deps_retries} times: {problem}", FAILED)
 
 
-def _attempt(c: Context, command: str, env: dict[str, str], timeout: int, host: Arch, last: bool = False) -> str | None:
+def _attempt(
+    c: Context, command: str, env: dict[str, str], timeout: int, host: Arch, last: bool = False, lock_wait: int = 0
+) -> str | None:
     """One try of one apt command: None when it worked, else why not (output shown). An index of
     another architecture than the host's that fails to download (a mirror syncing) is a problem to
-    retry, and on the `last` try only a warning: the host's packages do not come from it.
+    retry, and on the `last` try only a warning: the host's packages do not come from it. With
+    `timeout`, the command is stopped after it (never the install: see _apt); `lock_wait` names apt's own.
 
     coreutils' timeout, not invoke's: on expiry it signals its whole process group, so no
     apt-get is left behind still waiting for a lock or half way through a download.
@@ -187,6 +196,8 @@ def _attempt(c: Context, command: str, env: dict[str, str], timeout: int, host: 
     if timeout and result.exited in TIMED_OUT:
         return f"timed out after {timeout} s (deps-timeout)"
     errors = _APT_ERROR.findall(result.stderr + result.stdout)
+    if lock_wait and any(error.startswith("Could not get lock") for error in errors):
+        return f"timed out after {lock_wait} s (deps-timeout) waiting for the dpkg lock: {errors[0]}"
     others = other_arch_indexes(errors, host)
     if others and last:
         log.warn(f"deps: going on without the {', '.join(others)} package index: {errors[0]}")

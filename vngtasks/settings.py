@@ -91,7 +91,9 @@ SETTINGS: tuple[Setting, ...] = (
             "kernel cache and per-run files", shown="$XDG_CACHE_HOME/vngtasks"),
     Setting("packages", "", (DEPS,), validate.packages, "extra Debian packages to install, space-separated"),
     Setting("install_recommends", "false", (DEPS,), validate.boolean, "let apt install recommended packages too"),
-    Setting("deps_timeout", "90", (DEPS,), validate.count(0), "seconds per dependency install attempt"),
+    Setting("deps_timeout", "90", (DEPS,), validate.count(0),
+            "seconds an install attempt may spend on apt-get update, wait for the dpkg lock or on a stalled "
+            "download (dpkg itself is never stopped); 0 = no limit"),
     Setting("deps_retries", "3", (DEPS,), validate.count(1), "dependency install attempts"),
     Setting("apt_cache", "false", (DEPS,), validate.boolean,
             "keep downloaded .deb files under cache-dir/apt/archives (the action caches them)"),
