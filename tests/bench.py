@@ -249,7 +249,7 @@ def remote_build_ratios(builds: bool) -> None:
 
 
 def _one_line_push(repo: Path, tmp: Path, home: Path, port: int) -> None:
-    from vngtasks import buildhost, buildhost_ssh
+    from vngtasks import buildhost, buildhost_ssh, sshconfig
 
     clone = tmp / "changed"
     subprocess.run(["git", "clone", "-q", "--shared", str(repo), str(clone)], check=True)
@@ -257,13 +257,13 @@ def _one_line_push(repo: Path, tmp: Path, home: Path, port: int) -> None:
     makefile.write_text(makefile.read_text() + "# one more line\n")
     git(clone, "commit", "-q", "-a", "-m", "one line")
     os.environ["HOME"] = str(home)
-    host = buildhost_ssh.SshAddress("root", "127.0.0.1", port)
-    conn = buildhost_ssh.connect(host, accept_new=False)
+    route = sshconfig.Route(f"root@127.0.0.1:{port}", sshconfig.Hop("root", "127.0.0.1", port))
+    conn = buildhost_ssh.connect(route, accept_new=False)
     bare = f"{tmp}/remote-home/.cache/vngtasks/remote-git/bench.git"
     ref = "refs/vngtasks/bench-x86_64"  # what a build of name bench pushes to
-    first = buildhost.push(Context(), conn, host, repo, git(repo, "rev-parse", f"{TAG}^{{commit}}").strip(), bare, ref)
+    first = buildhost.push(Context(), conn, route, repo, git(repo, "rev-parse", f"{TAG}^{{commit}}").strip(), bare, ref)
     start = time.perf_counter()
-    pushed = buildhost.push(Context(), conn, host, clone, git(clone, "rev-parse", "HEAD").strip(), bare, ref)
+    pushed = buildhost.push(Context(), conn, route, clone, git(clone, "rev-parse", "HEAD").strip(), bare, ref)
     seconds = time.perf_counter() - start
     conn.close()
     print(f"push of {TAG} to an empty build host: {first / 2**20:.1f} MiB (0 if a build pushed it already)")

@@ -23,7 +23,7 @@ from conftest import TinyBuild
 from invoke import Context
 from linux_remote import CCACHE_DIR, KCONFIG
 
-from vngtasks import arches, buildhost, buildhost_ssh, buildsteps, kernelmake, untar
+from vngtasks import arches, buildhost, buildhost_ssh, buildsteps, kernelmake, sshconfig, untar
 from vngtasks.errors import Failure
 from vngtasks.settings import DEFAULTS, effective
 
@@ -60,16 +60,17 @@ class Sshd:
     remote_home: Path  # $HOME of the sessions: the build host's ~
     process: subprocess.Popen
     log: Path
+    address: str = "127.0.0.1"
 
     @property
     def target(self) -> str:
-        return f"root@127.0.0.1:{self.port}"
+        return f"root@{self.address}:{self.port}"
 
-    def trust(self, home: Path) -> None:
-        """Record the host key in the test user's known_hosts."""
+    def trust(self, home: Path, name: str = "") -> None:
+        """Record the host key in the test user's known_hosts (under `name`: by default, as OpenSSH names it)."""
         (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
         with (home / ".ssh" / "known_hosts").open("a") as out:
-            out.write(f"[127.0.0.1]:{self.port} {self.host_key}\n")
+            out.write(f"{name or f'[{self.address}]:{self.port}'} {self.host_key}\n")
 
     def sessions(self) -> list[int]:
         """The sshd processes serving connections (children of the listener)."""
@@ -85,11 +86,13 @@ def start_sshd(tmp_path: Path, home: Path) -> Iterator[Callable[..., Sshd]]:
     (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
     client_key = keygen(home / ".ssh" / "id_ed25519")
 
-    def start(path: str = REMOTE_PATH, home_size: str = "") -> Sshd:
+    def start(path: str = REMOTE_PATH, home_size: str = "", netns: str = "", address: str = "127.0.0.1",
+              keys: tuple[str, ...] = ()) -> Sshd:  # fmt: skip
+        """An sshd on `address` (in network namespace `netns`), taking the test user's key or those in `keys`."""
         where = tmp_path / f"sshd-{len(started)}"
         where.mkdir()
         host_key = keygen(where / "host_key")
-        (where / "authorized_keys").write_text(client_key + "\n")
+        (where / "authorized_keys").write_text("".join(key + "\n" for key in keys or (client_key,)))
         remote_home = tmp_path / f"remote-home-{len(started)}"
         remote_home.mkdir()
         if home_size:  # a small disk of its own for the build host's home
@@ -99,7 +102,7 @@ def start_sshd(tmp_path: Path, home: Path) -> Iterator[Callable[..., Sshd]]:
             mounts.append(remote_home)
         port = free_port()
         (where / "sshd_config").write_text(
-            f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {where / 'host_key'}\nPidFile {where / 'sshd.pid'}\n"
+            f"ListenAddress {address}\nPort {port}\nHostKey {where / 'host_key'}\nPidFile {where / 'sshd.pid'}\n"
             f"PermitRootLogin prohibit-password\nAuthorizedKeysFile {where / 'authorized_keys'}\n"
             "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             f"SetEnv HOME={remote_home} PATH={path} CCACHE_DIR={CCACHE_DIR}\n"
@@ -107,8 +110,9 @@ def start_sshd(tmp_path: Path, home: Path) -> Iterator[Callable[..., Sshd]]:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         log = where / "sshd.log"
         with log.open("w") as out:
-            process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(where / "sshd_config")], stderr=out)
-        server = Sshd(port, host_key, remote_home, process, log)
+            inside = ["ip", "netns", "exec", netns] if netns else []
+            process = subprocess.Popen([*inside, str(SSHD), "-D", "-e", "-f", str(where / "sshd_config")], stderr=out)
+        server = Sshd(port, host_key, remote_home, process, log, address)
         started.append(server)
         deadline = time.monotonic() + 10
         while "Server listening" not in log.read_text():
@@ -126,6 +130,63 @@ def start_sshd(tmp_path: Path, home: Path) -> Iterator[Callable[..., Sshd]]:
         subprocess.run(["umount", "--lazy", str(mount)], check=False)
 
 
+@dataclass(frozen=True)
+class Bastion:
+    """Two test hosts in network namespaces of their own: the jump host, reachable from here at `jump_address`,
+    and the build host at `build_address`, reachable from the jump host's namespace only."""
+
+    jump_netns: str
+    build_netns: str
+    jump_address: str
+    build_address: str
+
+
+@pytest.fixture
+def bastion() -> Iterator[Bastion]:
+    """here <-> jump (10.201.1.0/30) <-> build (10.201.2.0/30); here has no route to the build host."""
+    tag = f"{os.getpid() % 10000}"
+    jump, build = f"vngt-jump-{tag}", f"vngt-build-{tag}"
+    steps = [
+        ["ip", "netns", "add", jump], ["ip", "netns", "add", build],
+        ["ip", "link", "add", f"vj{tag}", "type", "veth", "peer", "name", f"vjp{tag}"],
+        ["ip", "link", "set", f"vjp{tag}", "netns", jump],
+        ["ip", "addr", "add", "10.201.1.1/30", "dev", f"vj{tag}"], ["ip", "link", "set", f"vj{tag}", "up"],
+        ["ip", "-n", jump, "addr", "add", "10.201.1.2/30", "dev", f"vjp{tag}"],
+        ["ip", "-n", jump, "link", "set", f"vjp{tag}", "up"], ["ip", "-n", jump, "link", "set", "lo", "up"],
+        ["ip", "-n", jump, "link", "add", f"vb{tag}", "type", "veth", "peer", "name", f"vbp{tag}"],
+        ["ip", "-n", jump, "link", "set", f"vbp{tag}", "netns", build],
+        ["ip", "-n", jump, "addr", "add", "10.201.2.1/30", "dev", f"vb{tag}"],
+        ["ip", "-n", jump, "link", "set", f"vb{tag}", "up"],
+        ["ip", "-n", build, "addr", "add", "10.201.2.2/30", "dev", f"vbp{tag}"],
+        ["ip", "-n", build, "link", "set", f"vbp{tag}", "up"], ["ip", "-n", build, "link", "set", "lo", "up"],
+    ]  # fmt: skip
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        yield Bastion(jump, build, "10.201.1.2", "10.201.2.2")
+    finally:
+        subprocess.run(["ip", "link", "del", f"vj{tag}"], capture_output=True)
+        for netns in (jump, build):
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def behind_a_bastion(start_sshd, bastion: Bastion, home: Path) -> tuple[Sshd, Sshd]:
+    """The jump host's sshd (the test user's usual key) and the build host's behind it, which takes only
+    ~/.ssh/builder_key; ~/.ssh/config reaches the build host as `builder` through an Include, with
+    HostName, Port, User, IdentityFile, IdentitiesOnly, ProxyJump and the jump host as `jumper`."""
+    builder_key = keygen(home / ".ssh" / "builder_key")
+    jump = start_sshd(netns=bastion.jump_netns, address=bastion.jump_address)
+    build = start_sshd(netns=bastion.build_netns, address=bastion.build_address, keys=(builder_key,))
+    (home / ".ssh" / "config.d").mkdir()
+    (home / ".ssh" / "config").write_text("Include ~/.ssh/config.d/*.conf\n")
+    (home / ".ssh" / "config.d" / "hosts.conf").write_text(
+        f"Host builder\n  HostName {build.address}\n  Port {build.port}\n  User root\n"
+        "  IdentityFile ~/.ssh/builder_key\n  IdentitiesOnly yes\n  ProxyJump jumper\n"
+        f"Host jumper\n  HostName {jump.address}\n  Port {jump.port}\n  User root\n"
+    )
+    return jump, build
+
+
 def build_args(sshd_target: str, tmp_path: Path, url: str = "https://127.0.0.1:9/linux.git", tag: str = SHA):
     return ["build", "--tag", tag, "--kernel-url", url, "--build-host", sshd_target, "--cache-dir", str(tmp_path / "c")]
 
@@ -135,26 +196,34 @@ def no_entries(tmp_path: Path) -> bool:
     return not kernels.exists() or not [p for p in kernels.iterdir() if not p.name.startswith(".")]
 
 
+def loopback_route(port: int) -> sshconfig.Route:
+    """root@127.0.0.1:PORT, as build-host names it with no ~/.ssh/config."""
+    return sshconfig.Route(f"root@127.0.0.1:{port}", sshconfig.Hop("root", "127.0.0.1", port))
+
+
 def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("vngtasks: build-host: ")]
     assert len(lines) == 1, stderr
     return lines[0]
 
 
-def test_host_parsing():
-    address = buildhost_ssh.SshAddress
-    assert address.parse("build.example.org") == address(None, "build.example.org", 22)
-    assert buildhost_ssh.SshAddress.parse("ci@10.0.0.2:2222") == buildhost_ssh.SshAddress("ci", "10.0.0.2", 2222)
-    assert buildhost_ssh.SshAddress.parse("ci@h:2222").known_hosts_name == "[h]:2222"
-    assert buildhost_ssh.SshAddress.parse("h").known_hosts_name == "h"
+def test_host_parsing_without_a_config(tmp_path: Path):
+    none = tmp_path / "no-config"
+    route = sshconfig.resolve("build.example.org", config=none)
+    assert route.target == sshconfig.Hop(None, "build.example.org", 22) and route.jumps == ()
+    assert sshconfig.resolve("ci@10.0.0.2:2222", config=none).target == sshconfig.Hop("ci", "10.0.0.2", 2222)
+    assert sshconfig.resolve("ci@h:2222", config=none).target.known_hosts_name == "[h]:2222"
+    assert sshconfig.resolve("h", config=none).target.known_hosts_name == "h"
     with pytest.raises(ValueError, match="build-host"):
-        buildhost_ssh.SshAddress.parse("h:70000")
+        sshconfig.resolve("h:70000", config=none)
 
 
 def test_a_port_out_of_range_is_bad_input(cli, tmp_path: Path):
     done = cli(*build_args("builder:70000", tmp_path))
     assert done.returncode == 2
-    expected = "vngtasks: build-host: 'builder:70000' is not valid: expected [user@]host[:port]"
+    expected = (
+        "vngtasks: build-host: 'builder:70000' is not valid: expected an alias of ~/.ssh/config or [user@]host[:port]"
+    )
     assert done.stderr.splitlines()[-1] == expected
 
 
@@ -165,11 +234,16 @@ def test_local_repositories_are_pushed_and_urls_fetched_there(tmp_path: Path):
     assert buildhost.local_repo("git@github.com:torvalds/linux.git") is None
 
 
-def test_git_ssh_is_as_strict_as_paramiko(home: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("HOME", str(home / "a b"))
-    command = buildhost_ssh.git_ssh_command(buildhost_ssh.SshAddress("u", "h", 2222))
-    assert "StrictHostKeyChecking=yes" in command and "-F none" in command and "BatchMode=yes" in command
-    assert f"'UserKnownHostsFile={home}/a b/.ssh/known_hosts'" in command
+def test_git_ssh_is_as_strict_as_paramiko_on_the_same_route(home: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HOME", str(home))
+    jump = sshconfig.Hop("j", "bastion", 2200)
+    target = sshconfig.Hop("u", "h", 2222, key_alias="builder", identities=(home / "k",), identities_only=True)
+    text = buildhost_ssh.git_ssh_config(sshconfig.Route("builder", target, (jump,))).replace("\n  ", " | ")
+    assert "Host vngtasks-jump-0 | HostName bastion | Port 2200 | HostKeyAlias [bastion]:2200" in text, text
+    assert f"Host {buildhost_ssh.GIT_HOST} | HostName h | Port 2222 | HostKeyAlias builder" in text
+    assert text.count("StrictHostKeyChecking yes") == 2 and text.count("BatchMode yes") == 2
+    assert text.count(f"UserKnownHostsFile {home}/.ssh/known_hosts") == 2
+    assert f"IdentityFile {home}/k | IdentitiesOnly yes | ProxyJump vngtasks-jump-0" in text
 
 
 def test_unknown_host_key_is_refused_with_how_to_trust_it(cli, start_sshd, home: Path, tmp_path: Path):
@@ -325,7 +399,7 @@ def _build_host_tree(start_sshd, home: Path, tmp_path: Path, monkeypatch, image:
     (tree / "arch" / "x86" / "boot" / "bzImage").write_bytes(image)
     dest = tmp_path / "entry"
     dest.mkdir()
-    return buildhost_ssh.connect(buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port), accept_new=False), tree, dest
+    return buildhost_ssh.connect(loopback_route(sshd.port), accept_new=False), tree, dest
 
 
 def test_the_result_comes_back_as_one_binary_stream(start_sshd, home: Path, tmp_path: Path, monkeypatch):
@@ -355,9 +429,9 @@ def test_builds_of_one_key_on_one_host_take_turns(start_sshd, home: Path, monkey
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    host = buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port)
+    route = loopback_route(sshd.port)
     lock = str(sshd.remote_home / "vng-kernel-k.lock")
-    first, second = buildhost_ssh.connect(host, accept_new=False), buildhost_ssh.connect(host, accept_new=False)
+    first, second = buildhost_ssh.connect(route, accept_new=False), buildhost_ssh.connect(route, accept_new=False)
     buildhost.hold_lock(first, lock, "k")
     waiter = threading.Thread(target=buildhost.hold_lock, args=(second, lock, "k"))
     waiter.start()
@@ -374,8 +448,9 @@ def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeyp
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    host = buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port)
-    conn = buildhost_ssh.connect(host, accept_new=False)
+    route = loopback_route(sshd.port)
+    host = route.target
+    conn = buildhost_ssh.connect(route, accept_new=False)
     conn.pidfile = str(sshd.remote_home / "command.pid")
     seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"  # names our sleep in ps
     failures: list[Failure] = []
@@ -403,7 +478,7 @@ def test_a_failing_command_is_stopped_as_a_whole_while_connected(start_sshd, hom
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    conn = buildhost_ssh.connect(buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port), accept_new=False)
+    conn = buildhost_ssh.connect(loopback_route(sshd.port), accept_new=False)
     conn.pidfile = str(sshd.remote_home / "command.pid")
     seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
     thread = threading.Thread(
@@ -432,8 +507,9 @@ def test_the_build_host_hits_objects_compiled_here(start_sshd, home: Path, tmp_p
         settings, SHA, str(tmp_path / "here" / "linux"), arches.host(), 1, str(tmp_path / "here" / "tools")
     )
     compile_one(Context(), here, buildsteps.build_env(here, str(home)), source)
-    host = buildhost_ssh.SshAddress("root", "127.0.0.1", sshd.port)
-    conn = buildhost_ssh.connect(host, accept_new=False)
+    route = loopback_route(sshd.port)
+    host = route.target
+    conn = buildhost_ssh.connect(route, accept_new=False)
     far = buildhost.survey(conn, host)
     there = buildsteps.plan_on(settings, SHA, far, f"{sshd.remote_home}/work")
     env = buildsteps.make_env(there, far)
@@ -500,16 +576,19 @@ def test_killing_the_session_mid_build_leaves_nothing(cli, start_sshd, home: Pat
 
 @pytest.mark.slow
 def test_build_on_the_host_then_boot_here(
-    cli, start_sshd, home: Path, tmp_path: Path, workspace: Path, kernel_tree, tiny_build: TinyBuild
+    cli, start_sshd, bastion: Bastion, home: Path, tmp_path: Path, workspace: Path, kernel_tree, tiny_build: TinyBuild
 ):
-    """The session's tiny kernel filled the tests' ccache here: the build host, sharing it, hits it."""
+    """The session's tiny kernel filled the tests' ccache here: the build host, sharing it, hits it. The build
+    host is `builder` of ~/.ssh/config, behind a jump host (behind_a_bastion): the push, the commands and the
+    kernel's stream home all go through it."""
     repo, sha = kernel_tree
-    sshd = start_sshd()
+    jump, sshd = behind_a_bastion(start_sshd, bastion, home)
+    jump.trust(home)
     sshd.trust(home)
     (workspace / "ci").mkdir()
     # The fragment every kernel-building test uses: one config, one ccache (and the upload path is tested).
     (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
-    args = ["boot", "--tag", "v6.12", "--kernel-url", str(repo), "--name", "far", "--build-host", sshd.target]
+    args = ["boot", "--tag", "v6.12", "--kernel-url", str(repo), "--name", "far", "--build-host", "builder"]
     args += [
         "--kconfig-base",
         "tiny",
@@ -526,7 +605,7 @@ def test_build_on_the_host_then_boot_here(
     assert f"__far__{sha[:12]}" in done.stdout and "config.gz-present" in done.stdout
     (entry,) = (tmp_path / "c" / "kernels").glob("vng-kernel-far-*")
     metadata = json.loads((entry / "metadata.json").read_text())
-    assert metadata["built_on"] == f"127.0.0.1:{sshd.port}" and metadata["sha"] == sha
+    assert metadata["built_on"] == f"{bastion.build_address}:{sshd.port}" and metadata["sha"] == sha
     assert metadata["pushed_bytes"] > 100_000_000  # the first push ships the whole tree
     hits, misses = metadata["ccache"]["hits"], metadata["ccache"]["misses"]
     assert hits > 20 * misses, metadata["ccache"]  # the objects the local tiny build compiled
@@ -573,3 +652,82 @@ def test_a_full_disk_here_is_named_in_the_one_line(cli, tmp_path: Path):
     assert line.startswith("vngtasks: tag: cannot fetch commit ") and line.endswith(
         f": no space left on device under {cache_dir}/work/default-{arches.host().name}/linux"
     ), done.stderr
+
+
+def test_an_alias_of_ssh_config_reaches_the_build_host_through_its_jump_host_for_us_and_for_git(
+    start_sshd, bastion: Bastion, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """build-host as ssh takes it: `builder`, from a file the config Includes, behind a jump host that alone
+    can reach it. paramiko's connection and git's push both go that way, with every host key checked."""
+    monkeypatch.setenv("HOME", str(home))
+    jump, build = behind_a_bastion(start_sshd, bastion, home)
+    jump.trust(home)
+    build.trust(home)
+    here = subprocess.run(["ssh", "-o", "ConnectTimeout=3", "-o", "BatchMode=yes", "-p", str(build.port),
+                           bastion.build_address, "true"], capture_output=True, text=True)  # fmt: skip
+    assert here.returncode == 255  # from here, the build host cannot be reached but through the jump host
+    route = sshconfig.resolve("builder")
+    assert route.target == sshconfig.Hop("root", bastion.build_address, build.port, None,
+                                          (home / ".ssh" / "builder_key",), True)  # fmt: skip
+    assert [hop.label for hop in route.jumps] == [f"{bastion.jump_address}:{jump.port}"]
+    conn = buildhost_ssh.connect(route, accept_new=False)
+    try:
+        assert conn.run("echo $HOME", hide=True, in_stream=False).stdout.strip() == str(build.remote_home)
+        repo = tmp_path / "repo"
+        sha = small_repo(repo, b"pushed through the jump host\n")
+        bare = f"{build.remote_home}/pushed.git"
+        assert buildhost.push(Context(), conn, route, repo, sha, bare, "refs/vngtasks/test") > 0
+        shown = conn.run(f"git -C {bare} cat-file -p {sha}:big", hide=True, in_stream=False).stdout
+        assert shown == "pushed through the jump host\n"
+    finally:
+        conn.close()
+
+
+def test_a_jump_hosts_unknown_key_is_refused(cli, start_sshd, bastion: Bastion, home: Path, tmp_path: Path):
+    jump, build = behind_a_bastion(start_sshd, bastion, home)
+    build.trust(home)  # but not the jump host
+    done = cli(*build_args("builder", tmp_path))
+    assert done.returncode == 1, done.stderr
+    line = error_line(done.stderr)
+    assert line.startswith(f"vngtasks: build-host: {bastion.jump_address}:{jump.port} (jump host): host-key: "
+                           "unknown host key ssh-ed25519 "), line  # fmt: skip
+    assert fingerprint(jump.host_key) in line and no_entries(tmp_path)
+
+
+def test_a_host_key_alias_names_the_key_in_known_hosts(cli, start_sshd, home: Path, tmp_path: Path):
+    sshd = start_sshd()
+    sshd.trust(home, name="builder-key")  # known under its alias only
+    (home / ".ssh" / "config").write_text(
+        f"Host builder\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n  HostKeyAlias builder-key\n"
+    )
+    done = cli(*build_args("builder", tmp_path))
+    assert "host-key" not in done.stderr, done.stderr  # it got past the key check: it fails later, on its fetch
+    assert error_line(done.stderr).startswith(f"vngtasks: build-host: 127.0.0.1:{sshd.port}: ")
+
+
+def test_a_proxy_command_is_refused_unless_allowed(cli, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HOME", str(home))
+    (home / ".ssh").mkdir(exist_ok=True)
+    (home / ".ssh" / "config").write_text("Host builder\n  ProxyCommand nc -q0 %h 22\n")
+    done = cli(*build_args("builder", tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"vngtasks: build-host builder: ProxyCommand in {home}/.ssh/config runs a shell command vngtasks does not"
+        " control: refused (set build-host-proxy-command true to allow it)"
+    )
+    assert no_entries(tmp_path)
+    route = sshconfig.resolve("builder", allow_proxy_command=True)
+    assert route.target.proxy_command == "nc -q0 builder 22"
+
+
+def test_settings_and_a_dry_run_say_where_a_build_would_go(cli, home: Path, tmp_path: Path):
+    (home / ".ssh").mkdir(exist_ok=True)
+    (home / ".ssh" / "config").write_text(
+        "Host builder\n  HostName 10.9.9.9\n  Port 2222\n  User ci\n  IdentityFile ~/.ssh/builder_key\n"
+        "  ProxyJump bob@bastion:2200\n"
+    )
+    shown = cli("settings", env={"INVOKE_VNG_BUILD_HOST": "builder"})
+    expected = f"ci@10.9.9.9:2222 key {home}/.ssh/builder_key via bob@bastion:2200 keys: the agent, ~/.ssh/id_*"
+    assert f"build-host-route={expected}\n" in shown.stdout, shown.stderr
+    planned = cli(*build_args("builder", tmp_path), "--dry-run")
+    assert f"built on {expected} over SSH" in planned.stdout, planned.stderr

@@ -16,6 +16,7 @@ import contextlib
 import io
 import re
 import shlex
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,11 +24,12 @@ import paramiko
 from invoke import Context
 
 from . import arches, build, cache, deps, log, untar
-from .buildhost_ssh import BuildHost, SshAddress, command_problem, connect, git_ssh_command, stage
+from .buildhost_ssh import GIT_HOST, BuildHost, command_problem, connect, failure, git_ssh_config, stage
 from .buildsteps import Machine, Plan, fetch, plan_on
 from .errors import BAD_INPUT, MISSING_TOOL, Failure
 from .resolve import Resolved
 from .settings import Settings
+from .sshconfig import Hop, Route, resolve
 from .validate import InputError
 
 ROOT = ".cache/vngtasks"  # under the build host's $HOME
@@ -40,17 +42,17 @@ _WRITTEN = re.compile(r"Writing objects: 100% \([0-9]+/[0-9]+\), ([0-9.]+) (byte
 _UNITS = {"bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
-def survey(conn: BuildHost, host: SshAddress) -> Machine:
+def survey(conn: BuildHost, host: Hop) -> Machine:
     """What we learn about the build host before building there (make's PATH: vng's directory first)."""
     probe = 'printf "%s\\n" "$HOME" "$(uname -m)" "$(nproc)" "$(command -v vng)" "$PATH" "${CCACHE_DIR:-}"'
     lines = conn.run(probe, hide=True, in_stream=False).stdout.split("\n")
     home, machine, jobs, vng, path, ccache_dir = (lines + [""] * 6)[:6]
     if not _PLAIN_PATH.fullmatch(home):
-        raise host.failure("survey", f"$HOME is {home!r}: vngtasks needs a plain absolute path there")
+        raise failure(host, "survey", f"$HOME is {home!r}: vngtasks needs a plain absolute path there")
     try:
         arch = arches.lookup(machine)
     except KeyError:
-        raise host.failure("survey", f"unknown machine {machine!r} (uname -m)") from None
+        raise failure(host, "survey", f"unknown machine {machine!r} (uname -m)") from None
     jobs_there = int(jobs) if jobs.isdigit() else 1
     return Machine(home, arch, jobs_there, vng, f"{vng.rsplit('/', 1)[0]}:{path}", ccache_dir)
 
@@ -63,7 +65,7 @@ def build_packages(settings: Settings, distro: deps.Distro, host_arch: arches.Ar
     return [name for name in deps.wanted(settings, distro, host_arch, False) if name not in boot_only]
 
 
-def check_toolchain(conn: BuildHost, host: SshAddress, settings: Settings, machine: Machine) -> None:
+def check_toolchain(conn: BuildHost, host: Hop, settings: Settings, machine: Machine) -> None:
     """Fail, listing what to install, unless the build host has the build packages and vng."""
     problems = []
     if conn.run("command -v dpkg-query", hide=True, warn=True, in_stream=False).ok:
@@ -76,7 +78,7 @@ def check_toolchain(conn: BuildHost, host: SshAddress, settings: Settings, machi
     if not machine.vng:
         problems.append("vng (`pip install virtme-ng` there, on the PATH of a non-interactive ssh session)")
     if problems:
-        raise host.failure("deps", "missing on the build host: " + "; ".join(problems), MISSING_TOOL)
+        raise failure(host, "deps", "missing on the build host: " + "; ".join(problems), MISSING_TOOL)
 
 
 def local_repo(url: str) -> Path | None:
@@ -89,25 +91,28 @@ def local_repo(url: str) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
-def push(c: Context, conn: BuildHost, host: SshAddress, repo: Path, sha: str, bare: str, ref: str) -> int:
-    """Push commit `sha` of the local `repo` to `ref` of `bare` on the build host; bytes sent."""
+def push(c: Context, conn: BuildHost, route: Route, repo: Path, sha: str, bare: str, ref: str) -> int:
+    """Push commit `sha` of the local `repo` to `ref` of `bare` on the build host, with git's ssh on the route
+    paramiko took (git_ssh_config); bytes sent."""
     conn.run(f"test -d {shlex.quote(bare)} || git init -q --bare {shlex.quote(bare)}", hide=True, in_stream=False)
-    user = f"{host.user}@" if host.user else ""
-    url = f"ssh://{user}{host.hostname}:{host.port}{bare}"
-    pushed = c.run(
-        shlex.join(["git", "-C", str(repo), "push", "--progress", "--no-verify", url, f"+{sha}:{ref}"]),
-        env={"GIT_SSH_COMMAND": git_ssh_command(host), "GIT_TERMINAL_PROMPT": "0"},
-        hide=True,
-        warn=True,
-        in_stream=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="vngtasks-ssh-") as temp:  # 0700: the config is this user's
+        config = Path(temp) / "config"
+        config.write_text(git_ssh_config(route))
+        argv = ["git", "-C", str(repo), "push", "--progress", "--no-verify", f"ssh://{GIT_HOST}{bare}", f"+{sha}:{ref}"]
+        pushed = c.run(
+            shlex.join(argv),
+            env={"GIT_SSH_COMMAND": shlex.join(["ssh", "-F", str(config)]), "GIT_TERMINAL_PROMPT": "0"},
+            hide=True,
+            warn=True,
+            in_stream=False,
+        )
     if not pushed.ok:
-        raise host.failure("push", command_problem(pushed))
+        raise failure(route.target, "push", command_problem(pushed))
     written = _WRITTEN.search(pushed.stderr.replace("\r", "\n"))
     return round(float(written[1]) * _UNITS[written[2]]) if written else 0
 
 
-def check_disk(conn: BuildHost, host: SshAddress, path: str) -> None:
+def check_disk(conn: BuildHost, host: Hop, path: str) -> None:
     free = conn.run(f"df -Pk {shlex.quote(path)} | awk 'NR==2 {{print $4}}'", hide=True, warn=True, in_stream=False)
     kib = free.stdout.strip()
     if kib.isdigit() and int(kib) * 1024 < LOW_DISK_BYTES:
@@ -176,13 +181,13 @@ def build_entry(
 ) -> cache.Entry:
     """Build `resolved` on the build host and store the result as cache entry `key`."""
     try:
-        host = SshAddress.parse(settings.build_host)
+        route = resolve(settings.build_host, settings.build_host_proxy_command)
     except InputError as error:
         raise Failure(str(error), BAD_INPUT) from None
     started = time.monotonic()
-    conn = connect(host, settings.build_host_accept_new)
+    conn = connect(route, settings.build_host_accept_new)
     try:
-        return _build_there(c, conn, host, settings, kernels, key, resolved, started)
+        return _build_there(c, conn, route, settings, kernels, key, resolved, started)
     except BaseException:
         conn.stop_build()
         raise
@@ -193,13 +198,14 @@ def build_entry(
 def _build_there(
     c: Context,
     conn: BuildHost,
-    host: SshAddress,
+    route: Route,
     s: Settings,
     kernels: cache.KernelCache,
     key: str,
     resolved: Resolved,
     started: float,
 ) -> cache.Entry:
+    host = route.target
     with stage(conn, host, "survey"):
         machine = survey(conn, host)
     with stage(conn, host, "deps"):
@@ -211,7 +217,7 @@ def _build_there(
     with stage(conn, host, "lock"):  # builds of this key from other machines take turns
         hold_lock(conn, f"{work}.lock", key)
     conn.pidfile = f"{work}/command.pid"
-    site = there(c, conn, host, s, machine)
+    site = there(c, conn, route, s, machine)
     entry = build.build_entry(site, plan_on(s, resolved.sha, machine, work), kernels, key, resolved, started)
     conn.pidfile = ""
     with contextlib.suppress(Exception):  # the work tree was for this key only; ccache keeps the objects
@@ -219,8 +225,9 @@ def _build_there(
     return entry
 
 
-def there(c: Context, conn: BuildHost, host: SshAddress, s: Settings, machine: Machine) -> build.Site:
+def there(c: Context, conn: BuildHost, route: Route, s: Settings, machine: Machine) -> build.Site:
     """The build host as a site: a local tree pushed (else kernel-url fetched there), the result streamed home."""
+    host = route.target
 
     def bring_source(plan: Plan) -> int:
         repo = local_repo(s.kernel_url)
@@ -230,7 +237,7 @@ def there(c: Context, conn: BuildHost, host: SshAddress, s: Settings, machine: M
             return 0
         bare = f"{machine.home}/{ROOT}/remote-git/{s.name}.git"
         with stage(conn, host, "push"):
-            pushed = push(c, conn, host, repo, plan.sha, bare, f"refs/vngtasks/{s.name}-{s.arch.name}")
+            pushed = push(c, conn, route, repo, plan.sha, bare, f"refs/vngtasks/{s.name}-{s.arch.name}")
         log.info(f"push: {repo} to {host.label}: {cache.human_size(pushed)} sent")
         with stage(conn, host, "fetch"):
             fetch(conn, bare, plan.sha, plan.sha, plan.tree)

@@ -1,9 +1,11 @@
-"""The SSH connection to a build host: its address, its host key checked, commands that die with it.
+"""The SSH connection to a build host: the route sshconfig.py resolved (through its jump hosts), each host's
+key checked, commands that die with it.
 
-Host keys are checked strictly, for paramiko and for git's ssh alike: a key not in
-`~/.ssh/known_hosts` is refused unless `build-host-accept-new` is true (then it is recorded,
-like OpenSSH's `accept-new`); a changed key is always refused. `~/.ssh/config` is not read.
-A command run without stdin runs under a guard that kills its whole session when our channel
+Host keys are checked strictly, on every hop, for paramiko and for git's ssh alike: a key not in
+`~/.ssh/known_hosts` (under the name OpenSSH looks it up by: HostKeyAlias, or `[host]:port`) is refused
+unless `build-host-accept-new` is true (then it is recorded, like OpenSSH's `accept-new`); a changed key is
+always refused. git's ssh gets a config file of its own, written from the same route, so both reach the
+host one way. A command run without stdin runs under a guard that kills its whole session when our channel
 goes away. Every failure is one line: `build-host: HOST:PORT: STAGE: REASON` (`stage`).
 """
 
@@ -27,11 +29,10 @@ from invoke.exceptions import UnexpectedExit
 
 from . import log
 from .errors import FAILED, Failure, no_space
-from .validate import InputError
+from .sshconfig import Hop, Route
 
 CONNECT_TIMEOUT_SECONDS = 30
 KEEPALIVE_SECONDS = 15
-_HOST = re.compile(r"(?:(?P<user>[^@]+)@)?(?P<hostname>[^:@]+)(?::(?P<port>[0-9]+))?")
 _ERROR = re.compile(r"(?i)\b(error|fatal|denied|failed|refused|cannot|could not)\b")
 
 
@@ -53,33 +54,9 @@ exit "$status"
 """
 
 
-@dataclass(frozen=True)
-class SshAddress:
-    """`[user@]host[:port]`, as the `build-host` setting gives it."""
-
-    user: str | None
-    hostname: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> SshAddress:
-        found = _HOST.fullmatch(text)
-        port = int(found["port"]) if found and found["port"] else 22
-        if not found or not 1 <= port <= 65535:
-            raise InputError("build_host", f"{text!r} is not valid: expected [user@]host[:port]")
-        return cls(found["user"], found["hostname"], port)
-
-    @property
-    def label(self) -> str:
-        return f"{self.hostname}:{self.port}"
-
-    @property
-    def known_hosts_name(self) -> str:
-        """How known_hosts names this host (OpenSSH and paramiko agree)."""
-        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
-
-    def failure(self, stage: str, reason: str, code: int = FAILED) -> Failure:
-        return Failure(f"build-host: {self.label}: {stage}: {reason}", code)
+def failure(host: Hop, stage: str, reason: str, code: int = FAILED, jump: bool = False) -> Failure:
+    """The one line of a failure at `host` (a jump host is named so)."""
+    return Failure(f"build-host: {host.label}{' (jump host)' if jump else ''}: {stage}: {reason}", code)
 
 
 def known_hosts_file() -> Path:
@@ -138,6 +115,15 @@ class KnownHosts:
         if key.asbytes() in self.revoked:
             raise RevokedHostKey(key)
 
+    def keys_of(self, name: str) -> dict[str, paramiko.PKey]:
+        """The keys known_hosts has for `name` (hashed names too), none that it revokes: key type, key."""
+        keys = paramiko.HostKeys()
+        for entry in self.entries:
+            if entry.key.asbytes() not in self.revoked:
+                for hostname in entry.hostnames:
+                    keys.add(hostname, entry.key.get_name(), entry.key)
+        return dict(keys.lookup(name) or {})
+
 
 class _Refuse(paramiko.MissingHostKeyPolicy):
     """paramiko's RejectPolicy, keeping the key so the message can show its fingerprint."""
@@ -151,19 +137,19 @@ class _Refuse(paramiko.MissingHostKeyPolicy):
 
 
 class _AcceptNew(paramiko.MissingHostKeyPolicy):
-    """OpenSSH's `accept-new`: a host with no key on record gets this one, appended to known_hosts
-    (never a key that known_hosts revokes)."""
+    """OpenSSH's `accept-new`: a host with no key on record gets this one, appended to known_hosts under the
+    name OpenSSH looks it up by (never a key that known_hosts revokes)."""
 
-    def __init__(self, path: Path, known: KnownHosts) -> None:
-        self.path, self.known = path, known
+    def __init__(self, path: Path, known: KnownHosts, name: str) -> None:
+        self.path, self.known, self.name = path, known, name
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         self.known.refuse_revoked(key)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self.path.open("a") as out:
-            out.write(paramiko.hostkeys.HostKeyEntry([hostname], key).to_line())
+            out.write(paramiko.hostkeys.HostKeyEntry([self.name], key).to_line())
         client.get_host_keys().add(hostname, key.get_name(), key)
-        log.info(f"host-key: {hostname}: new key {fingerprint(key)} accepted and recorded in {self.path}")
+        log.info(f"host-key: {self.name}: new key {fingerprint(key)} accepted and recorded in {self.path}")
 
 
 class BuildHost(Connection):
@@ -180,6 +166,12 @@ class BuildHost(Connection):
             command = f"export {assignments} && {command}"
         return super().run(command, **kwargs)
 
+    def close(self) -> None:
+        """This connection, then the jump hosts' it went through."""
+        super().close()
+        if isinstance(self.gateway, Connection):
+            self.gateway.close()
+
     def stop_build(self) -> None:
         """Kill the session of the command in flight, if any and if we still can."""
         if not (self.pidfile and self.is_connected):
@@ -195,52 +187,73 @@ class BuildHost(Connection):
             )
 
 
-def connect(host: SshAddress, accept_new: bool) -> BuildHost:
-    """An open connection whose host key matched known_hosts (or was new and accepted)."""
-    config = Config(lazy=True, overrides={"load_ssh_configs": False, "timeouts": {"connect": CONNECT_TIMEOUT_SECONDS}})
-    conn = BuildHost(host.hostname, user=host.user, port=host.port, config=config)
+def connect(route: Route, accept_new: bool) -> BuildHost:
+    """An open connection to the build host, through its jump hosts, each hop's key matched in known_hosts
+    (or new and accepted)."""
     path = known_hosts_file()
     try:
         known = KnownHosts.read(path)
     except OSError as error:
-        raise host.failure("host-key", f"cannot read {path}: {error.strerror}") from None
-    for entry in known.entries:  # a revoked key is in no entry: it can only be refused as unknown
-        if entry.key.asbytes() not in known.revoked:
-            for name in entry.hostnames:
-                conn.client.get_host_keys().add(name, entry.key.get_name(), entry.key)
-    conn.client.set_missing_host_key_policy(_AcceptNew(path, known) if accept_new else _Refuse(known))
+        raise failure(route.target, "host-key", f"cannot read {path}: {error.strerror}") from None
+    gateway: BuildHost | None = None
+    try:
+        for jump in route.jumps:
+            gateway = _open(jump, gateway, known, path, accept_new, jump=True)
+        return _open(route.target, gateway, known, path, accept_new)
+    except BaseException:
+        if gateway is not None:
+            gateway.close()
+        raise
+
+
+def _open(host: Hop, gateway: BuildHost | None, known: KnownHosts, path: Path, accept_new: bool,
+          jump: bool = False) -> BuildHost:  # fmt: skip
+    """One hop's connection, opened (through `gateway`, the hop before it), its key checked."""
+    timeout = host.connect_timeout or CONNECT_TIMEOUT_SECONDS
+    config = Config(lazy=True, overrides={"load_ssh_configs": False, "timeouts": {"connect": timeout}})
+    keys: dict[str, object] = {"key_filename": [str(key) for key in host.identities]} if host.identities else {}
+    if host.identities_only and host.identities:
+        keys |= {"look_for_keys": False, "allow_agent": False}
+    proxy = shlex.join(["sh", "-c", host.proxy_command]) if host.proxy_command else None
+    conn = BuildHost(host.hostname, user=host.user, port=host.port, config=config, gateway=gateway or proxy,
+                     connect_kwargs=keys)  # fmt: skip
+    # paramiko looks a key up under `host` or `[host]:port`; known_hosts has it under OpenSSH's name for it.
+    asked = host.hostname if host.port == 22 else f"[{host.hostname}]:{host.port}"
+    for key_type, key in (known.keys_of(host.known_hosts_name) or {}).items():
+        conn.client.get_host_keys().add(asked, key_type, key)
+    policy = _AcceptNew(path, known, host.known_hosts_name) if accept_new else _Refuse(known)
+    conn.client.set_missing_host_key_policy(policy)
     try:
         conn.open()
     except RevokedHostKey as error:
-        raise host.failure("host-key", f"host key {fingerprint(error.key)} is REVOKED in {path}: refused") from None
+        reason = f"host key {fingerprint(error.key)} is REVOKED in {path}: refused"
+        raise failure(host, "host-key", reason, jump=jump) from None
     except UnknownHostKey as error:
         scan = shlex.join(["ssh-keyscan", "-p", str(host.port), "-t", error.key.get_name(), host.hostname])
-        raise host.failure(
-            "host-key",
-            f"unknown host key {fingerprint(error.key)}: refused. If that is the host's key, trust it with"
-            f" `{scan} >> ~/.ssh/known_hosts` or set build-host-accept-new true",
-        ) from None
+        add = f"`{scan} >> ~/.ssh/known_hosts`" if not host.key_alias else f"a line for {host.key_alias} (HostKeyAlias)"
+        raise failure(host, "host-key", f"unknown host key {fingerprint(error.key)}: refused. If that is the host's"
+                      f" key, trust it with {add} or set build-host-accept-new true", jump=jump) from None  # fmt: skip
     except paramiko.BadHostKeyException as error:
-        raise host.failure(
+        raise failure(
+            host,
             "host-key",
             f"host key CHANGED: offered {fingerprint(error.key)}, known_hosts has {fingerprint(error.expected_key)}:"
             f" refused (if the change is expected: `ssh-keygen -R {shlex.quote(host.known_hosts_name)}`)",
+            jump=jump,
         ) from None
     except paramiko.AuthenticationException as error:
-        user = conn.user
-        raise host.failure(
-            "auth", f"{user}: {error} (tried the SSH agent and ~/.ssh/id_* keys; ~/.ssh/config is not read)"
-        ) from None
+        tried = ", ".join(map(str, host.identities)) if host.identities else "the SSH agent and ~/.ssh/id_* keys"
+        raise failure(host, "auth", f"{conn.user}: {error} (tried {tried})", jump=jump) from None
     except paramiko.ssh_exception.NoValidConnectionsError as error:
         codes = {getattr(e, "errno", None) for e in error.errors.values()}
         reason = "connection refused" if codes == {errno.ECONNREFUSED} else str(error)
-        raise host.failure("connect", reason) from None
+        raise failure(host, "connect", reason, jump=jump) from None
     except TimeoutError:
-        raise host.failure("connect", f"no answer within {CONNECT_TIMEOUT_SECONDS} s") from None
+        raise failure(host, "connect", f"no answer within {timeout} s", jump=jump) from None
     except socket.gaierror as error:
-        raise host.failure("connect", f"cannot resolve {host.hostname}: {error.strerror}") from None
+        raise failure(host, "connect", f"cannot resolve {host.hostname}: {error.strerror}", jump=jump) from None
     except (OSError, EOFError, paramiko.SSHException) as error:
-        raise host.failure("connect", _describe(error)) from None
+        raise failure(host, "connect", _describe(error), jump=jump) from None
     if conn.transport is not None:
         conn.transport.set_keepalive(KEEPALIVE_SECONDS)
     return conn
@@ -251,20 +264,20 @@ def _describe(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def stage(conn: BuildHost, host: SshAddress, name: str) -> Iterator[None]:
+def stage(conn: BuildHost, host: Hop, name: str) -> Iterator[None]:
     """Turn whatever fails inside into one line naming the host and `name`."""
     try:
         yield
-    except Failure as failure:
-        if str(failure).startswith("build-host: "):
+    except Failure as failed:
+        if str(failed).startswith("build-host: "):
             raise
-        raise host.failure(name, _lost_or(conn, str(failure)), failure.code) from None
+        raise failure(host, name, _lost_or(conn, str(failed)), failed.code) from None
     except UnexpectedExit as error:
-        raise host.failure(name, _lost_or(conn, command_problem(error.result), error.result.exited)) from None
+        raise failure(host, name, _lost_or(conn, command_problem(error.result), error.result.exited)) from None
     except (EOFError, paramiko.SSHException) as error:  # the transport gave up under us
-        raise host.failure(name, _lost_or(conn, _describe(error), -1)) from None
+        raise failure(host, name, _lost_or(conn, _describe(error), -1)) from None
     except (OSError, tarfile.TarError) as error:
-        raise host.failure(name, _lost_or(conn, _describe(error))) from None
+        raise failure(host, name, _lost_or(conn, _describe(error))) from None
 
 
 def _lost_or(conn: BuildHost, reason: str, exited: int = 0) -> str:
@@ -290,13 +303,27 @@ def _short(line: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def git_ssh_command(host: SshAddress) -> str:
-    """ssh for git push with the same policy as our connection (keys were checked on connect)."""
-    argv = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
-    argv += ["-o", f"UserKnownHostsFile={known_hosts_file()}", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_SECONDS}"]
-    for key in identity_files():  # ssh finds ~ in /etc/passwd, paramiko in $HOME: name the keys
-        argv += ["-o", f"IdentityFile={key}"]
-    return shlex.join(argv)
+GIT_HOST = "vngtasks-build-host"  # the build host's name in the config git's ssh gets
+
+
+def git_ssh_config(route: Route) -> str:
+    """A config of its own for git's ssh (`ssh -F FILE`), written from the route paramiko took: every hop with
+    its address, keys and key name, strict host keys and known_hosts of $HOME (ssh's own ~ is /etc/passwd's),
+    no prompt; the build host is GIT_HOST. Its values are plain (sshconfig.py), a ProxyCommand was allowed."""
+    names = [f"vngtasks-jump-{number}" for number in range(len(route.jumps))]
+    sections = []
+    for hop, name, before in zip([*route.jumps, route.target], [*names, GIT_HOST], [None, *names], strict=True):
+        lines = [f"Host {name}", f"  HostName {hop.hostname}", f"  Port {hop.port}"]
+        lines += [f"  HostKeyAlias {hop.known_hosts_name}", f"  UserKnownHostsFile {known_hosts_file()}"]
+        lines += ["  StrictHostKeyChecking yes", "  BatchMode yes"]
+        lines += [f"  ConnectTimeout {hop.connect_timeout or CONNECT_TIMEOUT_SECONDS}"]
+        lines += [f"  User {hop.user}"] if hop.user else []
+        lines += [f"  IdentityFile {key}" for key in hop.identities or identity_files()]
+        lines += ["  IdentitiesOnly yes"] if hop.identities_only else []
+        lines += [f"  ProxyJump {before}"] if before else []
+        lines += [f"  ProxyCommand {hop.proxy_command}"] if hop.proxy_command and not before else []
+        sections.append("\n".join(lines))
+    return "\n".join(sections) + "\n"
 
 
 def identity_files() -> list[Path]:

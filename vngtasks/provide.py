@@ -50,5 +50,8 @@ def planned(settings: Settings, resolved: Resolved) -> tuple[Path, list[str]]:
     if kernels.lookup(key) is not None:
         return kernels.root / key, [f"# cache hit {key}: nothing to build"]
     if settings.build_host:
-        return kernels.root / key, [f"# cache miss {key}: built on {settings.build_host} over SSH, then kept here"]
+        from .sshconfig import resolve  # as ~/.ssh/config resolves it, with no connection
+
+        route = resolve(settings.build_host, settings.build_host_proxy_command).describe()
+        return kernels.root / key, [f"# cache miss {key}: built on {route} over SSH, then kept here"]
     return kernels.root / key, build.dry_run_here(settings, resolved.sha, key)

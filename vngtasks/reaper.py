@@ -45,6 +45,7 @@ class Leftovers:
 
     def remove(self) -> None:
         remove_tree(self.run_dir)
+        self.run_dir.with_name(self.run_dir.name + LOCK_SUFFIX).unlink(missing_ok=True)  # see held()
         if self.mountpoints is not None:
             remove_empty_dirs(*self.mountpoints)
 

@@ -105,9 +105,12 @@ SETTINGS: tuple[Setting, ...] = (
             "the most the building machine's ccache may hold, e.g. 500M, 20G; 0 = no limit (ccache's max_size)"),
     Setting("vmlinux_h", "true", _BUILDS, validate.boolean,
             "build with BTF and write vmlinux.h into the cache entry"),
-    Setting("build_host", "", _BUILDS, validate.build_host, "[user@]host[:port] to build on over SSH"),
+    Setting("build_host", "", _BUILDS, validate.build_host,
+            "the host to build on over SSH: an alias of ~/.ssh/config, or [user@]host[:port]"),
     Setting("build_host_accept_new", "false", _BUILDS, validate.boolean,
             "trust a build host never seen before and record its key in ~/.ssh/known_hosts"),
+    Setting("build_host_proxy_command", "false", _BUILDS, validate.boolean,
+            "let a ProxyCommand of ~/.ssh/config reach the build host (it runs a shell command of the config's)"),
     Setting("reuse_resolved", "false", _NAMES_A_REF, validate.boolean,
             "outside GitHub Actions, reuse the commit a resolve recorded for the same tag and URL"),
     Setting("run", "", (), validate.any_text,
@@ -171,6 +174,7 @@ class Settings:
     vmlinux_h: bool
     build_host: str
     build_host_accept_new: bool
+    build_host_proxy_command: bool
     reuse_resolved: bool
     run: str
     log_dir: Path

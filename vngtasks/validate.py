@@ -29,7 +29,9 @@ _LLVM = re.compile(r"1|-[0-9]+")
 # Debian's package names (lower case, digits, + - .), with apt's :arch and =version; never a
 # trailing '-', which apt reads as "remove this package".
 _PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]*[a-z0-9+.](:[a-z0-9-]+)?(=[A-Za-z0-9.+:~-]+)?")
-_BUILD_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*(?::(?P<port>[0-9]{1,5}))?")
+_BUILD_HOST = re.compile(
+    r"(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]*)@)?(?P<host>[A-Za-z0-9_][A-Za-z0-9._-]*)(?::(?P<port>[0-9]{1,5}))?"
+)
 # vng pastes paths and QEMU options into a command line its shell parses (and virtme-run paths into
 # virtiofsd's, and QEMU options): only characters no shell, `=`-splitting or QEMU `,` gives a meaning.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@%:~-]*")
@@ -167,10 +169,19 @@ def kernel_append(key: str, value: str, given: Given) -> str:
 
 
 def build_host(key: str, value: str, given: Given) -> str:
-    found = _BUILD_HOST.fullmatch(value)
-    if value and (not found or not 1 <= int(found["port"] or 22) <= 65535):
-        raise InputError(key, f"{value!r} is not valid: expected [user@]host[:port]")
+    """An alias of ~/.ssh/config or [user@]host[:port] (sshconfig.py resolves it when a build needs it)."""
+    if value:
+        ssh_destination(key, value)
     return value
+
+
+def ssh_destination(key: str, value: str) -> tuple[str | None, str, int | None]:
+    """What ssh takes for a destination here: an alias or `[user@]host[:port]`; (user, host, port)."""
+    found = _BUILD_HOST.fullmatch(value)
+    port = int(found["port"]) if found and found["port"] else None
+    if not found or (port is not None and not 1 <= port <= 65535):
+        raise InputError(key, f"{value!r} is not valid: expected an alias of ~/.ssh/config or [user@]host[:port]")
+    return found["user"], found["host"], port
 
 
 def packages(key: str, value: str, given: Given) -> tuple[str, ...]:

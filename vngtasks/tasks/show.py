@@ -25,3 +25,8 @@ def settings(c: Context):
         elif isinstance(value, tuple):
             value = " ".join(str(v) for v in value)
         print(f"{field.name.replace('_', '-')}={'' if value is None else value}")
+    if s.build_host:  # as ~/.ssh/config resolves it: where a build would go, with which key, through which hosts
+        from ..sshconfig import resolve
+
+        with _common.exit_statuses():
+            print(f"build-host-route={resolve(s.build_host, s.build_host_proxy_command).describe()}")
