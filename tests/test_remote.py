@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -731,3 +732,29 @@ def test_settings_and_a_dry_run_say_where_a_build_would_go(cli, home: Path, tmp_
     assert f"build-host-route={expected}\n" in shown.stdout, shown.stderr
     planned = cli(*build_args("builder", tmp_path), "--dry-run")
     assert f"built on {expected} over SSH" in planned.stdout, planned.stderr
+
+
+def test_ci_credentials_reach_the_build_host_where_no_ssh_directory_exists(cli, start_sshd, home: Path, tmp_path: Path):
+    """A runner has no ~/.ssh: the key and the host's known_hosts line come as settings (the action's inputs,
+    from secrets), for paramiko and for git's push alike. `invoke settings` never shows the key."""
+    sshd = start_sshd()  # it takes the key start_sshd made in ~/.ssh
+    key = (home / ".ssh" / "id_ed25519").read_text()
+    shutil.rmtree(home / ".ssh")
+    env = {
+        "INVOKE_VNG_BUILD_HOST_KEY": key,
+        "INVOKE_VNG_BUILD_HOST_KNOWN_HOSTS": f"[127.0.0.1]:{sshd.port} {sshd.host_key}",
+    }
+    tree = tmp_path / "tree"
+    sha = small_repo(tree, b"not a kernel\n")
+    done = cli(*build_args(sshd.target, tmp_path, url=str(tree), tag="v1"), env=env)
+    assert done.returncode != 0
+    line = error_line(done.stderr)
+    assert f"127.0.0.1:{sshd.port}: build: " in line, line  # past the key check, the login and the push
+    pushed = sshd.remote_home / ".cache" / "vngtasks" / "remote-git" / "default.git"
+    assert (
+        subprocess.run(["git", "-C", str(pushed), "cat-file", "-t", sha], capture_output=True, text=True).stdout
+        == "commit\n"
+    )
+    shown = cli("settings", env=env)
+    assert "build-host-key=(set, not shown)\n" in shown.stdout and "PRIVATE KEY" not in shown.stdout + shown.stderr
+    assert not (home / ".ssh").exists()  # nothing recorded: the known_hosts line is the setting's

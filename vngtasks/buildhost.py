@@ -24,7 +24,18 @@ import paramiko
 from invoke import Context
 
 from . import arches, build, cache, deps, log, untar
-from .buildhost_ssh import GIT_HOST, BuildHost, command_problem, connect, failure, git_ssh_config, stage
+from .buildhost_ssh import (
+    GIT_HOST,
+    NO_CREDENTIALS,
+    BuildHost,
+    Credentials,
+    command_problem,
+    connect,
+    failure,
+    git_ssh_config,
+    known_hosts_file,
+    stage,
+)
 from .buildsteps import Machine, Plan, fetch, plan_on
 from .errors import BAD_INPUT, MISSING_TOOL, Failure
 from .resolve import Resolved
@@ -91,13 +102,24 @@ def local_repo(url: str) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
-def push(c: Context, conn: BuildHost, route: Route, repo: Path, sha: str, bare: str, ref: str) -> int:
+def push(
+    c: Context, conn: BuildHost, route: Route, repo: Path, sha: str, bare: str, ref: str,
+    credentials: Credentials = NO_CREDENTIALS,
+) -> int:  # fmt: skip
     """Push commit `sha` of the local `repo` to `ref` of `bare` on the build host, with git's ssh on the route
-    paramiko took (git_ssh_config); bytes sent."""
+    paramiko took (git_ssh_config) and the same credentials; bytes sent."""
     conn.run(f"test -d {shlex.quote(bare)} || git init -q --bare {shlex.quote(bare)}", hide=True, in_stream=False)
-    with tempfile.TemporaryDirectory(prefix="vngtasks-ssh-") as temp:  # 0700: the config is this user's
+    with tempfile.TemporaryDirectory(prefix="vngtasks-ssh-") as temp:  # 0700: the files are this user's alone
+        key, known = None, None
+        if credentials.key:
+            key = Path(temp) / "key"
+            key.touch(mode=0o600)  # ssh ignores a private key others may read
+            key.write_text(credentials.key.rstrip("\n") + "\n")
+        if credentials.known_hosts:
+            known = [known_hosts_file(), Path(temp) / "known_hosts"]
+            known[1].write_text(credentials.known_hosts + "\n")
         config = Path(temp) / "config"
-        config.write_text(git_ssh_config(route))
+        config.write_text(git_ssh_config(route, known, key))
         argv = ["git", "-C", str(repo), "push", "--progress", "--no-verify", f"ssh://{GIT_HOST}{bare}", f"+{sha}:{ref}"]
         pushed = c.run(
             shlex.join(argv),
@@ -185,7 +207,8 @@ def build_entry(
     except InputError as error:
         raise Failure(str(error), BAD_INPUT) from None
     started = time.monotonic()
-    conn = connect(route, settings.build_host_accept_new)
+    credentials = Credentials(settings.build_host_key, settings.build_host_known_hosts)
+    conn = connect(route, settings.build_host_accept_new, credentials)
     try:
         return _build_there(c, conn, route, settings, kernels, key, resolved, started)
     except BaseException:
@@ -237,7 +260,10 @@ def there(c: Context, conn: BuildHost, route: Route, s: Settings, machine: Machi
             return 0
         bare = f"{machine.home}/{ROOT}/remote-git/{s.name}.git"
         with stage(conn, host, "push"):
-            pushed = push(c, conn, route, repo, plan.sha, bare, f"refs/vngtasks/{s.name}-{s.arch.name}")
+            ref = f"refs/vngtasks/{s.name}-{s.arch.name}"
+            pushed = push(
+                c, conn, route, repo, plan.sha, bare, ref, Credentials(s.build_host_key, s.build_host_known_hosts)
+            )
         log.info(f"push: {repo} to {host.label}: {cache.human_size(pushed)} sent")
         with stage(conn, host, "fetch"):
             fetch(conn, bare, plan.sha, plan.sha, plan.tree)

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import errno
 import hashlib
+import io
 import re
 import shlex
 import socket
@@ -28,7 +29,7 @@ from fabric import Config, Connection
 from invoke.exceptions import UnexpectedExit
 
 from . import log
-from .errors import FAILED, Failure, no_space
+from .errors import BAD_INPUT, FAILED, Failure, no_space
 from .sshconfig import Hop, Route
 
 CONNECT_TIMEOUT_SECONDS = 30
@@ -81,6 +82,27 @@ class RevokedHostKey(paramiko.SSHException):
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """What CI hands over where no ~/.ssh exists (build-host-key, build-host-known-hosts): a private key's
+    text and known_hosts lines, used besides ~/.ssh's, for every hop."""
+
+    key: str = ""
+    known_hosts: str = ""
+
+    def pkey(self) -> paramiko.PKey | None:
+        """The key, as paramiko loads it (its type read from its text)."""
+        if not self.key:
+            return None
+        for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+            with contextlib.suppress(paramiko.SSHException, ValueError):
+                return kind.from_private_key(io.StringIO(self.key))
+        raise Failure("build-host-key: paramiko reads no ed25519, ECDSA or RSA private key in it", BAD_INPUT)
+
+
+NO_CREDENTIALS = Credentials()
+
+
+@dataclass(frozen=True)
 class KnownHosts:
     """known_hosts as OpenSSH reads it: plain entries, and the keys its `@revoked` lines name.
     `@cert-authority` lines are skipped with a notice (paramiko checks no certificates)."""
@@ -89,9 +111,10 @@ class KnownHosts:
     revoked: tuple[bytes, ...]  # the revoked keys, as their wire bytes
 
     @classmethod
-    def read(cls, path: Path) -> KnownHosts:
+    def read(cls, path: Path, more: str = "") -> KnownHosts:
+        """`path`'s lines, and `more` (build-host-known-hosts) after them."""
         entries, revoked = [], []
-        text = path.read_text(errors="replace") if path.exists() else ""
+        text = (path.read_text(errors="replace") if path.exists() else "") + "\n" + more
         for number, line in enumerate(text.splitlines(), 1):
             marker, _, rest = line.strip().partition(" ") if line.strip().startswith("@") else ("", "", line)
             if not rest.strip() or rest.strip().startswith("#"):
@@ -187,19 +210,20 @@ class BuildHost(Connection):
             )
 
 
-def connect(route: Route, accept_new: bool) -> BuildHost:
+def connect(route: Route, accept_new: bool, credentials: Credentials = NO_CREDENTIALS) -> BuildHost:
     """An open connection to the build host, through its jump hosts, each hop's key matched in known_hosts
     (or new and accepted)."""
     path = known_hosts_file()
     try:
-        known = KnownHosts.read(path)
+        known = KnownHosts.read(path, credentials.known_hosts)
     except OSError as error:
         raise failure(route.target, "host-key", f"cannot read {path}: {error.strerror}") from None
+    pkey = credentials.pkey()
     gateway: BuildHost | None = None
     try:
         for jump in route.jumps:
-            gateway = _open(jump, gateway, known, path, accept_new, jump=True)
-        return _open(route.target, gateway, known, path, accept_new)
+            gateway = _open(jump, gateway, known, path, accept_new, pkey, jump=True)
+        return _open(route.target, gateway, known, path, accept_new, pkey)
     except BaseException:
         if gateway is not None:
             gateway.close()
@@ -207,13 +231,15 @@ def connect(route: Route, accept_new: bool) -> BuildHost:
 
 
 def _open(host: Hop, gateway: BuildHost | None, known: KnownHosts, path: Path, accept_new: bool,
-          jump: bool = False) -> BuildHost:  # fmt: skip
+          pkey: paramiko.PKey | None = None, jump: bool = False) -> BuildHost:  # fmt: skip
     """One hop's connection, opened (through `gateway`, the hop before it), its key checked."""
     timeout = host.connect_timeout or CONNECT_TIMEOUT_SECONDS
     config = Config(lazy=True, overrides={"load_ssh_configs": False, "timeouts": {"connect": timeout}})
     keys: dict[str, object] = {"key_filename": [str(key) for key in host.identities]} if host.identities else {}
     if host.identities_only and host.identities:
         keys |= {"look_for_keys": False, "allow_agent": False}
+    if pkey is not None:
+        keys["pkey"] = pkey
     proxy = shlex.join(["sh", "-c", host.proxy_command]) if host.proxy_command else None
     conn = BuildHost(host.hostname, user=host.user, port=host.port, config=config, gateway=gateway or proxy,
                      connect_kwargs=keys)  # fmt: skip
@@ -306,19 +332,21 @@ def _short(line: str, limit: int = 200) -> str:
 GIT_HOST = "vngtasks-build-host"  # the build host's name in the config git's ssh gets
 
 
-def git_ssh_config(route: Route) -> str:
+def git_ssh_config(route: Route, known_hosts: list[Path] | None = None, key: Path | None = None) -> str:
     """A config of its own for git's ssh (`ssh -F FILE`), written from the route paramiko took: every hop with
-    its address, keys and key name, strict host keys and known_hosts of $HOME (ssh's own ~ is /etc/passwd's),
-    no prompt; the build host is GIT_HOST. Its values are plain (sshconfig.py), a ProxyCommand was allowed."""
+    its address, keys (and `key`, build-host-key's file) and key name, strict host keys and known_hosts of $HOME
+    (ssh's own ~ is /etc/passwd's) or `known_hosts`, no prompt; the build host is GIT_HOST. Its values are
+    plain (sshconfig.py), a ProxyCommand was allowed."""
     names = [f"vngtasks-jump-{number}" for number in range(len(route.jumps))]
+    known = " ".join(str(path) for path in known_hosts or [known_hosts_file()])
     sections = []
     for hop, name, before in zip([*route.jumps, route.target], [*names, GIT_HOST], [None, *names], strict=True):
         lines = [f"Host {name}", f"  HostName {hop.hostname}", f"  Port {hop.port}"]
-        lines += [f"  HostKeyAlias {hop.known_hosts_name}", f"  UserKnownHostsFile {known_hosts_file()}"]
+        lines += [f"  HostKeyAlias {hop.known_hosts_name}", f"  UserKnownHostsFile {known}"]
         lines += ["  StrictHostKeyChecking yes", "  BatchMode yes"]
         lines += [f"  ConnectTimeout {hop.connect_timeout or CONNECT_TIMEOUT_SECONDS}"]
         lines += [f"  User {hop.user}"] if hop.user else []
-        lines += [f"  IdentityFile {key}" for key in hop.identities or identity_files()]
+        lines += [f"  IdentityFile {path}" for path in [*([key] if key else []), *(hop.identities or identity_files())]]
         lines += ["  IdentitiesOnly yes"] if hop.identities_only else []
         lines += [f"  ProxyJump {before}"] if before else []
         lines += [f"  ProxyCommand {hop.proxy_command}"] if hop.proxy_command and not before else []

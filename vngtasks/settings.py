@@ -111,6 +111,11 @@ SETTINGS: tuple[Setting, ...] = (
             "trust a build host never seen before and record its key in ~/.ssh/known_hosts"),
     Setting("build_host_proxy_command", "false", _BUILDS, validate.boolean,
             "let a ProxyCommand of ~/.ssh/config reach the build host (it runs a shell command of the config's)"),
+    Setting("build_host_key", "", _BUILDS, validate.private_key,
+            "a private key's text for the build host and its jump hosts, besides ~/.ssh's: for CI, from a "
+            "secret (never printed)", shown="none"),
+    Setting("build_host_known_hosts", "", _BUILDS, validate.known_hosts_lines,
+            "known_hosts lines for the build host and its jump hosts, besides ~/.ssh/known_hosts: for CI"),
     Setting("reuse_resolved", "false", _NAMES_A_REF, validate.boolean,
             "outside GitHub Actions, reuse the commit a resolve recorded for the same tag and URL"),
     Setting("run", "", (), validate.any_text,
@@ -175,6 +180,8 @@ class Settings:
     build_host: str
     build_host_accept_new: bool
     build_host_proxy_command: bool
+    build_host_key: str
+    build_host_known_hosts: str
     reuse_resolved: bool
     run: str
     log_dir: Path

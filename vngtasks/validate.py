@@ -86,6 +86,23 @@ def any_text(key: str, value: str, given: Given) -> str:
     return value
 
 
+def private_key(key: str, value: str, given: Given) -> str:
+    """A private key's text, as OpenSSH writes one (`-----BEGIN ... PRIVATE KEY-----`); never shown back."""
+    if value and not re.fullmatch(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\n[A-Za-z0-9+/=\n:, -]+\n-----END [A-Z0-9 ]*"
+                                  r"PRIVATE KEY-----", value):  # fmt: skip
+        raise InputError(key, "not a private key in OpenSSH's text form (its value is not shown)")
+    return value
+
+
+def known_hosts_lines(key: str, value: str, given: Given) -> str:
+    """known_hosts lines: `NAMES KEYTYPE BASE64`, a `@revoked` or a comment each."""
+    for line in value.splitlines():
+        fields = line.split()
+        if fields and not line.startswith("#") and not (3 <= len(fields) - (fields[0].startswith("@")) <= 4):
+            raise InputError(key, f"{printable(line)!r} is not a known_hosts line")
+    return value
+
+
 def boolean(key: str, value: str, given: Given) -> bool:
     if value in ("true", "false"):
         return value == "true"

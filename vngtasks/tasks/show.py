@@ -24,6 +24,8 @@ def settings(c: Context):
             value = str(value).lower()
         elif isinstance(value, tuple):
             value = " ".join(str(v) for v in value)
+        elif field.name == "build_host_key" and value:
+            value = "(set, not shown)"
         print(f"{field.name.replace('_', '-')}={'' if value is None else value}")
     if s.build_host:  # as ~/.ssh/config resolves it: where a build would go, with which key, through which hosts
         from ..sshconfig import resolve
