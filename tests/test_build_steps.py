@@ -166,6 +166,7 @@ def test_make_variables_are_what_vng_passes_on() -> None:
         "KBUILD_BUILD_USER=vngtasks",
         "KBUILD_BUILD_HOST=vngtasks",
         "CC=/w/tools/cc",
+        "HOSTCC=/w/tools/hostcc",
         "LLVM=1",
     ]
 

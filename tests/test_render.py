@@ -86,6 +86,7 @@ def test_build_argv(arch: Arch) -> None:
         sha12="adc218676eef",
         build_timestamp="@1732492800",
         cc="clang" if arch.name == "arm64" else "",
+        hostcc="/cache/work/mainline/tools/hostcc" if arch.name == "x86_64" else "",
         llvm="-14" if arch.name == "arm64" else "",
     )
     check_golden(f"build-{arch.name}.argv", argv)

@@ -73,6 +73,13 @@ class Plan:
             return "clang" if s.llvm == "1" else f"clang{s.llvm}"
         return "gcc" if self.settings.arch == self.host_arch else f"{self.settings.arch.cross_compile}gcc"
 
+    @property
+    def host_compiler(self) -> str:
+        """What make compiles the build's own tools with (kconfig, fixdep, objtool, resolve_btfids): the
+        kernel Makefile's HOSTCC."""
+        llvm = self.settings.llvm
+        return ("clang" if llvm == "1" else f"clang{llvm}") if llvm else "gcc"
+
 
 def plan_on(settings: Settings, sha: str, machine: Machine, work: str) -> Plan:
     """A build on `machine` in the work directory `work` there: the tree and the tools under it."""
@@ -161,12 +168,12 @@ def _progress() -> list[str]:
 
 
 def write_tools(c: Context, plan: Plan) -> None:
-    """The compiler wrapper: make takes one program as CC."""
-    wrapper = f'#!/bin/sh\nexec ccache {shlex.quote(plan.compiler)} "$@"\n'
-    cc = f"{plan.tools_dir}/cc"
+    """The compiler wrappers (make takes one program as CC, and as HOSTCC): the kernel's objects and the build's
+    own tools, which a fresh work tree compiles again, both through ccache."""
     c.run(shlex.join(["mkdir", "-p", plan.tools_dir]), in_stream=False)
-    put(c, wrapper, cc)
-    c.run(shlex.join(["chmod", "+x", cc]), in_stream=False)
+    for name, compiler in (("cc", plan.compiler), ("hostcc", plan.host_compiler)):
+        put(c, f'#!/bin/sh\nexec ccache {shlex.quote(compiler)} "$@"\n', f"{plan.tools_dir}/{name}")
+        c.run(shlex.join(["chmod", "+x", f"{plan.tools_dir}/{name}"]), in_stream=False)
 
 
 def in_tree(tree: str, argv: list[str]) -> str:

@@ -33,8 +33,10 @@ MADE_ON_SOME_CONFIGS = ("vmlinux.h", "vmlinux.h.partial", "modules.order", "Modu
 def vng_argv(plan: Plan, vng: str) -> list[str]:
     s = plan.settings
     cc = str(Path(plan.tools_dir) / "cc") if s.kernel_compile_cache else s.cc
+    hostcc = str(Path(plan.tools_dir) / "hostcc") if s.kernel_compile_cache else ""
     return render.argv(
         "vng-build.argv.j2",
+        hostcc=hostcc,
         vng=vng,
         arch=s.arch,
         host_arch=plan.host_arch,
