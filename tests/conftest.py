@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CCACHE_ENV = {"CCACHE_DIR": str(CCACHE_DIR)}
 # A kernel warning's first line as a program writes it to /dev/kmsg: not the kernel's, so never a splat.
 FAKE_WARNING = "WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"
+# Tests that must not run beside each other when pytest runs several workers (nox runs two, `--dist loadgroup`):
+# whatever installs or checks host packages (apt's and dpkg's locks; a foreign arch's packages), and act's jobs,
+# some of which install a foreign arch's packages too.
+HOST_PACKAGES = pytest.mark.xdist_group("host-packages")
+# The session's tiny kernel's work tree, which one test reads and another makes a new .config in.
+TINY_TREE = pytest.mark.xdist_group("tiny-tree")
 # A real kernel warning: LKDTM is built into the kernels the tests build (tests/data/ci-kernel.config).
 PROVOKE = "/sys/kernel/debug/provoke-crash/DIRECT"
 WARN_WORKLOAD = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debug; echo WARNING > {PROVOKE}"
@@ -129,17 +137,29 @@ def tiny_flags(url: str) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]) -> TinyBuild:
-    """v6.12 with kconfig-base tiny and the tests' fragment, built once per session through the CLI,
-    with the tests' ccache: test_build checks how it went; the boot tests boot it."""
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str], worker_id: str) -> TinyBuild:
+    """v6.12 with kconfig-base tiny and the tests' fragment, built once per test run through the CLI, with the
+    tests' ccache: test_build checks how it went; the boot tests boot it. With several pytest workers (nox
+    runs two), the first to get here builds it and the others wait for it, under a lock in the run's
+    temporary directory: one x86_64 compile per run, whichever worker needs it first."""
     url, _ = remote
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "home").mkdir()
-    (root / "workspace" / "ci").mkdir(parents=True)
-    (root / "workspace" / "ci" / "kernel.config").write_text(KCONFIG.read_text())
-    args = (*tiny_flags(url), "--cache-dir", str(root / "cache"))
-    done = run_invoke(("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root = shared / "tiny"
+    with open(shared / "tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        args = (*tiny_flags(url), "--cache-dir", str(root / "cache"))
+        record = root / "build.json"
+        if not record.exists():
+            (root / "home").mkdir(parents=True)
+            (root / "workspace" / "ci").mkdir(parents=True)
+            (root / "workspace" / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+            done = run_invoke(
+                ("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr}))
+        built = json.loads(record.read_text())
+    done = subprocess.CompletedProcess(["invoke", "build", *args], 0, built["stdout"], built["stderr"])
     return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_group
+from conftest import HOST_PACKAGES, run_group
 from linux_remote import CCACHE_DIR, FOREIGN_CACHE, KCONFIG, TAG, git, without_rustup
 
 from vngtasks.settings import DEFAULTS
@@ -34,6 +34,8 @@ SEED_INPUTS = {
 }  # fmt: skip
 OUR_INPUTS = ("vmlinux-h", "workspace-rw", "apt-cache", "arch", "accel", "kernel", "boot-timeout", "build-host")
 EXPRESSION = re.compile(r"\$\{\{")
+
+pytestmark = HOST_PACKAGES
 
 
 def input_name(key: str) -> str:

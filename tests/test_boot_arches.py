@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_WARNING
+from conftest import FAKE_WARNING, HOST_PACKAGES
 from linux_remote import FOREIGN_CACHE
 
 from vngtasks import arches, errors
@@ -15,6 +15,8 @@ from vngtasks import arches, errors
 # Also: a line a program writes to /dev/kmsg is told from the kernel's by busybox's `dmesg -r` too.
 WORKLOAD = f"uname -m; echo ok > out.txt; echo to-stderr >&2; echo '{FAKE_WARNING}' > /dev/kmsg; exit 3"
 FOREIGN = [arches.lookup(name) for name in ("arm64", "s390x", "ppc64le")]
+
+pytestmark = HOST_PACKAGES
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CCACHE_ENV, WARN_WORKLOAD, TinyBuild, tiny_flags
+from conftest import CCACHE_ENV, HOST_PACKAGES, TINY_TREE, WARN_WORKLOAD, TinyBuild, tiny_flags
 from invoke import Context
 from linux_remote import FOREIGN_CACHE, KCONFIG, TAG
 
@@ -21,6 +21,7 @@ from vngtasks import arches, build, buildsteps, cache, errors, guestroot, kernel
 pytestmark = pytest.mark.slow
 
 
+@TINY_TREE
 def test_a_tiny_build_is_stored_once_then_booted_from_the_cache(cli, workspace: Path, tiny_build: TinyBuild, remote):
     url, sha = remote
     key = f"vng-kernel-ci-x86_64-{sha[:12]}-v2+tiny"
@@ -82,6 +83,7 @@ def test_vngs_own_kconfig_base_is_made_by_the_steps_every_build_runs(tmp_path: P
     assert "CONFIG_DEBUG_INFO_BTF=y" not in config  # vmlinux-h false: no BTF fragment
 
 
+@TINY_TREE
 def test_a_changed_fragment_applies_to_the_next_build_in_the_same_work_tree(
     workspace: Path, tiny_build: TinyBuild, remote
 ):
@@ -106,6 +108,7 @@ def test_a_changed_fragment_applies_to_the_next_build_in_the_same_work_tree(
     assert "# CONFIG_IKCONFIG is not set" in config and "CONFIG_IKCONFIG_PROC=y" not in config
 
 
+@HOST_PACKAGES  # invoke deps --arch arm64
 def test_an_arm64_tiny_kernel_is_cross_built_with_its_vmlinux_h_and_boots(cli, tmp_path: Path, workspace: Path, remote):
     """v6.12 cross-built for arm64 on this x86_64 machine, kconfig-base tiny, through the tests' ccache: the
     entry holds arm64's boot image, vmlinux.h made by the host's bpftool from the arm64 vmlinux's BTF, and the

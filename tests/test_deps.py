@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HOST_PACKAGES
 
 from vngtasks import arches, deps
 from vngtasks.settings import DEFAULTS, effective
 
 DPKG_FRONTEND_LOCK = Path("/var/lib/dpkg/lock-frontend")
 ABSENT = "hello"  # a small real package that no test installs
+
+pytestmark = HOST_PACKAGES
 
 
 def installed(package: str) -> bool:

@@ -16,12 +16,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CCACHE_ENV, ROOT, tiny_flags
+from conftest import CCACHE_ENV, HOST_PACKAGES, ROOT, tiny_flags
 from linux_remote import KCONFIG
 
 from vngtasks import kernels
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, HOST_PACKAGES]
 
 USER = "vngtasks-runner"
 SUDOERS = Path("/etc/sudoers.d/vngtasks-tests")
