@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import random
@@ -142,33 +143,43 @@ class Bastion:
     build_address: str
 
 
+# The bastion's addresses are fixed: its tests run one at a time, on one pytest worker.
+ONE_BASTION_AT_A_TIME = pytest.mark.xdist_group("bastion")
+
+
 @pytest.fixture
 def bastion() -> Iterator[Bastion]:
-    """here <-> jump (10.201.1.0/30) <-> build (10.201.2.0/30); here has no route to the build host."""
-    tag = f"{os.getpid() % 10000}"
-    jump, build = f"vngt-jump-{tag}", f"vngt-build-{tag}"
+    """here <-> jump (10.201.N.0/30) <-> build (10.202.N.0/30); here has no route to the build host. Names and
+    subnets are new for every bastion (N counts them): a namespace just deleted may linger a while."""
+    number = next(_BASTIONS) % 250 + 1  # an address's third byte
+    tag = f"{os.getpid() % 1000}x{number}"
+    jump, build = f"vngt-j{tag}", f"vngt-b{tag}"
+    here, there = f"10.201.{number}", f"10.202.{number}"
     steps = [
         ["ip", "netns", "add", jump], ["ip", "netns", "add", build],
         ["ip", "link", "add", f"vj{tag}", "type", "veth", "peer", "name", f"vjp{tag}"],
         ["ip", "link", "set", f"vjp{tag}", "netns", jump],
-        ["ip", "addr", "add", "10.201.1.1/30", "dev", f"vj{tag}"], ["ip", "link", "set", f"vj{tag}", "up"],
-        ["ip", "-n", jump, "addr", "add", "10.201.1.2/30", "dev", f"vjp{tag}"],
+        ["ip", "addr", "add", f"{here}.1/30", "dev", f"vj{tag}"], ["ip", "link", "set", f"vj{tag}", "up"],
+        ["ip", "-n", jump, "addr", "add", f"{here}.2/30", "dev", f"vjp{tag}"],
         ["ip", "-n", jump, "link", "set", f"vjp{tag}", "up"], ["ip", "-n", jump, "link", "set", "lo", "up"],
         ["ip", "-n", jump, "link", "add", f"vb{tag}", "type", "veth", "peer", "name", f"vbp{tag}"],
         ["ip", "-n", jump, "link", "set", f"vbp{tag}", "netns", build],
-        ["ip", "-n", jump, "addr", "add", "10.201.2.1/30", "dev", f"vb{tag}"],
+        ["ip", "-n", jump, "addr", "add", f"{there}.1/30", "dev", f"vb{tag}"],
         ["ip", "-n", jump, "link", "set", f"vb{tag}", "up"],
-        ["ip", "-n", build, "addr", "add", "10.201.2.2/30", "dev", f"vbp{tag}"],
+        ["ip", "-n", build, "addr", "add", f"{there}.2/30", "dev", f"vbp{tag}"],
         ["ip", "-n", build, "link", "set", f"vbp{tag}", "up"], ["ip", "-n", build, "link", "set", "lo", "up"],
     ]  # fmt: skip
     try:
         for step in steps:
             subprocess.run(step, check=True, capture_output=True)
-        yield Bastion(jump, build, "10.201.1.2", "10.201.2.2")
+        yield Bastion(jump, build, f"{here}.2", f"{there}.2")
     finally:
         subprocess.run(["ip", "link", "del", f"vj{tag}"], capture_output=True)
         for netns in (jump, build):
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+_BASTIONS = itertools.count(os.getpid() % 50 * 5)  # each pytest worker's from a place of its own
 
 
 def behind_a_bastion(start_sshd, bastion: Bastion, home: Path) -> tuple[Sshd, Sshd]:
@@ -576,6 +587,7 @@ def test_killing_the_session_mid_build_leaves_nothing(cli, start_sshd, home: Pat
 
 
 @pytest.mark.slow
+@ONE_BASTION_AT_A_TIME
 def test_build_on_the_host_then_boot_here(
     cli, start_sshd, bastion: Bastion, home: Path, tmp_path: Path, workspace: Path, kernel_tree, tiny_build: TinyBuild
 ):
@@ -655,6 +667,7 @@ def test_a_full_disk_here_is_named_in_the_one_line(cli, tmp_path: Path):
     ), done.stderr
 
 
+@ONE_BASTION_AT_A_TIME
 def test_an_alias_of_ssh_config_reaches_the_build_host_through_its_jump_host_for_us_and_for_git(
     start_sshd, bastion: Bastion, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -684,6 +697,7 @@ def test_an_alias_of_ssh_config_reaches_the_build_host_through_its_jump_host_for
         conn.close()
 
 
+@ONE_BASTION_AT_A_TIME
 def test_a_jump_hosts_unknown_key_is_refused(cli, start_sshd, bastion: Bastion, home: Path, tmp_path: Path):
     jump, build = behind_a_bastion(start_sshd, bastion, home)
     build.trust(home)  # but not the jump host
