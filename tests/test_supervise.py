@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -160,13 +161,14 @@ def test_a_workload_of_any_bytes_is_written_as_given_and_a_failed_prepare_leaves
 
 def test_a_stop_that_comes_while_vng_starts_waits_until_its_cleanup_is_in_place() -> None:
     """A signal between starting vng and the `try` that stops it would leave vng running: stopping signals are
-    held until vng's cleanup is registered, then arrive."""
+    held until vng's cleanup is registered, then arrive. (Sent to this thread: a signal sent to the process may be
+    taken by a thread that does not hold it, such as pytest-xdist's.)"""
     arrived: list[str] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: arrived.append("after" if done else "during"))
     done = False
     try:
         with supervise.stopping_signals_held():
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
             time.sleep(0.05)
             done = True
         time.sleep(0.05)
