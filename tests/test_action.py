@@ -83,7 +83,8 @@ def test_inputs_are_the_seeds_and_every_setting_with_its_default():
         else:
             assert str(spec["default"]) == default, key
     assert set(inputs) == {input_name(key) for key in DEFAULTS}
-    assert set(load()["outputs"]) == {"kernel-sha", "cache-hit", "kernel-dir"}
+    assert set(load()["outputs"]) == {"kernel-sha", "cache-hit", "kernel-dir", "tests-passed", "tests-failed",
+                                      "tests-skipped"}  # fmt: skip
 
 
 def test_the_inputs_reach_vngtasks_once_as_json_and_every_later_step_reads_the_settings_file():
@@ -324,7 +325,8 @@ def test_b_d_g_new_runners_restore_the_kernel_boot_two_and_fall_back_when_the_re
 def test_c_e_read_only_workspace_failing_run_and_outputs_to_later_steps(act_env: Act, tmp_path: Path):
     """One job (one venv, as a user's job would have): a read-only workspace keeps the guest's writes off the
     host; a multi-line `run` whose middle line fails fails the step, as GitHub's own `run:` steps do; what
-    the workload writes to $GITHUB_OUTPUT and $GITHUB_ENV reaches later steps."""
+    the workload writes to $GITHUB_OUTPUT and $GITHUB_ENV reaches later steps; with `results`, its tests' counts
+    are the step's outputs, and a failure known-failures lists passes the step."""
     cache = {"cache-dir": str(tmp_path / "cache")}
     steps = [
         action("vm", name="ro", **{"workspace-rw": "false", **cache},
@@ -333,9 +335,14 @@ def test_c_e_read_only_workspace_failing_run_and_outputs_to_later_steps(act_env:
         {**action("fails", name="ro", **cache, verbose="false",
                   run="echo FIRST_LINE\nfalse\necho THIRD_LINE_RAN"), "continue-on-error": True},
         shell('echo "OUTCOME=$OUTCOME"', OUTCOME="${{ steps.fails.outcome }}"),
-        action("out", name="out", **cache, verbose="false",
-               run='echo "x=42" >> "$GITHUB_OUTPUT"\necho "FROM_GUEST=43" >> "$GITHUB_ENV"'),
-        shell('echo "OUT x=$X env=$FROM_GUEST"', X="${{ steps.out.outputs.x }}"),
+        shell("printf 'known/b # flaky\\n' > known.txt"),
+        action("out", name="out", **cache, verbose="false", results="ktap", **{"known-failures": "known.txt"},
+               run='echo "x=42" >> "$GITHUB_OUTPUT"\necho "FROM_GUEST=43" >> "$GITHUB_ENV"\n'
+                   "printf 'KTAP version 1\\n1..1\\n    # Subtest: known\\n    1..3\\n    ok 1 a\\n"
+                   "    not ok 2 b\\n    ok 3 c # SKIP no c\\nnot ok 1 known\\n'\nexit 1"),
+        shell('echo "OUT x=$X env=$FROM_GUEST tests=$P/$F/$S"', X="${{ steps.out.outputs.x }}",
+              P="${{ steps.out.outputs.tests-passed }}", F="${{ steps.out.outputs.tests-failed }}",
+              S="${{ steps.out.outputs.tests-skipped }}"),
     ]  # fmt: skip
     done, _, _ = act_env.run("c-e", {"ro": steps}, timeout=1200)
     out = done.stdout + done.stderr
@@ -344,7 +351,9 @@ def test_c_e_read_only_workspace_failing_run_and_outputs_to_later_steps(act_env:
     assert "FIRST_LINE" in out and "THIRD_LINE_RAN" not in out and "OUTCOME=failure" in out
     # steps.out.outputs.x: act passes a composite step's undeclared outputs on (GitHub passes only
     # declared ones); $GITHUB_ENV reaches later steps on both.
-    assert "OUT x=42 env=43" in out
+    assert "OUT x=42 env=43 tests=1/1/1" in out
+    # The workload's exit 1 was its known failure's: the step passed, saying so.
+    assert "known/b: failed (known-failures line 1 (known/b))" in out
 
 
 def cli_error(**env: str) -> str:

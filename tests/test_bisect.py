@@ -16,7 +16,7 @@ from conftest import CCACHE_ENV
 from linux_remote import KCONFIG, MARK, kernel_history
 
 from vngtasks import bisect, errors, log, resolve, settings
-from vngtasks.errors import BAD_INPUT, Failure
+from vngtasks.errors import BAD_INPUT, NO_STATUS, Failure
 
 GIT_ID = ["-c", "user.name=t", "-c", "user.email=t@t"]
 
@@ -77,8 +77,8 @@ class FakeSteps:
     def __init__(self, repo: Path) -> None:
         self.repo, self.tested = repo, []
 
-    def __call__(self, c, s, sha: str, workload: str):
-        assert s.run == workload == "./check"
+    def __call__(self, c, s, sha: str, workload: str, test: str):
+        assert s.run == workload == "./check" and test == ""
         self.tested.append(sha)
         return STATUS[git(self.repo, "show", f"{sha}:state").split()[0]], 2.0, 1.0, False
 
@@ -265,3 +265,24 @@ def test_bisect_names_the_commit_that_changed_what_the_guest_sees_then_resumes(c
     assert "cache: " not in again.stderr and "booted in" not in again.stderr
     assert f"first bad commit: {shas[2]}" in again.stdout
     assert json.loads((workspace / bisect.RECORD).read_text())["steps"] == steps
+
+
+@pytest.mark.parametrize(
+    "text, result, expected",
+    [
+        ("ok 1 t", "workload", 0),
+        ("not ok 1 t", "workload", 1),
+        ("ok 1 t # SKIP no device", "workload", NO_STATUS),  # the test did not run: this step says nothing
+        ("ok 1 other", "workload", NO_STATUS),
+        ("not ok 1 t", "panic", NO_STATUS),  # the VM never reported: its status, as without --test
+    ],
+)
+def test_with_test_a_step_is_that_tests_result(text: str, result: str, expected: int) -> None:
+    """`--test`: only that test counts; its neighbours failing, the workload's status and splats do not."""
+    from vngtasks import runrecord, supervise
+    from vngtasks.report import known, results
+
+    tests = results.judge(f"TAP version 13\n1..2\n{text}\nnot ok 2 neighbour\n", "ktap", "6.12", known.Known())
+    outcome = supervise.Outcome("tcg", 1 if result == "workload" else NO_STATUS, result, 1.0, 1.0)
+    record = runrecord.Record(Path("/k"), "6.12", "x86_64", outcome, outcome.status, ("WARNING: x",), tests)
+    assert bisect.tested(record, "t") == expected

@@ -212,6 +212,7 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
         "workload_status": 0,
         "status": 123,
         "splats": ["WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"],
+        "tests": None,  # no `results`
     }
     assert "| 123 (splat) | 1 |" in summary.read_text()
 

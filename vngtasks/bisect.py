@@ -31,6 +31,8 @@ from . import cache, log, provide, resolve, vm
 from .errors import BAD_INPUT, FAILED, MISSING_TOOL, NO_STATUS, SPLAT, Failure
 from .files import read_regular, remove_tree, write_atomically
 from .log import printable
+from .report import ktap
+from .runrecord import Record
 from .settings import Settings
 
 GOOD, BAD, SKIP = "good", "bad", "skip"
@@ -170,7 +172,9 @@ class Repo:
         return self.git("bisect", "log", check=False)
 
 
-def arguments(settings: Settings, good: str, bad: str, splat_ignored: bool, on_build_failure: str) -> dict:
+def arguments(
+    settings: Settings, good: str, bad: str, splat_ignored: bool, on_build_failure: str, test: str = ""
+) -> dict:
     """What a record is for: a re-run resumes from it only when all of these are the same."""
     kconfig = settings.kconfig.read_bytes() if settings.kconfig else b""
     return {
@@ -178,6 +182,7 @@ def arguments(settings: Settings, good: str, bad: str, splat_ignored: bool, on_b
         "version": settings.version, "arch": settings.arch.name, "kconfig_base": str(settings.kconfig_base),
         "kconfig_sha256": hashlib.sha256(kconfig).hexdigest(), "cc": settings.cc, "llvm": settings.llvm,
         "run": settings.run, "splat_ignored": splat_ignored, "on_build_failure": on_build_failure,
+        "results": settings.results, "test": test,
     }  # fmt: skip
 
 
@@ -245,8 +250,24 @@ def table(steps: list[Step]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def run_step(c: Context, settings: Settings, sha: str, workload: str) -> tuple[int | None, float, float, bool]:
-    """Build (or find) and boot one commit: (status, None when it did not build; build s; boot s; cache hit)."""
+def tested(record: Record, test: str) -> int:
+    """The status a step gets from one test of its results (`--test`): 1 when it failed (or never got its result),
+    0 when it passed, NO_STATUS (a skip) when it was skipped or is not in the results; a VM that never reported
+    keeps its status. The rest of the run (other tests, the workload's status, splats) does not count."""
+    if record.outcome.result != "workload":
+        return record.status
+    found = [v for v in (record.results.verdicts if record.results else ()) if v.id == test]
+    if not found or all(verdict.status == ktap.SKIP for verdict in found):
+        log.warn(f"bisect: test {test} {'was skipped' if found else 'is not in the results'}: the step is skipped")
+        return NO_STATUS
+    return FAILED if any(verdict.failed for verdict in found) else 0
+
+
+def run_step(
+    c: Context, settings: Settings, sha: str, workload: str, test: str = ""
+) -> tuple[int | None, float, float, bool]:
+    """Build (or find) and boot one commit: (status, None when it did not build; build s; boot s; cache hit).
+    With `test`, the status is that test's (see tested)."""
     step = dataclasses.replace(settings, tag=sha)
     resolved = resolve.Resolved(sha=sha, ref="", source="sha")
     kernels = cache.KernelCache(cache.kernels_root(step))
@@ -262,15 +283,17 @@ def run_step(c: Context, settings: Settings, sha: str, workload: str) -> tuple[i
         return None, time.monotonic() - started, 0.0, hit
     built = time.monotonic()
     with kernels.using(entry.key) as in_use:
-        status = vm.run(step, in_use.path, workload)
+        record = vm.run_recorded(step, in_use.path, workload)
+    status = tested(record, test) if test else record.status
     return status, built - started, time.monotonic() - built, hit
 
 
 def bisect(
     c: Context, settings: Settings, good: resolve.Resolved, bad: resolve.Resolved, *,
-    splat_ignored: bool = False, on_build_failure: str = SKIP,
+    splat_ignored: bool = False, on_build_failure: str = SKIP, test: str = "",
 ) -> int:  # fmt: skip
-    """Bisect from good to bad, each step built and booted; FOUND or UNDECIDED."""
+    """Bisect from good to bad, each step built and booted; FOUND or UNDECIDED. With `test` (an id of the
+    run's results), a step is bad only when that test fails."""
     if good.sha == bad.sha:
         raise Failure(f"bisect: good and bad are the same commit {good.sha12}", BAD_INPUT)
     repo = Repo(settings.cache_dir, good.sha, bad.sha)
@@ -279,7 +302,7 @@ def bisect(
         remove_tree(repo.path)  # bad input leaves nothing behind
         raise Failure(f"bisect: good {good.sha12} is not an ancestor of bad {bad.sha12}", BAD_INPUT)
     record = settings.log_dir / RECORD
-    wanted = arguments(settings, good.sha, bad.sha, splat_ignored, on_build_failure)
+    wanted = arguments(settings, good.sha, bad.sha, splat_ignored, on_build_failure, test)
     steps = finished_steps(repo, wanted)
     repo.start()
     for step in steps:
@@ -294,7 +317,7 @@ def bisect(
         subject, _ = repo.describe(state.next)
         elapsed = time.monotonic() - started
         log.info(f"bisect: step {number} of about {about}: {state.next[:12]} {subject} ({elapsed:.0f} s so far)")
-        status, build_s, boot_s, hit = run_step(c, settings, state.next, settings.run)
+        status, build_s, boot_s, hit = run_step(c, settings, state.next, settings.run, test)
         said = verdict(status, splat_ignored=splat_ignored, on_build_failure=on_build_failure)
         steps.append(Step(state.next, subject, said, status, round(build_s, 1), round(boot_s, 1), hit))
         repo.mark(state.next, said)

@@ -37,11 +37,11 @@ def remove_empty_dirs(here: Path, stop: Path) -> None:
         here = here.parent
 
 
-def read_regular(path: Path, limit: int) -> bytes | None:
+def read_regular(path: Path, limit: int, dir_fd: int | None = None) -> bytes | None:
     """A file a guest, a build host or a record on disk may have made into anything: read only when it is a
     regular file, never through a link, at most `limit` bytes; else None (a FIFO would block a plain read)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -52,6 +52,26 @@ def read_regular(path: Path, limit: int) -> bytes | None:
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_inside(top: Path, name: str, limit: int) -> bytes | None:
+    """The regular file `name` (relative) under `top`, at most `limit` bytes, none of its directories reached
+    through a link (someone else's directories: a guest's workspace); else None."""
+    *folders, leaf = name.split("/")
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for folder in folders:
+            deeper = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        return read_regular(Path(leaf), limit, dir_fd=fd)
     except OSError:
         return None
     finally:

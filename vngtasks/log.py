@@ -6,7 +6,7 @@ import os
 import sys
 
 
-def _in_actions() -> bool:
+def in_actions() -> bool:
     return os.environ.get("GITHUB_ACTIONS") == "true"
 
 
@@ -15,7 +15,7 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    if _in_actions():
+    if in_actions():
         print(f"::warning::{message}", file=sys.stderr, flush=True)
     else:
         print(f"vngtasks: warning: {message}", file=sys.stderr, flush=True)

@@ -1,13 +1,15 @@
 """The run as reported, once it is over: its final status, its logs and record in log-dir, the step summary.
 
-A run's console, dmesg and `vng-run.json` are published into log-dir together, under the lock
-`.vng-logs.lock`: another run sharing the log-dir may replace them, but the three always belong
-to one run. On GitHub, each run adds one row to the step summary's table.
+A run's console, dmesg, `vng-run.json` and, with `results`, `results.json` and `results.xml` are published
+into log-dir together, under the lock `.vng-logs.lock`: another run sharing the log-dir may replace them, but
+they always belong to one run. On GitHub, each run adds one row to the step summary's table (and its test
+results' table) and, with `results`, the boot step's outputs tests-passed, tests-failed and tests-skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -20,9 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import log
+from .action import write_outputs
 from .errors import FAILED, SPLAT, Failure
 from .files import write_atomically
 from .health import TAIL_LINES, find_splats, judged_lines
+from .report import junit
+from .report import results as test_results
+from .report.known import Known
+from .report.results import Results
 from .settings import Settings
 from .supervise import Outcome
 
@@ -31,6 +38,7 @@ DMESG_LOG = "vng-dmesg.log"
 LOGS_LOCK = ".vng-logs.lock"  # held while a run publishes its logs into log-dir
 RUN_JSON = "vng-run.json"
 LOG_MODE = 0o644  # what a file of a run's made with the usual umask would have
+NOTHING_KNOWN = Known()
 SUMMARY_HEADER = "| kernel | accel | boot (s) | workload (s) | status | splats |\n|---|---|---|---|---|---|\n"
 
 
@@ -41,6 +49,7 @@ class Attempt:
     outcome: Outcome
     console: bytes
     dmesg: bytes | None  # None: the guest wrote none (it never got to the end of its workload)
+    stdout: bytes | None = None  # the start of the workload's stdout, when kept (`results ktap`)
 
 
 @dataclass(frozen=True)
@@ -53,30 +62,56 @@ class Record:
     outcome: Outcome
     status: int  # the task's exit status (the workload's, or SPLAT)
     splats: tuple[str, ...]
+    results: Results | None = None  # with `results`
 
 
-def conclude(settings: Settings, kernel: Path, attempted: Attempt, environ: Mapping[str, str]) -> int:
-    """Splat check of this run's own console and dmesg, its logs and vng-run.json published together,
-    the step summary: the run's final status."""
+def conclude(
+    settings: Settings, kernel: Path, attempted: Attempt, environ: Mapping[str, str], known: Known = NOTHING_KNOWN
+) -> int:
+    """The run's final status (see recorded)."""
+    return recorded(settings, kernel, attempted, environ, known).status
+
+
+def recorded(
+    settings: Settings, kernel: Path, attempted: Attempt, environ: Mapping[str, str], known: Known = NOTHING_KNOWN
+) -> Record:
+    """Splat check of this run's own console and dmesg, its test results (with `results`) judged against the
+    failures it expects (`known`), its logs and records published together, the step summary: the run as
+    reported."""
     outcome = attempted.outcome
     console_lines = attempted.console.decode(errors="replace").splitlines()
     splats: list[str] = []
     if settings.splat_check:
         splats = find_splats(judged_lines(console_lines, attempted.dmesg), settings.splat_allow)
-    status = judge(outcome, splats)
-    record = Record(
-        kernel=kernel,
-        release=guest_release(outcome, console_lines),
-        arch=settings.arch.name,
-        outcome=outcome,
-        status=status,
-        splats=tuple(splats),
-    )
+    release = guest_release(outcome, console_lines)
+    results = None
+    workload = outcome
+    if settings.results:
+        text, problem = test_results.stream(settings, attempted.stdout, attempted.console)
+        results = test_results.judge(text, settings.results, release, known, ended(outcome, splats), problem)
+        test_results.tell(results, log.in_actions())
+        reported = outcome.result == "workload"
+        workload = dataclasses.replace(outcome, status=test_results.status_with(results, outcome.status, reported))
+    status = judge(workload, splats)
+    record = Record(kernel, release, settings.arch.name, outcome, status, tuple(splats), results)
     publish(settings.log_dir, attempted, record)
     summary = environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         append_summary(Path(summary), record)
-    return status
+    if results is not None and environ.get("GITHUB_OUTPUT"):
+        write_outputs(Path(environ["GITHUB_OUTPUT"]), test_results.action_outputs(results))
+    return record
+
+
+def ended(outcome: Outcome, splats: list[str]) -> str:
+    """How a run whose workload never reported ended, for the tests that never got a result ("" when it did)."""
+    said = {
+        "panic": "the kernel panicked",
+        "run-timeout": "run-timeout expired",
+        "no-status": "the VM ended without the workload's status",
+        "boot-timeout": "boot-timeout expired",
+    }.get(outcome.result, "")
+    return f"{said}: {splats[0]}" if said and splats else said
 
 
 def judge(outcome: Outcome, splats: list[str]) -> int:
@@ -105,14 +140,26 @@ def guest_release(outcome: Outcome, console_lines: list[str]) -> str:
 def publish(log_dir: Path, attempted: Attempt, record: Record) -> None:
     """The run's console, dmesg and vng-run.json into log-dir, under one lock: another run sharing the
     log-dir may replace them, but the three always belong to one run. log-dir is the workspace by default,
-    which the guest writes: each file is replaced (a link the guest placed is replaced, never followed)."""
+    which the guest writes: each file is replaced (a link the guest placed is replaced, never followed). A file
+    this run has none of is removed (another run's would be taken for this one's)."""
     with logs_lock(log_dir):
         write_atomically(log_dir / CONSOLE_LOG, attempted.console, LOG_MODE)
-        if attempted.dmesg is None:
-            (log_dir / DMESG_LOG).unlink(missing_ok=True)
-        else:
-            write_atomically(log_dir / DMESG_LOG, attempted.dmesg, LOG_MODE)
-        write_atomically(log_dir / RUN_JSON, json.dumps(record_json(record, log_dir), indent=2) + "\n", LOG_MODE)
+        results = record.results
+        files = {
+            DMESG_LOG: attempted.dmesg,
+            test_results.RESULTS_JSON: None if results is None else _json(test_results.record_json(results)),
+            test_results.RESULTS_XML: None if results is None else junit.render(results),
+        }
+        for name, data in files.items():
+            if data is None:
+                (log_dir / name).unlink(missing_ok=True)
+            else:
+                write_atomically(log_dir / name, data, LOG_MODE)
+        write_atomically(log_dir / RUN_JSON, _json(record_json(record, log_dir)), LOG_MODE)
+
+
+def _json(record: Mapping[str, object]) -> str:
+    return json.dumps(record, indent=2) + "\n"
 
 
 @contextlib.contextmanager
@@ -152,6 +199,7 @@ def record_json(record: Record, log_dir: Path) -> dict[str, object]:
         "workload_status": outcome.status if outcome.result == "workload" else None,
         "status": record.status,
         "splats": list(record.splats),
+        "tests": None if record.results is None else record.results.totals,
     }
 
 
@@ -189,6 +237,9 @@ def append_summary(path: Path, record: Record) -> None:
     except FileNotFoundError:
         existing = ""
     with open(path, "a") as summary:
-        if SUMMARY_HEADER not in existing:
+        last = existing.rstrip("\n").rpartition("\n")[2]
+        if SUMMARY_HEADER not in existing or not last.startswith("| "):  # a run's test results came between
             summary.write(("\n" if existing and not existing.endswith("\n") else "") + SUMMARY_HEADER)
         summary.write(summary_row(record))
+        if record.results is not None:
+            summary.write(test_results.summary_markdown(record.results))

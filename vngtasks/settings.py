@@ -127,6 +127,16 @@ SETTINGS: tuple[Setting, ...] = (
             "kernel warnings, BUGs, oopses, stalls in the guest fail a passing workload (exit 123)"),
     Setting("splat_allow", "", _BOOTS, validate.regexes,
             "regexes (Python re, searched anywhere in the line) of splat lines to ignore, one per line"),
+    Setting("results", "", _BOOTS, validate.results,
+            "test results to read after the run: ktap (the workload's stdout), kunit (KUnit's suites on the "
+            "console) or a KTAP/TAP file the workload writes, relative to the workspace; writes results.xml and "
+            "results.json to log-dir, and a new failing test fails the run (exit 1)", shown="none"),
+    Setting("known_failures", "", _BOOTS, validate.known_failures,
+            "a file of test ids that may fail (globs; `#` comments; `[regex]` after one: only on kernels whose "
+            "release it matches), relative to the workspace", shown="none"),
+    Setting("results_baseline", "", _BOOTS, validate.results_baseline,
+            "an earlier run's results.json, relative to the workspace: the tests that failed there may fail",
+            shown="none"),
 )  # fmt: skip
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
@@ -187,6 +197,9 @@ class Settings:
     log_dir: Path
     splat_check: bool
     splat_allow: tuple[str, ...]  # regexes, each checked by re.compile
+    results: str  # "", "ktap", "kunit" or a relative path under the workspace
+    known_failures: Path | None
+    results_baseline: Path | None
     workspace: Path
 
 
@@ -219,6 +232,9 @@ def _check_together(s: Settings) -> None:
         raise InputError("kconfig_base", f"tiny is not available for {s.arch.name} yet: use vng or a .config file")
     if s.accel == "kvm" and s.arch != arches.host():
         raise InputError("accel", f"kvm cannot run {s.arch.name} guests on a {arches.host().name} host: use tcg")
+    for key in ("known_failures", "results_baseline"):
+        if getattr(s, key) and not s.results:
+            raise InputError(key, "needs `results`: there are no test results to compare")
 
 
 def _text(key: str, value: object) -> str:

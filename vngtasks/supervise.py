@@ -48,6 +48,7 @@ PANIC_GRACE_SECONDS = 5.0  # panic=-1 ends the VM at once; stop it ourselves aft
 
 PR_SET_PDEATHSIG = 1
 VNG_STDERR_BYTES = 16 * 1024  # the end of vng's stderr kept: its own error, when it fails before the kernel runs
+STDOUT_COPY_BYTES = 16 * 1024 * 1024  # the start of the workload's stdout kept, when asked (test results)
 
 
 @dataclass(frozen=True)
@@ -113,16 +114,19 @@ class Marks:
         )
 
 
-def supervise(vm: VmRun, argv: list[str], env: Mapping[str, str], marks: Marks, guard: Guard) -> Outcome:
+def supervise(
+    vm: VmRun, argv: list[str], env: Mapping[str, str], marks: Marks, guard: Guard, stdout: bytearray | None = None
+) -> Outcome:
     """Run vng until the VM ends, is over its time or panics; `marks` notes when each thing happened, `guard`
-    (started before, closed after, by the caller) learns vng's session."""
+    (started before, closed after, by the caller) learns vng's session; `stdout`, when given, gets the start of
+    what the workload printed (at most STDOUT_COPY_BYTES), as it is relayed."""
     vm.console_log.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     with contextlib.ExitStack() as cleanup:
         with stopping_signals_held():  # a stop waits until vng is started and its cleanup is in place
-            process = start(argv, env)
-            relays = relay(process)
+            process = start(argv, env, copy_stdout=stdout is not None)
+            relays = relay(process, stdout)
             cleanup.callback(finish, process, relays)
             guard.watch(process.pid)
         marks.vng = time.monotonic()
@@ -160,7 +164,7 @@ def stopping_signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def start(argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+def start(argv: list[str], env: Mapping[str, str], copy_stdout: bool = False) -> subprocess.Popen[bytes]:
     """vng in a session of its own (stopped as a whole), killed by the kernel should we die before it."""
     parent = os.getpid()
     prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -173,8 +177,9 @@ def start(argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
 
     try:
         return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=in_child, **relayed_streams()
-        )
+            argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=in_child,
+            **relayed_streams(copy_stdout),
+        )  # fmt: skip
     except FileNotFoundError:
         raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
 
@@ -249,10 +254,12 @@ def failed(vm: VmRun, result: str, message: str, boot_seconds: float | None, tai
 # virtme-ng gives QEMU /proc/self/fd/1 and /2 as `file` chardevs (the guest's stdout and stderr),
 # which QEMU opens again with O_TRUNC: where ours is a regular file (`invoke boot > log 2>&1`),
 # everything written to it before the VM started would be erased. vng gets a pipe instead. Its stderr always
-# goes through a pipe: its end is kept, for vng's own error when it fails.
-def relayed_streams() -> dict[str, int | None]:
-    """Popen's stdout and stderr: a pipe for stderr, and in place of our stdout when that is a regular file."""
-    return {"stdout": subprocess.PIPE if _regular_file(1) else None, "stderr": subprocess.PIPE}
+# goes through a pipe: its end is kept, for vng's own error when it fails. Its stdout does too when its start is
+# kept (the workload's test results).
+def relayed_streams(copy_stdout: bool = False) -> dict[str, int | None]:
+    """Popen's stdout and stderr: a pipe for stderr, and in place of our stdout when that is a regular file or
+    when `copy_stdout`."""
+    return {"stdout": subprocess.PIPE if copy_stdout or _regular_file(1) else None, "stderr": subprocess.PIPE}
 
 
 @dataclass
@@ -266,24 +273,28 @@ class Relays:
         return bytes(self.tail).decode(errors="replace")
 
 
-def relay(process: subprocess.Popen[bytes]) -> Relays:
-    """Copy each piped stream to ours as it comes; the threads end when the session's writers do."""
+def relay(process: subprocess.Popen[bytes], stdout: bytearray | None = None) -> Relays:
+    """Copy each piped stream to ours as it comes (the start of stdout into `stdout` too, when given); the
+    threads end when the session's writers do."""
     relays = Relays([], bytearray())
     for pipe, fd in ((process.stdout, 1), (process.stderr, 2)):
         if pipe is not None:
-            kept = relays.tail if fd == 2 else None
-            thread = threading.Thread(target=_copy, args=(pipe, fd, kept), daemon=True)
+            args = (pipe, fd, relays.tail, None) if fd == 2 else (pipe, fd, None, stdout)
+            thread = threading.Thread(target=_copy, args=args, daemon=True)
             thread.start()
             relays.threads.append(thread)
     return relays
 
 
-def _copy(source: IO[bytes], target: int, kept: bytearray | None) -> None:
+def _copy(source: IO[bytes], target: int, tail: bytearray | None, head: bytearray | None) -> None:
+    """`source` to `target`, keeping its last VNG_STDERR_BYTES in `tail`, its first STDOUT_COPY_BYTES in `head`."""
     with source:
         while chunk := os.read(source.fileno(), 65536):
-            if kept is not None:
-                kept += chunk
-                del kept[:-VNG_STDERR_BYTES]
+            if tail is not None:
+                tail += chunk
+                del tail[:-VNG_STDERR_BYTES]
+            if head is not None and len(head) < STDOUT_COPY_BYTES:
+                head += chunk[: STDOUT_COPY_BYTES - len(head)]
             view = memoryview(chunk)
             while view:
                 view = view[os.write(target, view) :]

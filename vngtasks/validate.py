@@ -17,6 +17,7 @@ from pathlib import Path
 from . import arches
 from .arches import Arch
 from .log import printable
+from .report import known
 
 ACCELS = ("auto", "kvm", "tcg")
 KCONFIG_BASES = ("vng", "tiny")  # or the path of a full .config
@@ -301,6 +302,39 @@ def make_directory(key: str, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(key, f"cannot make {path}: {error.strerror}") from None
+
+
+_RELATIVE_FILE = re.compile(r"[A-Za-z0-9._+@%:~-]+(/[A-Za-z0-9._+@%:~-]+)*")
+
+
+def results(key: str, value: str, given: Given) -> str:
+    """ktap, kunit, or the path of a file the workload writes: relative, under the workspace, each part plain."""
+    if value in ("", "ktap", "kunit"):
+        return value
+    path = value.removeprefix("./")
+    if not _RELATIVE_FILE.fullmatch(path) or any(part in (".", "..") for part in path.split("/")):
+        raise InputError(key, f"expected ktap, kunit or a path relative to the workspace ({PLAIN}, no `..`)")
+    return path
+
+
+def known_failures(key: str, value: str, given: Given) -> Path | None:
+    """A known-failures file (report/known.py), its lines checked now."""
+    return _checked_file(key, value, given, known.read_rules)
+
+
+def results_baseline(key: str, value: str, given: Given) -> Path | None:
+    """An earlier run's results.json, checked now."""
+    return _checked_file(key, value, given, known.read_baseline)
+
+
+def _checked_file(key: str, value: str, given: Given, read: Callable[[Path], object]) -> Path | None:
+    path = existing_file(key, value, given)
+    if path is not None:
+        try:
+            read(path)
+        except ValueError as error:
+            raise InputError(key, str(error)) from None
+    return path
 
 
 def regexes(key: str, value: str, given: Given) -> tuple[str, ...]:

@@ -26,7 +26,8 @@ from .arches import Arch
 from .errors import BAD_INPUT, Failure
 from .hostprobe import HostProbes, virtme_ng_init_runs
 from .reaper import Leftovers
-from .runrecord import Attempt, conclude
+from .report import results
+from .runrecord import Attempt, Record, recorded
 from .settings import Settings
 from .supervise import Marks, Outcome, VmRun, supervise
 from .validate import make_directory, plain_path
@@ -262,10 +263,16 @@ def new_run_dir(settings: Settings) -> Path:
 
 def run(settings: Settings, kernel: Path, workload: str) -> int:
     """Boot `kernel`, run `workload` with bash inside, return the exit status to report."""
+    return run_recorded(settings, kernel, workload).status
+
+
+def run_recorded(settings: Settings, kernel: Path, workload: str) -> Record:
+    """Boot `kernel`, run `workload` with bash inside: the run as reported (its status, its test results)."""
     host = Host.current()
     if settings.arch != host.arch and (why := guestroot.refused(settings.arch)):
         raise Failure(why, BAD_INPUT)
     github_dirs(host.environ)  # refused now, before anything is made, if vng could not share them
+    known = results.expected(settings)  # a bad known-failures or baseline file too
     accel.qemu_binary(settings.arch)
     make_directory("log_dir", settings.log_dir)
     make_directory("cache_dir", settings.cache_dir)
@@ -284,7 +291,7 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
         log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
         retried = dataclasses.replace(host_side, probe_seconds=0.0)
         attempted = attempt(settings, kernel, workload, host, "tcg", retried, root)
-    return conclude(settings, kernel, attempted, host.environ)
+    return recorded(settings, kernel, attempted, host.environ, known)
 
 
 def dry_run_line(settings: Settings, kernel: Path) -> str:
@@ -353,13 +360,15 @@ def attempt(
         try:
             prepare(boot, workload, host.environ)
             argv = vng_argv(boot, host)
-            outcome = supervise(boot.supervised(), argv, child_environment(host.environ), marks, guard)
+            stdout = bytearray() if settings.results == results.KTAP else None
+            outcome = supervise(boot.supervised(), argv, child_environment(host.environ), marks, guard, stdout)
             report = health.read_guest_report(boot.shared)
             marks.guest_uptime = report.uptime
             marks.guest_init = health.init_started(report.dmesg or b"")
             phases = marks.phases() if outcome.result == "workload" else ()
             outcome = dataclasses.replace(outcome, release=report.release, phases=phases)
-            return Attempt(outcome, health.read_console(boot.console_log), report.dmesg)
+            console = health.read_console(boot.console_log)
+            return Attempt(outcome, console, report.dmesg, None if stdout is None else bytes(stdout))
         finally:
             boot.leftovers().remove()
 

@@ -14,6 +14,7 @@ OPTIONS = {
     "good": "a tag, branch or 40-hex commit where the workload passes",
     "bad": "a later one, descended from --good, where it fails",
     "on_build_failure": "the verdict on a commit that does not build: skip (default) or bad",
+    "test": "bisect one test: a step is bad only when this id of the run's results fails (needs results)",
 }
 SWITCHES = {"splat_ignored": "a splat (exit 123) of a passing workload is good, not bad"}
 
@@ -35,10 +36,17 @@ def bisect(c: Context, splat_ignored: bool = False, **flags: str | None):
 
     if on_build_failure not in bisecting.BUILD_FAILURE_VERDICTS:
         raise Exit(f"vngtasks: on-build-failure: {on_build_failure!r} is not skip or bad", code=BAD_INPUT)
+    test = given["test"] or ""
+    if test and not s.results:
+        raise Exit("vngtasks: test: needs `results`: a test is an id of the run's test results", code=BAD_INPUT)
+    if not test.isprintable():
+        raise Exit("vngtasks: test: holds a control character", code=BAD_INPUT)
     with _common.stopped_by_signals(), _common.exit_statuses():
         ends = {name: git_ref(name, given[name], None) for name in ("good", "bad")}  # type: ignore[arg-type]
         make_directory("log_dir", s.log_dir)
         good, bad = (resolve_kernel(c, dataclasses.replace(s, tag=ends[n]), record=False) for n in ("good", "bad"))
-        status = bisecting.bisect(c, s, good, bad, splat_ignored=splat_ignored, on_build_failure=on_build_failure)
+        status = bisecting.bisect(
+            c, s, good, bad, splat_ignored=splat_ignored, on_build_failure=on_build_failure, test=test
+        )
     if status:
         raise Exit(code=status)
