@@ -116,3 +116,19 @@ def test_durations_and_ids_that_are_one_path_part_each() -> None:
     text = "TAP version 13\n1..1\n# time=1500ms\nok 1 a/b \x1b[31mred\n"
     (case,) = ktap.leaves(ktap.parse(text))
     assert case.id == "a_b red" and case.test.seconds == 1.5
+
+
+def test_what_a_parse_keeps_is_bounded() -> None:
+    """A stream is what a guest printed: nesting deeper than MAX_DEPTH is diagnostics, a test keeps its last
+    DIAGNOSTIC_LINES lines, a line is cut, a plan announces at most MAX_PLANNED tests."""
+    deep = "".join(f"{'    ' * depth}# Subtest: s{depth}\n" for depth in range(40)) + "    " * 40 + "ok 1 bottom\n"
+    parsed = ktap.parse("KTAP version 1\n1..1\n" + deep)
+    depth, test = 0, parsed[0]
+    while test.subtests:
+        depth, test = depth + 1, test.subtests[0]
+    assert depth <= ktap.MAX_DEPTH
+    noise = "".join(f"line {n} {'x' * 5000}\n" for n in range(1000))
+    (case,) = ktap.leaves(ktap.parse(f"TAP version 13\n1..1\n{noise}not ok 1 t\n"))
+    assert len(case.test.diagnostics) == ktap.DIAGNOSTIC_LINES and case.test.diagnostics[-1].startswith("line 999 ")
+    assert max(map(len, case.test.diagnostics)) <= ktap.LINE_CHARS
+    assert len(ktap.parse("TAP version 13\n1..999999999999\n")) == ktap.MAX_PLANNED
