@@ -49,7 +49,14 @@ def _test(session: nox.Session, marks: str, *paths: str) -> None:
         workers = ["--numprocesses", WORKERS, "--dist", "loadgroup"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = ["--junitxml", str(RESULTS / f"{session.name}.xml"), "--durations", "10"]
-    session.run("pytest", "-m", marks, *workers, *report, *paths, *session.posargs)
+    session.run("pytest", "-m", marks, *workers, *report, *paths, *session.posargs, env=_temporary_files())
+
+
+def _temporary_files() -> dict[str, str]:
+    """TMPDIR for the tests (pytest's tmp_path, and every compiler and tool they start): /var/tmp unless one is
+    set. The build tests' kernel trees take more than a /tmp in memory holds (half of RAM, a tmpfs: Debian 13's,
+    Fedora's, and the fresh-machine rehearsal's)."""
+    return {"TMPDIR": os.environ.get("TMPDIR") or "/var/tmp"}
 
 
 @nox.session

@@ -71,13 +71,16 @@ def inside(root: Path, argv: list[str], *, network: bool = False, user: int = 0,
     certificates (its registries may sit behind a proxy of their own), else in a network namespace holding
     loopback only."""
     script = (
-        'set -e; R="$1"; shift; mount -t proc proc "$R/proc"; mount --rbind /dev "$R/dev";'
+        # Private mounts, which --propagation private cannot make inside a chroot (where / is no mount point): there,
+        # the chroot's maker chose (../shared/fresh-machine makes them private).
+        'set -e; R="$1"; shift; mount --make-rprivate / 2>/dev/null || true;'
+        ' mount -t proc proc "$R/proc"; mount --rbind /dev "$R/dev";'
         ' if [ -n "$REGISTRY" ]; then mount --bind -o ro /etc/ssl/certs "$R/etc/ssl/certs"; fi;'
         ' mount -t tmpfs tmpfs "$R/tmp"; mkdir -p "$R/tmp/home"; chown "$USER_ID:$USER_ID" "$R/tmp/home";'
         " ip link set lo up 2>/dev/null || true;"
         ' exec chroot --userspec="$USER_ID:$USER_ID" "$R" "$@"'
     )
-    unshare = ["unshare", "--mount", "--propagation", "private", *([] if network else ["--net"])]
+    unshare = ["unshare", "--mount", "--propagation", "unchanged", *([] if network else ["--net"])]
     environ = [f"{name}={value}" for name, value in {**INSIDE_ENV, **(env or {})}.items()]
     return subprocess.run(
         [*unshare, "sh", "-c", script, "sh", str(root), "/usr/bin/env", "-i", *environ, *argv],

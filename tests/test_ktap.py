@@ -8,15 +8,15 @@ KUNIT = """\
 [    1.000000] KTAP version 1
 [    1.000001] 1..2
 [    1.100000]     KTAP version 1
-[    1.100001]     # Subtest: list-kernel-test
+[    1.100001]     # Subtest: list-kunit-test
 [    1.100002]     # module: list_test
 [    1.100003]     1..3
 [    1.200000]     ok 1 list_test_list_init
 [    1.200001]     # list_test_list_add: EXPECTATION FAILED at lib/list-test.c:32
 [    1.200002]     not ok 2 list_test_list_add
 [    1.200003]     ok 3 list_test_x # SKIP not on this arch
-[    1.300000] # list-kernel-test: pass:1 fail:1 skip:1 total:3
-[    1.300001] not ok 1 list-kernel-test
+[    1.300000] # list-kunit-test: pass:1 fail:1 skip:1 total:3
+[    1.300001] not ok 1 list-kunit-test
 [    1.400000]     # Subtest: bitfield
 [    1.400001]     1..1
 [    1.400002]     ok 1 test_bitfields_constants
@@ -52,9 +52,9 @@ def cases(text: str) -> dict[str, tuple[str, str]]:
 def test_kunit_on_the_console_nested_by_indentation() -> None:
     found = ktap.leaves(ktap.parse(KUNIT))
     assert [(c.id, c.suite, c.test.status) for c in found] == [
-        ("list-kernel-test/list_test_list_init", "list-kernel-test", "pass"),
-        ("list-kernel-test/list_test_list_add", "list-kernel-test", "fail"),
-        ("list-kernel-test/list_test_x", "list-kernel-test", "skip"),
+        ("list-kunit-test/list_test_list_init", "list-kunit-test", "pass"),
+        ("list-kunit-test/list_test_list_add", "list-kunit-test", "fail"),
+        ("list-kunit-test/list_test_x", "list-kunit-test", "skip"),
         ("bitfield/test_bitfields_constants", "bitfield", "pass"),
     ]
     assert found[1].test.diagnostics == ["list_test_list_add: EXPECTATION FAILED at lib/list-test.c:32"]

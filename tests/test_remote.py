@@ -525,11 +525,30 @@ def test_the_build_host_hits_objects_compiled_here(start_sshd, home: Path, tmp_p
     far = buildhost.survey(conn, host)
     there = buildsteps.plan_on(settings, SHA, far, f"{sshd.remote_home}/work")
     env = buildsteps.make_env(there, far)
-    before = kernelmake.ccache_stats(conn, env)
+    kernelmake.forget_ccache_counts(conn, env)
     compile_one(conn, there, env, source)
-    after = kernelmake.ccache_stats(conn, env)
+    counts = kernelmake.ccache_counts(conn, env)
     conn.close()
-    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 0)
+    assert (counts["hits"], counts["misses"]) == (1, 0)
+
+
+def test_a_builds_ccache_counts_are_its_own_while_another_build_shares_the_directory(tmp_path: Path, monkeypatch):
+    """Two builds share one CCACHE_DIR (a build host's, at once): each build's hits and misses in its metadata
+    are of its own compilations, not the directory's counters moving under both."""
+    monkeypatch.setenv("CCACHE_DIR", str(tmp_path / "ccache"))
+    settings = effective(DEFAULTS, {"tag": SHA}, workspace=tmp_path)
+    ours, theirs = (
+        buildsteps.Plan(settings, SHA, str(tmp_path / n / "linux"), arches.host(), 1, str(tmp_path / n / "tools"))
+        for n in ("ours", "theirs")
+    )
+    env = buildsteps.build_env(ours, str(tmp_path))
+    source = f"int vngtasks_probe_{random.getrandbits(64)}(void) {{ return 1; }}\n"
+    kernelmake.forget_ccache_counts(Context(), env)
+    compile_one(Context(), ours, env, source)  # a miss
+    compile_one(Context(), theirs, buildsteps.build_env(theirs, str(tmp_path)), "int other(void) { return 2; }\n")
+    compile_one(Context(), ours, env, source)  # a hit
+    counts = kernelmake.ccache_counts(Context(), env)
+    assert (counts["hits"], counts["misses"]) == (1, 1)
 
 
 def compile_one(c: Context, plan: buildsteps.Plan, env: dict[str, str], source: str) -> None:

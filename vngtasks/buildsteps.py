@@ -108,6 +108,8 @@ def build_env(plan: Plan, home: str, environ: Mapping[str, str] = os.environ) ->
             "CCACHE_MAXSIZE": plan.settings.ccache_max_size,
             "CCACHE_BASEDIR": plan.tree,
             "CCACHE_NOHASHDIR": "true",
+            # This build's own counts (the directory's counters add up every build sharing it, at once too).
+            "CCACHE_STATSLOG": f"{plan.tools_dir}/ccache-stats.log",
         }
     return env
 

@@ -146,20 +146,34 @@ class Compiled:
 
 def compile_measured(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> Compiled:
     """compile_kernel, timed, with the ccache hits and misses it caused."""
-    before = ccache_stats(c, env)
+    cached = plan.settings.kernel_compile_cache
+    if cached:
+        forget_ccache_counts(c, env)
     started = time.monotonic()
     compile_kernel(c, plan, vng, env)
     seconds = time.monotonic() - started
-    after = ccache_stats(c, env)
-    delta = {k: after[k] - before[k] for k in after} if plan.settings.kernel_compile_cache else None
-    return Compiled(seconds, delta)
+    return Compiled(seconds, ccache_counts(c, env) if cached else None)
 
 
-def ccache_stats(c: Context, env: dict[str, str]) -> dict[str, int]:
-    done = c.run("ccache --print-stats", env=env, hide=True, warn=True, in_stream=False)
-    stats = dict(line.split("\t", 1) for line in done.stdout.splitlines() if "\t" in line)
-    hits = sum(int(stats.get(k, 0)) for k in ("direct_cache_hit", "preprocessed_cache_hit"))
-    return {"hits": hits, "misses": int(stats.get("cache_miss", 0))}
+def forget_ccache_counts(c: Context, env: dict[str, str]) -> None:
+    """Start the build's ccache stats log (CCACHE_STATSLOG) empty."""
+    c.run(shlex.join(["rm", "-f", env["CCACHE_STATSLOG"]]), hide=True, in_stream=False)
+
+
+def ccache_counts(c: Context, env: dict[str, str]) -> dict[str, int]:
+    """Hits and misses in the build's stats log since forget_ccache_counts: of its compilations only, while
+    other builds share the ccache directory (ccache's --print-stats counts the directory's). The log has one
+    counter name per line; zeros when there is none."""
+    log_file = env["CCACHE_STATSLOG"]
+    hits = _lines_matching(c, log_file, "direct_cache_hit", "preprocessed_cache_hit")
+    return {"hits": hits, "misses": _lines_matching(c, log_file, "cache_miss")}
+
+
+def _lines_matching(c: Context, path: str, *names: str) -> int:
+    patterns = [arg for name in names for arg in ("-e", name)]
+    done = c.run(shlex.join(["grep", "-c", "-x", "-F", *patterns, path]), hide=True, warn=True, in_stream=False)
+    first = done.stdout[:32].strip()
+    return int(first) if first.isascii() and first.isdigit() and len(first) < 12 else 0
 
 
 def write_vmlinux_h(c: Context, tree: str) -> bool:

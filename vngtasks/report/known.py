@@ -5,7 +5,7 @@ optionally a regex in brackets that scopes it to the kernels whose release (`una
 
     # TCG is too slow for these
     selftests: timers: nsleep-lat/*
-    list-kernel-test/list_test_list_add [^6\\.1\\.]
+    list-kunit-test/list_test_list_add [^6\\.1\\.]
 
 Blank lines and lines starting with `#` are skipped; ` #` starts a comment at the end of a line. Both files are
 the user's, but a baseline is a record on disk an earlier run wrote: read bounded, every field checked.
