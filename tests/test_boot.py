@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_WARNING, ROOT, WARN_WORKLOAD, user_environment
+from conftest import FAKE_WARNING, PROVOKE, ROOT, WARN_WORKLOAD, user_environment
 
 from vngtasks import kernels
 
@@ -133,6 +133,8 @@ def test_a_panic_ends_the_run_at_once_with_its_console_lines(cli, home: Path, wo
     assert "Kernel panic - not syncing" in (workspace / "vng-console.log").read_text()
     record = run_record(workspace)
     assert (record["result"], record["status"], record["workload_status"]) == ("panic", 125, None)
+    assert {"title": "kernel panic: sysrq triggered crash", "count": 1} in record["crashes"]
+    assert "vngtasks: crash: kernel panic: sysrq triggered crash" in done.stderr
     assert record["boot_seconds"] > 0 and record["release"]
     assert qemu_processes_under(home) == []
 
@@ -142,8 +144,10 @@ def lkdtm_warning(lines: list[str]) -> list[str]:
 
 
 def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, tiny_build):
-    """LKDTM's WARNING, after a program wrote a line like one to /dev/kmsg: only the kernel's is a splat."""
-    workload = f"echo '{FAKE_WARNING}' > /dev/kmsg; {WARN_WORKLOAD}"
+    """LKDTM's WARNING (twice), BUG and EXCEPTION, after a program wrote a line like a WARNING to /dev/kmsg: only
+    the kernel's are splats, and crashes: three, titled by the lkdtm functions, the WARNING counted twice."""
+    provoke = [f"sh -c 'echo {crash} > {PROVOKE}'" for crash in ("WARNING", "BUG", "EXCEPTION")]
+    workload = "; ".join([f"echo '{FAKE_WARNING}' > /dev/kmsg", WARN_WORKLOAD, *provoke, "true"])
     done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--", workload)
     assert done.returncode == 123, done.stderr
     assert "splat-check" in done.stderr and lkdtm_warning(done.stderr.splitlines()), done.stderr
@@ -154,6 +158,16 @@ def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, tiny_bu
     assert (record["result"], record["workload_status"], record["status"]) == ("workload", 0, 123)
     assert lkdtm_warning(record["splats"]) == record["splats"][:1] and FAKE_WARNING not in record["splats"]
     assert record["accel"] in ("kvm", "tcg")
+    crashes = json.loads((workspace / "crashes.json").read_text())["crashes"]
+    assert [(c["title"], c["kind"], c["count"]) for c in crashes] == [
+        ("WARNING in lkdtm_WARNING", "warning", 2),
+        ("kernel BUG in lkdtm_BUG", "bug", 1),
+        ("BUG: kernel NULL pointer dereference in lkdtm_EXCEPTION", "oops", 1),
+    ], (workspace / "vng-console.log").read_text()[-6000:]
+    assert [c["frames"][0]["function"] for c in crashes] == ["lkdtm_WARNING", "lkdtm_BUG", "lkdtm_EXCEPTION"]
+    assert record["crashes"] == [{"title": c["title"], "count": c["count"]} for c in crashes]
+    assert "vngtasks: crash: WARNING in lkdtm_WARNING (lkdtm_WARNING+0x" in done.stderr
+    assert "kernel BUG at drivers/misc/lkdtm/bugs.c:" in (workspace / "crash-report.txt").read_text()
 
 
 def test_an_allowed_warning_and_a_log_dir(cli, tmp_path: Path, workspace: Path, tiny_build):

@@ -213,8 +213,31 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
         "status": 123,
         "splats": ["WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"],
         "tests": None,  # no `results`
+        "crashes": [{"title": "WARNING in test", "count": 1}],
     }
     assert "| 123 (splat) | 1 |" in summary.read_text()
+    assert "| `WARNING in test` | warning | 1 |" in summary.read_text()
+    reports = json.loads((s.log_dir / "crashes.json").read_text())
+    assert [crash["title"] for crash in reports["crashes"]] == ["WARNING in test"]
+    assert (s.log_dir / "crash-report.txt").read_text().startswith("== WARNING in test (warning, 1 time)\n")
+
+
+def test_crashes_are_reported_with_splat_check_off_from_dmesg_when_the_console_has_none(tmp_path: Path) -> None:
+    """Crash reports change no status: with splat-check false the run passes, and still says what crashed. A run
+    without crashes leaves an empty crashes.json, and no crash-report.txt of another run beside it."""
+    s = make(tmp_path, splat_check="false")
+    (s.log_dir / "crash-report.txt").write_text("another run's\n")
+    quiet = attempted(outcome(0), [], raw_dmesg(BOOT_LOG[:3]))
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), quiet, {}) == 0
+    assert json.loads((s.log_dir / "crashes.json").read_text())["crashes"] == []
+    assert not (s.log_dir / "crash-report.txt").exists()
+    warned = attempted(outcome(0), [], raw_dmesg(BOOT_LOG[:5]))
+    assert runrecord.conclude(s, Path("/boot/vmlinuz"), warned, {}) == 0
+    reports = json.loads((s.log_dir / "crashes.json").read_text())["crashes"]
+    assert [(c["title"], c["kind"]) for c in reports] == [
+        ("WARNING in test", "warning"),
+        ("KASAN: slab-out-of-bounds Access in foo", "kasan"),
+    ]
 
 
 def test_splat_check_false_never_scans(tmp_path: Path) -> None:

@@ -138,9 +138,18 @@ def judged_lines(console_lines: list[str], dmesg: bytes | None) -> list[str]:
     run has failed already), the console as it is."""
     if dmesg is None:
         return console_lines
+    return kernel_and_program_lines(dmesg)[0] + kernel_console_lines(console_lines, dmesg)
+
+
+def kernel_console_lines(console_lines: list[str], dmesg: bytes | None) -> list[str]:
+    """The console's lines but those dmesg shows a program wrote: the kernel's, each once and in its order (what
+    crash reports read); dmesg's kernel lines when the console has none."""
+    if dmesg is None:
+        return console_lines
     kernel, programs = kernel_and_program_lines(dmesg)
     written = {_without_timestamp(line) for line in programs}
-    return kernel + [line for line in console_lines if _without_timestamp(line) not in written]
+    kept = [line for line in console_lines if _without_timestamp(line) not in written]
+    return kept if any(line.strip() for line in kept) else kernel
 
 
 def _without_timestamp(line: str) -> str:

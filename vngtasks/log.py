@@ -16,9 +16,24 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     if in_actions():
-        print(f"::warning::{message}", file=sys.stderr, flush=True)
+        print(f"::warning::{command_data(message)}", file=sys.stderr, flush=True)
     else:
         print(f"vngtasks: warning: {message}", file=sys.stderr, flush=True)
+
+
+def annotate(command: str, title: str, message: str) -> None:
+    """A GitHub Actions annotation (`error`, `warning`, `notice`) on stdout, where the runner reads them."""
+    print(f"::{command} title={command_property(title)}::{command_data(message)}", flush=True)
+
+
+def command_data(text: str) -> str:
+    """Text as a workflow command's message (GitHub's escaping), printable."""
+    return printable(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def command_property(text: str) -> str:
+    """Text as a workflow command's property value (`title=`)."""
+    return command_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
 def printable(text: str) -> str:
@@ -26,3 +41,8 @@ def printable(text: str) -> str:
     characters (but tabs), which could move a terminal's cursor or rewrite what it shows, become '?'; trailing
     blanks and carriage returns go."""
     return "".join("?" if (ord(ch) < 0x20 and ch != "\t") or 0x7F <= ord(ch) < 0xA0 else ch for ch in text.rstrip())
+
+
+def table_cell(text: str) -> str:
+    """Text for a markdown table cell or `code` span of the step summary: printable, no `|` or backtick of its own."""
+    return printable(text).replace("|", "\\|").replace("`", "'")

@@ -1,9 +1,10 @@
 """The run as reported, once it is over: its final status, its logs and record in log-dir, the step summary.
 
-A run's console, dmesg, `vng-run.json` and, with `results`, `results.json` and `results.xml` are published
-into log-dir together, under the lock `.vng-logs.lock`: another run sharing the log-dir may replace them, but
-they always belong to one run. On GitHub, each run adds one row to the step summary's table (and its test
-results' table) and, with `results`, the boot step's outputs tests-passed, tests-failed and tests-skipped.
+A run's console, dmesg, `vng-run.json`, its kernel crashes (`crashes.json`, and `crash-report.txt` when there
+are any) and, with `results`, `results.json` and `results.xml` are published into log-dir together, under the
+lock `.vng-logs.lock`: another run sharing the log-dir may replace them, but they always belong to one run. On
+GitHub, each run adds one row to the step summary's table (then its test results' and its crashes' tables) and,
+with `results`, the boot step's outputs tests-passed, tests-failed and tests-skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from . import log
 from .action import write_outputs
 from .errors import FAILED, SPLAT, Failure
 from .files import write_atomically
-from .health import TAIL_LINES, find_splats, judged_lines
+from .health import TAIL_LINES, find_splats, judged_lines, kernel_console_lines
+from .report import crashes as kernel_crashes
 from .report import junit
 from .report import results as test_results
 from .report.known import Known
@@ -63,6 +65,7 @@ class Record:
     status: int  # the task's exit status (the workload's, or SPLAT)
     splats: tuple[str, ...]
     results: Results | None = None  # with `results`
+    crashes: kernel_crashes.Crashes = dataclasses.field(default_factory=kernel_crashes.Crashes)
 
 
 def conclude(
@@ -75,9 +78,9 @@ def conclude(
 def recorded(
     settings: Settings, kernel: Path, attempted: Attempt, environ: Mapping[str, str], known: Known = NOTHING_KNOWN
 ) -> Record:
-    """Splat check of this run's own console and dmesg, its test results (with `results`) judged against the
-    failures it expects (`known`), its logs and records published together, the step summary: the run as
-    reported."""
+    """Splat check of this run's own console and dmesg, its crash reports, its test results (with `results`)
+    judged against the failures it expects (`known`), its logs and records published together, the step summary:
+    the run as reported."""
     outcome = attempted.outcome
     console_lines = attempted.console.decode(errors="replace").splitlines()
     splats: list[str] = []
@@ -93,7 +96,9 @@ def recorded(
         reported = outcome.result == "workload"
         workload = dataclasses.replace(outcome, status=test_results.status_with(results, outcome.status, reported))
     status = judge(workload, splats)
-    record = Record(kernel, release, settings.arch.name, outcome, status, tuple(splats), results)
+    found = kernel_crashes.find(kernel_console_lines(console_lines, attempted.dmesg), settings.splat_allow)
+    kernel_crashes.tell(found, log.in_actions())
+    record = Record(kernel, release, settings.arch.name, outcome, status, tuple(splats), results, found)
     publish(settings.log_dir, attempted, record)
     summary = environ.get("GITHUB_STEP_SUMMARY")
     if summary:
@@ -149,6 +154,8 @@ def publish(log_dir: Path, attempted: Attempt, record: Record) -> None:
             DMESG_LOG: attempted.dmesg,
             test_results.RESULTS_JSON: None if results is None else _json(test_results.record_json(results)),
             test_results.RESULTS_XML: None if results is None else junit.render(results),
+            kernel_crashes.CRASHES_JSON: _json(record.crashes.json()),
+            kernel_crashes.CRASH_REPORT: record.crashes.text() or None,
         }
         for name, data in files.items():
             if data is None:
@@ -200,6 +207,7 @@ def record_json(record: Record, log_dir: Path) -> dict[str, object]:
         "status": record.status,
         "splats": list(record.splats),
         "tests": None if record.results is None else record.results.totals,
+        "crashes": [{"title": crash.title, "count": crash.count} for crash in record.crashes.found],
     }
 
 
@@ -243,3 +251,4 @@ def append_summary(path: Path, record: Record) -> None:
         summary.write(summary_row(record))
         if record.results is not None:
             summary.write(test_results.summary_markdown(record.results))
+        summary.write(kernel_crashes.summary_markdown(record.crashes))

@@ -122,11 +122,13 @@ SETTINGS: tuple[Setting, ...] = (
             "the workload, a bash script run with `bash -eo pipefail`, when none is given after `--`",
             action_required=True),
     Setting("log_dir", "", _BOOTS, validate.log_dir,
-            "where vng-console.log, vng-dmesg.log and vng-run.json go (created if missing)", shown="the workspace"),
+            "where vng-console.log, vng-dmesg.log, vng-run.json and crashes.json go (created if missing)",
+            shown="the workspace"),
     Setting("splat_check", "true", _BOOTS, validate.boolean,
             "kernel warnings, BUGs, oopses, stalls in the guest fail a passing workload (exit 123)"),
     Setting("splat_allow", "", _BOOTS, validate.regexes,
-            "regexes (Python re, searched anywhere in the line) of splat lines to ignore, one per line"),
+            "regexes (Python re, searched anywhere in the line) of splat lines to ignore, one per line; a crash "
+            "report whose first line one matches is left out"),
     Setting("results", "", _BOOTS, validate.results,
             "test results to read after the run: ktap (the workload's stdout), kunit (KUnit's suites on the "
             "console) or a KTAP/TAP file the workload writes, relative to the workspace; writes results.xml and "

@@ -189,19 +189,10 @@ def _say(verdict: Verdict, in_actions: bool) -> None:
     if in_actions:
         command, said = ("notice", f" ({verdict.known})") if verdict.known else ("error", "")
         title = f"{'known' if verdict.known else 'new'} test {kind}"
-        print(f"::{command} title={_property(title)}::{_data(f'{verdict.id}: {verdict.message()}{said}')}", flush=True)
+        log.annotate(command, title, f"{verdict.id}: {verdict.message()}{said}")
     else:
         said = f"known ({verdict.known})" if verdict.known else "new"
         log.info(f"results: {kind.upper()} {said}: {verdict.id}: {verdict.message()}")
-
-
-def _data(text: str) -> str:
-    """Text as a workflow command's message (GitHub's escaping)."""
-    return log.printable(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _property(text: str) -> str:
-    return _data(text).replace(":", "%3A").replace(",", "%2C")
 
 
 def _where(source: str) -> str:
@@ -243,20 +234,16 @@ def summary_markdown(results: Results) -> str:
         passed = sum(v.status == ktap.PASS for v in verdicts)
         failed = sum(v.failed for v in verdicts)
         skipped = sum(v.status in _SKIPPED for v in verdicts)
-        rows.append(f"| {_cell(suite)} | {passed} | {failed} | {skipped} |")
+        rows.append(f"| {log.table_cell(suite)} | {passed} | {failed} | {skipped} |")
     rows.append(f"\n{totals_line(results)}\n")
     new = [v.id for v in results.verdicts if v.failed and not v.known]
     known = [v.id for v in results.verdicts if v.failed and v.known]
     for title, ids in (("New failures", new), ("Known failures", known), ("Fixed?", list(results.fixed))):
         if ids:
-            shown = ", ".join(f"`{_cell(i)}`" for i in ids[:SHOWN_FAILURES])
+            shown = ", ".join(f"`{log.table_cell(i)}`" for i in ids[:SHOWN_FAILURES])
             more = f" and {len(ids) - SHOWN_FAILURES} more" if len(ids) > SHOWN_FAILURES else ""
             rows.append(f"**{title}:** {shown}{more}\n")
     return "\n".join(rows) + "\n"
-
-
-def _cell(text: str) -> str:
-    return log.printable(text).replace("|", "\\|").replace("`", "'")
 
 
 def action_outputs(results: Results) -> dict[str, str]:

@@ -1,0 +1,144 @@
+"""Crash reports from a kernel's lines (vngtasks/report/crashes.py): kinds, titles, counts, frames, bounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vngtasks.report import crashes
+
+DATA = Path(__file__).parent / "data" / "crashes"
+
+
+def found(text: str, allow: tuple[str, ...] = ()) -> crashes.Crashes:
+    return crashes.find(text.splitlines(), allow)
+
+
+def test_two_identical_warnings_are_one_crash_counted_twice_titled_without_pids_or_addresses():
+    (crash,) = found((DATA / "warning-twice-x86_64.txt").read_text()).found
+    assert (crash.title, crash.kind, crash.count) == ("WARNING in lkdtm_WARNING", "warning", 2)
+    # The faulting instruction's frame, then the trace's but the guessed (`? `) ones; the report is the first
+    # one's, ending at the kernel's end line.
+    assert [f.function for f in crash.frames][:3] == ["lkdtm_WARNING", "lkdtm_do_action", "direct_entry"]
+    assert crash.report[0].startswith("WARNING: CPU: 1 PID: 83 at drivers/misc/lkdtm/bugs.c:111")
+    assert crash.report[-1] == "---[ end trace 0000000000000000 ]---"
+
+
+def test_an_oops_is_titled_by_the_faulting_function_and_the_panic_after_it_is_a_crash_of_its_own():
+    oops, panic = found((DATA / "null-deref-then-panic-x86_64.txt").read_text()).found
+    assert (oops.title, oops.kind, oops.count) == ("BUG: kernel NULL pointer dereference in lkdtm_EXCEPTION", "oops", 1)
+    assert "Oops: Oops: 0002 [#1] PREEMPT SMP NOPTI" in oops.report  # one report, not two
+    assert (panic.title, panic.kind) == ("kernel panic: Fatal exception", "panic")
+    assert panic.report[-1].startswith("---[ end Kernel panic")
+
+
+@pytest.mark.parametrize(
+    ("lines", "title", "kind"),
+    [
+        (
+            [
+                "kernel BUG at drivers/misc/lkdtm/bugs.c:104!",
+                "Oops: invalid opcode: 0000 [#1] PREEMPT SMP NOPTI",
+                "RIP: 0010:lkdtm_BUG+0x5/0x10",
+            ],
+            "kernel BUG in lkdtm_BUG",
+            "bug",
+        ),
+        (
+            [
+                "BUG: KASAN: slab-use-after-free in lkdtm_READ_AFTER_FREE+0x1e5/0x230",
+                "Read of size 4 at addr ffff888003f2c5a0 by task sh/85",
+            ],
+            "KASAN: slab-use-after-free Read in lkdtm_READ_AFTER_FREE",
+            "kasan",
+        ),
+        (
+            [
+                "UBSAN: array-index-out-of-bounds in drivers/misc/lkdtm/bugs.c:422:16",
+                "index 8 is out of range for type 'char [8]'",
+                "Call Trace:",
+                " dump_stack_lvl+0x5d/0x80",
+                " __ubsan_handle_out_of_bounds+0xa6/0xe0",
+                " lkdtm_ARRAY_BOUNDS+0x1b4/0x1c0",
+            ],
+            "UBSAN: array-index-out-of-bounds in lkdtm_ARRAY_BOUNDS",
+            "ubsan",
+        ),
+        (
+            [
+                "Unable to handle kernel NULL pointer dereference at virtual address 0000000000000000",
+                "pc : lkdtm_EXCEPTION+0x14/0x28",
+            ],
+            "BUG: NULL pointer dereference in lkdtm_EXCEPTION",
+            "oops",
+        ),
+        (
+            [
+                "INFO: task sh:83 blocked for more than 122 seconds.",
+                " __schedule+0x2f1/0x8a0",
+                " schedule+0x27/0x90",
+                " lkdtm_HUNG_TASK+0x17/0x20",
+            ],
+            "INFO: task hung in lkdtm_HUNG_TASK",
+            "hung_task",
+        ),
+        (
+            ["Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000009"],
+            "kernel panic: Attempted to kill init!",
+            "panic",
+        ),
+        (
+            ["WARNING: CPU: 0 PID: 1 at kernel/foo.c:3 helper.isra.0+0x1/0x2 [somemod]"],
+            "WARNING in helper",
+            "warning",
+        ),
+    ],
+)  # fmt: skip
+def test_each_kind_is_titled_as_syzbot_titles_it(lines: list[str], title: str, kind: str):
+    (crash,) = crashes.find([f"[  12.345678] {line}" for line in lines]).found
+    assert (crash.title, crash.kind) == (title, kind)
+
+
+def test_an_allowed_crash_is_left_out_and_lines_a_program_wrote_are_not_read_here():
+    text = (DATA / "warning-twice-x86_64.txt").read_text()
+    assert found(text, (r" lkdtm_WARNING\+",)).found == []
+    assert found("lkdtm: WARNING: CPU: 0 PID: 1 at x.c:1 f+0x1/0x2\n").found == []  # not at a line's start
+
+
+def test_what_the_guest_prints_is_bounded_and_cleaned():
+    many = [f"WARNING: CPU: 0 PID: 1 at a.c:1 f{n}+0x1/0x2" for n in range(crashes.MAX_CRASHES + 5)]
+    result = crashes.find(many)
+    assert (len(result.found), result.dropped) == (crashes.MAX_CRASHES, 5)
+    long = ["WARNING: CPU: 0 PID: 1 at a.c:1 f+0x1/0x2", *(["\x1b[2J x" * 500] * (crashes.REPORT_LINES + 10))]
+    (crash,) = crashes.find(long).found
+    assert len(crash.report) == crashes.REPORT_LINES and "\x1b" not in "".join(crash.report)
+    assert max(map(len, crash.report)) <= crashes.LINE_CHARS
+
+
+def test_crashes_json_and_the_report_text():
+    result = found((DATA / "null-deref-then-panic-x86_64.txt").read_text())
+    record = json.loads(json.dumps(result.json()))
+    assert record["crashes"][0]["title"] == "BUG: kernel NULL pointer dereference in lkdtm_EXCEPTION"
+    assert record["crashes"][0]["frames"][0] == {
+        "function": "lkdtm_EXCEPTION",
+        "offset": "0xd/0x20",
+        "module": None,
+        "file": None,
+        "line": None,
+    }
+    assert record["symbolized"] is False and record["why"]
+    text = result.text()
+    assert text.startswith("== BUG: kernel NULL pointer dereference in lkdtm_EXCEPTION (oops, 1 time)\n")
+    assert "RIP: 0010:lkdtm_EXCEPTION+0xd/0x20" in text
+
+
+def test_told_on_stderr_as_annotations_and_in_the_summary(capsys):
+    result = found((DATA / "warning-twice-x86_64.txt").read_text())
+    crashes.tell(result, in_actions=True)
+    out, err = capsys.readouterr()
+    assert "vngtasks: crash: WARNING in lkdtm_WARNING (lkdtm_WARNING+0x1d/0x30), 2 times" in err
+    assert out.startswith("::error title=kernel warning::WARNING in lkdtm_WARNING")
+    summary = crashes.summary_markdown(result)
+    assert "| `WARNING in lkdtm_WARNING` | warning | 2 | `lkdtm_WARNING+0x1d/0x30`<br>" in summary
