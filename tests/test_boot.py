@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -143,7 +144,7 @@ def lkdtm_warning(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("WARNING: CPU: ") and " lkdtm_WARNING+" in line]
 
 
-def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, tiny_build):
+def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, tiny_build, kernel_tree):
     """LKDTM's WARNING (twice), BUG and EXCEPTION, after a program wrote a line like a WARNING to /dev/kmsg: only
     the kernel's are splats, and crashes: three, titled by the lkdtm functions, the WARNING counted twice."""
     provoke = [f"sh -c 'echo {crash} > {PROVOKE}'" for crash in ("WARNING", "BUG", "EXCEPTION")]
@@ -165,9 +166,25 @@ def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, tiny_bu
         ("BUG: kernel NULL pointer dereference in lkdtm_EXCEPTION", "oops", 1),
     ], (workspace / "vng-console.log").read_text()[-6000:]
     assert [c["frames"][0]["function"] for c in crashes] == ["lkdtm_WARNING", "lkdtm_BUG", "lkdtm_EXCEPTION"]
+    # Symbolized with the entry's own debug info: each at its line of drivers/misc/lkdtm/bugs.c, as v6.12 has it.
+    repo, sha = kernel_tree
+    source = subprocess.run(["git", "-C", repo, "show", f"{sha}:drivers/misc/lkdtm/bugs.c"], capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    for crash in crashes:
+        top = crash["frames"][0]
+        assert top["file"] == "drivers/misc/lkdtm/bugs.c", crash
+        assert top["line"] in body_lines(source, top["function"]), (crash, body_lines(source, top["function"]))
     assert record["crashes"] == [{"title": c["title"], "count": c["count"]} for c in crashes]
-    assert "vngtasks: crash: WARNING in lkdtm_WARNING (lkdtm_WARNING+0x" in done.stderr
+    assert "vngtasks: crash: WARNING in lkdtm_WARNING (drivers/misc/lkdtm/bugs.c:" in done.stderr
     assert "kernel BUG at drivers/misc/lkdtm/bugs.c:" in (workspace / "crash-report.txt").read_text()
+
+
+def body_lines(source: str, function: str) -> range:
+    """The lines of a C function's body: from its `{` line to its `}` line."""
+    lines = source.splitlines()
+    start = next(i for i, line in enumerate(lines, 1) if re.match(rf"static \w+ {function}\(void\)$", line))
+    end = next(i for i, line in enumerate(lines[start:], start + 1) if line == "}")
+    return range(start + 1, end + 1)
 
 
 def test_an_allowed_warning_and_a_log_dir(cli, tmp_path: Path, workspace: Path, tiny_build):

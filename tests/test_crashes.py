@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from vngtasks.report import crashes
+from vngtasks import arches
+from vngtasks.report import crashes, symbolize
 
 DATA = Path(__file__).parent / "data" / "crashes"
 
@@ -127,6 +129,7 @@ def test_crashes_json_and_the_report_text():
         "module": None,
         "file": None,
         "line": None,
+        "inlined": False,
     }
     assert record["symbolized"] is False and record["why"]
     text = result.text()
@@ -142,3 +145,96 @@ def test_told_on_stderr_as_annotations_and_in_the_summary(capsys):
     assert out.startswith("::error title=kernel warning::WARNING in lkdtm_WARNING")
     summary = crashes.summary_markdown(result)
     assert "| `WARNING in lkdtm_WARNING` | warning | 2 | `lkdtm_WARNING+0x1d/0x30`<br>" in summary
+
+
+PROGRAM = """\
+static volatile int sink;
+
+static inline __attribute__((always_inline)) void inner(void)
+{
+\tsink = 1;  /* line 5 */
+}
+
+__attribute__((noinline)) void outer(void)
+{
+\tinner();
+\tsink = 2;
+}
+
+int main(void)
+{
+\touter();  /* line 16 */
+\treturn 0;
+}
+"""
+
+
+@pytest.mark.integration
+def test_frames_are_symbolized_with_the_entrys_debug_info_inlined_frames_included(tmp_path: Path):
+    """An entry as a build keeps it (vmlinux.zst, System.map, metadata's tree), here of a small program built with
+    -g: the fault's frame names the inlined function's line, then its caller's; a return address names the line
+    of the call. What is not in System.map stays as printed."""
+    tree = tmp_path / "tree"
+    (tree / "drivers" / "x").mkdir(parents=True)
+    (tree / "drivers" / "x" / "p.c").write_text(PROGRAM)
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    subprocess.run(["gcc", "-g", "-O2", "-o", entry / "vmlinux", "drivers/x/p.c"], cwd=tree, check=True)
+    nm = subprocess.run(["nm", entry / "vmlinux"], capture_output=True, text=True, check=True).stdout
+    (entry / "System.map").write_text(nm)
+    subprocess.run(["zstd", "-q", "--rm", entry / "vmlinux", "-o", entry / "vmlinux.zst"], check=True)
+    (entry / "metadata.json").write_text(json.dumps({"tree": str(tree)}))
+    outer = _offset_of_store(entry, "outer", 1)
+    main_call = _offset_after_call(entry, "main")
+    report = [
+        "WARNING: CPU: 0 PID: 1 at drivers/x/p.c:5 outer+0x0/0x20",
+        f"RIP: 0010:outer+{outer:#x}/0x20",
+        "Call Trace:",
+        f" main+{main_call:#x}/0x20",
+        " unknown_function+0x1/0x2",
+    ]
+    found = crashes.find(report)
+    symbolize.symbolize(found, entry, arches.host(), arches.host())
+    assert found.symbolized and found.why == "", found.why
+    places = [(f.function, f.file, f.line, f.inlined) for f in found.found[0].frames]
+    assert places == [
+        ("inner", "drivers/x/p.c", 5, True),
+        ("outer", "drivers/x/p.c", 10, False),
+        ("main", "drivers/x/p.c", 16, False),
+        ("unknown_function", None, None, False),
+    ]
+    assert found.found[0].where == "drivers/x/p.c:5"
+
+
+def test_without_debug_info_frames_stay_as_printed_and_the_report_says_why(tmp_path: Path):
+    found = crashes.find(["WARNING: CPU: 0 PID: 1 at a.c:1 f+0x1/0x2", "RIP: 0010:f+0x1/0x2"])
+    symbolize.symbolize(found, tmp_path / "vmlinuz-6.1.0-57-amd64", arches.host(), arches.host())
+    assert not found.symbolized and "no debug info" in found.why
+    assert found.json()["crashes"][0]["frames"][0]["file"] is None
+
+
+def _function_lines(entry: Path, function: str) -> list[tuple[int, str]]:
+    """(offset, instruction) of `function` in the program, from objdump."""
+    vmlinux = entry / "unpacked"
+    subprocess.run(["zstd", "-q", "-d", "-f", entry / "vmlinux.zst", "-o", vmlinux], check=True)
+    dump = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", f"--disassemble={function}", vmlinux],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split(":", 1) for line in dump.splitlines() if line.startswith("  ") and ":" in line]
+    start = int(rows[0][0], 16)
+    return [(int(address, 16) - start, text.strip()) for address, text in rows]
+
+
+def _offset_of_store(entry: Path, function: str, value: int) -> int:
+    """The offset of the instruction storing `value` to `sink` in `function`."""
+    return next(
+        offset for offset, text in _function_lines(entry, function) if text.startswith("mov") and f"${value:#x}" in text
+    )
+
+
+def _offset_after_call(entry: Path, function: str) -> int:
+    """The return address of `function`'s call: the offset just after it."""
+    lines = _function_lines(entry, function)
+    index = next(i for i, (_, text) in enumerate(lines) if text.startswith("call"))
+    return lines[index + 1][0]

@@ -65,9 +65,12 @@ def build_entry(
         compiled = kernelmake.compile_measured(c, plan, site.machine.vng, env)
     with site.stage("vmlinux-h"):
         has_header = kernelmake.write_vmlinux_h(c, plan.tree) if s.vmlinux_h else False
+    with site.stage("debug-info"):
+        debug_info = kernelmake.keep_debug_info(c, plan.tree)
     with site.stage("collect"):
         paths = buildsteps.kept_paths(c, plan.tree, s.arch)
         metadata = {**describe(c, plan, resolved, compiled, has_header), "built_on": site.built_on, **site.metadata}
+        metadata |= {"debug_info": kernelmake.DEBUG_INFO if debug_info else None, "tree": plan.tree}
         if pushed is not None:
             metadata["pushed_bytes"] = pushed
     with site.stage("download"):

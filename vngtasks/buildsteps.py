@@ -33,7 +33,7 @@ LOCALE = {"LANG": "C", "LC_ALL": "C", "LC_CTYPE": "C", "LC_MESSAGES": "C"}
 # Files of a build tree that a cache entry keeps (besides boot images and modules).
 KEPT_FILES = (
     ".config", "System.map", "Module.symvers", "modules.order", "modules.builtin",
-    "modules.builtin.modinfo", "include/config/kernel.release", "vmlinux.h",
+    "modules.builtin.modinfo", "include/config/kernel.release", "vmlinux.h", "vmlinux.zst",
 )  # fmt: skip
 
 

@@ -24,10 +24,11 @@ from . import kconfig, log, render
 from .buildsteps import BUILD_TIMESTAMP, Plan, group, in_tree, put
 from .errors import FAILED, Failure
 
-# What an entry keeps that a build makes only on some configs: vmlinux.h with vmlinux-h and BTF, the module
-# lists with CONFIG_MODULES. The modules themselves stay (make relinks only what changed): an entry keeps only
-# those the fresh modules.order names (buildsteps.kept_paths).
-MADE_ON_SOME_CONFIGS = ("vmlinux.h", "vmlinux.h.partial", "modules.order", "Module.symvers")
+# What an entry keeps that a build makes only on some configs: vmlinux.h with vmlinux-h and BTF, vmlinux.zst
+# with debug info, the module lists with CONFIG_MODULES. The modules themselves stay (make relinks only what
+# changed): an entry keeps only those the fresh modules.order names (buildsteps.kept_paths).
+MADE_ON_SOME_CONFIGS = ("vmlinux.h", "vmlinux.h.partial", "vmlinux.zst", "modules.order", "Module.symvers")
+DEBUG_INFO = "vmlinux.zst"  # vmlinux, compressed, when the kernel has debug info: crash reports symbolize with it
 
 
 def vng_argv(plan: Plan, vng: str) -> list[str]:
@@ -174,6 +175,19 @@ def _lines_matching(c: Context, path: str, *names: str) -> int:
     done = c.run(shlex.join(["grep", "-c", "-x", "-F", *patterns, path]), hide=True, warn=True, in_stream=False)
     first = done.stdout[:32].strip()
     return int(first) if first.isascii() and first.isdigit() and len(first) < 12 else 0
+
+
+def keep_debug_info(c: Context, tree: str) -> bool:
+    """vmlinux compressed into DEBUG_INFO when the kernel has DWARF (CONFIG_DEBUG_INFO), for the entry to keep;
+    False without (a warning when zstd fails)."""
+    config = c.run(f"cat {shlex.quote(tree)}/.config", hide=True, in_stream=False).stdout
+    if "CONFIG_DEBUG_INFO=y" not in config.splitlines():
+        return False
+    argv = ["zstd", "-q", "-f", "-T0", "-3", "vmlinux", "-o", DEBUG_INFO]
+    done = c.run(in_tree(tree, argv), warn=True, hide=True, in_stream=False)
+    if not done.ok:
+        log.warn(f"debug info: zstd failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return done.ok
 
 
 def write_vmlinux_h(c: Context, tree: str) -> bool:

@@ -21,9 +21,11 @@ def warn(message: str) -> None:
         print(f"vngtasks: warning: {message}", file=sys.stderr, flush=True)
 
 
-def annotate(command: str, title: str, message: str) -> None:
-    """A GitHub Actions annotation (`error`, `warning`, `notice`) on stdout, where the runner reads them."""
-    print(f"::{command} title={command_property(title)}::{command_data(message)}", flush=True)
+def annotate(command: str, title: str, message: str, file: str = "", line: int | None = None) -> None:
+    """A GitHub Actions annotation (`error`, `warning`, `notice`) on stdout, where the runner reads them; at a
+    file's line of the repository when given."""
+    at = f"file={command_property(file)},line={line}," if file and line else ""
+    print(f"::{command} {at}title={command_property(title)}::{command_data(message)}", flush=True)
 
 
 def command_data(text: str) -> str:

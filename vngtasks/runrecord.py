@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import log
+from . import arches, log
 from .action import write_outputs
 from .errors import FAILED, SPLAT, Failure
 from .files import write_atomically
@@ -32,6 +32,7 @@ from .report import junit
 from .report import results as test_results
 from .report.known import Known
 from .report.results import Results
+from .report.symbolize import symbolize
 from .settings import Settings
 from .supervise import Outcome
 
@@ -97,7 +98,8 @@ def recorded(
         workload = dataclasses.replace(outcome, status=test_results.status_with(results, outcome.status, reported))
     status = judge(workload, splats)
     found = kernel_crashes.find(kernel_console_lines(console_lines, attempted.dmesg), settings.splat_allow)
-    kernel_crashes.tell(found, log.in_actions())
+    symbolize(found, kernel, settings.arch, arches.host())
+    kernel_crashes.tell(found, log.in_actions(), settings.workspace)
     record = Record(kernel, release, settings.arch.name, outcome, status, tuple(splats), results, found)
     publish(settings.log_dir, attempted, record)
     summary = environ.get("GITHUB_STEP_SUMMARY")

@@ -5,8 +5,8 @@ A report starts at a line of CRASHES and runs to the kernel's `---[ end trace` l
 REPORT_LINES. Its title holds no address, pid, CPU or time: the same crash has the same title on every run and
 machine. The function it names is the header's own when it names one, else the faulting instruction's (x86's
 `RIP:`, arm64's `pc :`, s390's `Krnl PSW`), else the first frame of its trace that is not the reporting
-machinery. Frames are `function+offset/size` as the kernel printed them: vngtasks does not symbolize them to
-file:line yet (the entry keeps no vmlinux).
+machinery. Frames are `function+offset/size` as the kernel printed them, until symbolize.py names their file and
+line.
 
 Everything here comes from the guest: lines are cleaned before any is kept, reports, frames and crashes are
 bounded, and a title is built from names matched by tight patterns only.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import log
 from ..log import printable
@@ -125,22 +126,32 @@ KINDS = tuple(dict.fromkeys(kind.name for kind in CRASHES))
 @dataclass(frozen=True)
 class Frame:
     function: str
-    offset: str  # `0x1d/0x30` as printed
+    offset: str  # `0x1d/0x30` as printed (for an inlined frame, its caller's)
     module: str = ""
+    file: str | None = None  # tree-relative, once symbolized
+    line: int | None = None
+    inlined: bool = False  # a function inlined where the next frame is
+    at_fault: bool = False  # the faulting instruction's (`RIP:`, `pc :`), not a return address
+
+    @property
+    def place(self) -> str:
+        return f"{self.file}:{self.line}" if self.file else f"{self.function}+{self.offset}"
 
     def json(self) -> dict[str, object]:
         return {
             "function": self.function,
             "offset": self.offset,
             "module": self.module or None,
-            "file": None,
-            "line": None,
+            "file": self.file,
+            "line": self.line,
+            "inlined": self.inlined,
         }
 
 
 @dataclass
 class Crash:
-    """One distinct crash: its first report, and how many times it happened."""
+    """One distinct crash: its first report, and how many times it happened (symbolize.py fills its frames'
+    places)."""
 
     title: str
     kind: str
@@ -150,8 +161,8 @@ class Crash:
 
     @property
     def where(self) -> str:
-        """The top frame as printed (`function+offset/size`): the most the report says of where it is."""
-        return f"{self.frames[0].function}+{self.frames[0].offset}" if self.frames else ""
+        """The top frame: its file:line once symbolized, else as printed (`function+offset/size`)."""
+        return self.frames[0].place if self.frames else ""
 
     def json(self) -> dict[str, object]:
         return {
@@ -167,6 +178,8 @@ class Crash:
 class Crashes:
     found: list[Crash] = field(default_factory=list)
     dropped: int = 0  # reports of titles past MAX_CRASHES
+    symbolized: bool = False
+    why: str = "not symbolized"  # when not
 
     def add(self, crash: Crash) -> None:
         same = next((seen for seen in self.found if seen.title == crash.title), None)
@@ -181,8 +194,8 @@ class Crashes:
         return {
             "crashes": [crash.json() for crash in self.found],
             "dropped": self.dropped,
-            "symbolized": False,
-            "why": "vngtasks does not symbolize frames yet: file and line are null",
+            "symbolized": self.symbolized,
+            "why": self.why or None,
         }
 
     def text(self) -> str:
@@ -263,7 +276,7 @@ def _frames(report: list[str]) -> list[Frame]:
         found = fault or _FRAME.match(line)
         if found and len(frames) < MAX_FRAMES:
             module = re.search(r"\[(\w{1,64})\]\s*$", line)
-            frames.append(Frame(found["function"], found["offset"], module[1] if module else ""))
+            frames.append(Frame(found["function"], found["offset"], module[1] if module else "", at_fault=bool(fault)))
     return frames
 
 
@@ -284,17 +297,27 @@ def _scrub(text: str) -> str:
     return " ".join(_HEX_OR_NUMBER.sub("", text).split())
 
 
-def tell(crashes: Crashes, in_actions: bool) -> None:
+def tell(crashes: Crashes, in_actions: bool, workspace: Path | None = None) -> None:
     """One line per distinct crash on stderr (`vngtasks: crash: TITLE (where)`); in GitHub Actions, an error
-    annotation each."""
+    annotation each, at the top frame's line when the workspace is a kernel tree that has its file."""
     for crash in crashes.found[:SHOWN_CRASHES]:
         said = f"{crash.title} ({crash.where or 'no frames'})" + (f", {crash.count} times" if crash.count > 1 else "")
         log.info(f"crash: {said}")
         if in_actions:
-            log.annotate("error", f"kernel {crash.kind.replace('_', ' ')}", said)
+            top = crash.frames[0] if crash.frames else None
+            file, line = (
+                (top.file, top.line) if top and top.file and _in_kernel_tree(workspace, top.file) else ("", None)
+            )
+            log.annotate("error", f"kernel {crash.kind.replace('_', ' ')}", said, file, line)
     more = len(crashes.found) - SHOWN_CRASHES + crashes.dropped
     if more > 0:
         log.info(f"crash: {more} more: see {CRASHES_JSON}")
+
+
+def _in_kernel_tree(workspace: Path | None, file: str) -> bool:
+    if workspace is None or file.startswith("/") or ".." in file.split("/"):
+        return False
+    return all((workspace / name).is_file() for name in ("Kbuild", "Kconfig", "MAINTAINERS", file))
 
 
 def summary_markdown(crashes: Crashes) -> str:
@@ -303,7 +326,12 @@ def summary_markdown(crashes: Crashes) -> str:
         return ""
     rows = ["\n#### Kernel crashes\n", "| crash | kind | count | top frames |", "|---|---|---|---|"]
     for crash in crashes.found[:SHOWN_CRASHES]:
-        top = "<br>".join(f"`{log.table_cell(f.function + '+' + f.offset)}`" for f in crash.frames[:SHOWN_FRAMES])
+        top = "<br>".join(_summary_frame(frame) for frame in crash.frames[:SHOWN_FRAMES])
         rows.append(f"| `{log.table_cell(crash.title)}` | {crash.kind} | {crash.count} | {top} |")
     rows.append(f"\nEvery report: {CRASHES_JSON} and {CRASH_REPORT} in log-dir.")  # ends the table
     return "\n".join(rows) + "\n"
+
+
+def _summary_frame(frame: Frame) -> str:
+    code = f"`{log.table_cell(frame.function if frame.file else frame.place)}`"
+    return f"{code} {log.table_cell(frame.place)}" if frame.file else code
