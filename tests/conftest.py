@@ -30,6 +30,19 @@ PROVOKE = "/sys/kernel/debug/provoke-crash/DIRECT"
 WARN_WORKLOAD = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debug; echo WARNING > {PROVOKE}"
 
 
+def assert_at_its_line_of_lkdtm(crash: dict, kernel_tree: tuple[Path, str]) -> None:
+    """A crash of crashes.json provoked through LKDTM: its top frame symbolized to a line of its lkdtm function's
+    body in drivers/misc/lkdtm/bugs.c, as the tests' v6.12 has it."""
+    repo, sha = kernel_tree
+    source = subprocess.run(["git", "-C", repo, "show", f"{sha}:drivers/misc/lkdtm/bugs.c"], capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    top = crash["frames"][0]
+    lines = source.splitlines()
+    start = next(i for i, line in enumerate(lines, 1) if line == f"static void {top['function']}(void)")
+    end = next(i for i, line in enumerate(lines[start:], start + 1) if line == "}")
+    assert (top["file"], top["line"] in range(start + 1, end)) == ("drivers/misc/lkdtm/bugs.c", True), (crash, start)
+
+
 def path_for_tests(path: str) -> str:
     """PATH for a run under test: this venv first, and no rustup toolchain (see without_rustup)."""
     return os.pathsep.join([str(Path(sys.executable).parent), without_rustup(path)])

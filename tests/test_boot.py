@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_WARNING, PROVOKE, ROOT, WARN_WORKLOAD, user_environment
+from conftest import FAKE_WARNING, PROVOKE, ROOT, WARN_WORKLOAD, assert_at_its_line_of_lkdtm, user_environment
 
 from vngtasks import kernels
 
@@ -167,24 +166,11 @@ def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, tiny_bu
     ], (workspace / "vng-console.log").read_text()[-6000:]
     assert [c["frames"][0]["function"] for c in crashes] == ["lkdtm_WARNING", "lkdtm_BUG", "lkdtm_EXCEPTION"]
     # Symbolized with the entry's own debug info: each at its line of drivers/misc/lkdtm/bugs.c, as v6.12 has it.
-    repo, sha = kernel_tree
-    source = subprocess.run(["git", "-C", repo, "show", f"{sha}:drivers/misc/lkdtm/bugs.c"], capture_output=True,
-                            text=True, check=True).stdout  # fmt: skip
     for crash in crashes:
-        top = crash["frames"][0]
-        assert top["file"] == "drivers/misc/lkdtm/bugs.c", crash
-        assert top["line"] in body_lines(source, top["function"]), (crash, body_lines(source, top["function"]))
+        assert_at_its_line_of_lkdtm(crash, kernel_tree)
     assert record["crashes"] == [{"title": c["title"], "count": c["count"]} for c in crashes]
     assert "vngtasks: crash: WARNING in lkdtm_WARNING (drivers/misc/lkdtm/bugs.c:" in done.stderr
     assert "kernel BUG at drivers/misc/lkdtm/bugs.c:" in (workspace / "crash-report.txt").read_text()
-
-
-def body_lines(source: str, function: str) -> range:
-    """The lines of a C function's body: from its `{` line to its `}` line."""
-    lines = source.splitlines()
-    start = next(i for i, line in enumerate(lines, 1) if re.match(rf"static \w+ {function}\(void\)$", line))
-    end = next(i for i, line in enumerate(lines[start:], start + 1) if line == "}")
-    return range(start + 1, end + 1)
 
 
 def test_an_allowed_warning_and_a_log_dir(cli, tmp_path: Path, workspace: Path, tiny_build):

@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CCACHE_ENV, HOST_PACKAGES, TINY_TREE, WARN_WORKLOAD, TinyBuild, tiny_flags
+from conftest import (
+    CCACHE_ENV,
+    HOST_PACKAGES,
+    TINY_TREE,
+    WARN_WORKLOAD,
+    TinyBuild,
+    assert_at_its_line_of_lkdtm,
+    tiny_flags,
+)
 from invoke import Context
 from linux_remote import FOREIGN_CACHE, KCONFIG, TAG
 
@@ -109,7 +117,9 @@ def test_a_changed_fragment_applies_to_the_next_build_in_the_same_work_tree(
 
 
 @HOST_PACKAGES  # invoke deps --arch arm64
-def test_an_arm64_tiny_kernel_is_cross_built_with_its_vmlinux_h_and_boots(cli, tmp_path: Path, workspace: Path, remote):
+def test_an_arm64_tiny_kernel_is_cross_built_with_its_vmlinux_h_and_boots(
+    cli, tmp_path: Path, workspace: Path, remote, kernel_tree
+):
     """v6.12 cross-built for arm64 on this x86_64 machine, kconfig-base tiny, through the tests' ccache: the
     entry holds arm64's boot image, vmlinux.h made by the host's bpftool from the arm64 vmlinux's BTF, and the
     release that `uname -r` prints when `invoke boot --arch arm64 --tag` boots it in arm64's guest root."""
@@ -151,3 +161,8 @@ def test_an_arm64_tiny_kernel_is_cross_built_with_its_vmlinux_h_and_boots(cli, t
     assert booted.returncode == errors.SPLAT, booted.stderr[-3000:]
     assert f"cache: hit {entry.name}" in booted.stderr and " lkdtm_WARNING+" in booted.stderr
     assert booted.stdout.split()[-2:] == ["aarch64", release], booted.stdout[-2000:]
+    # Its crash report, symbolized with the arm64 vmlinux the entry keeps (by aarch64-linux-gnu-addr2line).
+    assert metadata["debug_info"] == "vmlinux.zst" and (entry / "vmlinux.zst").stat().st_size > 10_000_000
+    (crash,) = json.loads((workspace / "crashes.json").read_text())["crashes"]
+    assert (crash["title"], crash["kind"]) == ("WARNING in lkdtm_WARNING", "warning")
+    assert_at_its_line_of_lkdtm(crash, kernel_tree)
