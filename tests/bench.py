@@ -1,9 +1,9 @@
 """Speed goals, measured and printed (never asserted).
 
-`nox -s bench [-- [--no-boot] [--build] [--bisect] [--remote | --remote-push]]`: by default the quick figures
-and the boot ratios, with each arch's boot time here (about 12 min); `--build` adds the kernel-build ratios of the
-tiny and vng bases (about 60 min on 2 cores), `--bisect` a bisect against its steps' builds and boots,
-`--remote` a remote build against a local one.
+`nox -s bench [-- [--no-boot] [--build] [--bisect] [--remote | --remote-push]]`: by default the quick figures,
+the boot ratios, what symbolizing adds to a failed run, and each arch's boot time here (about 14 min);
+`--build` adds the kernel-build ratios of the tiny and vng bases (about 60 min on 2 cores), `--bisect` a bisect
+against its steps' builds and boots, `--remote` a remote build against a local one.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from linux_remote import (
 )
 
 from vngtasks import accel, arches, guestroot, kernels, resolve, vm
+from vngtasks.report import crashes, symbolize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,6 +167,29 @@ def boot_ratio(
     spent = {name: statistics.median(p.get(name, 0.0) for p in phases) for name in phases[0]}
     print("  where invoke boot's time goes (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
     return ours_s
+
+
+def symbolize_share(kernel: Path, runs: int = 3) -> None:
+    """What symbolizing adds to a failed run: a tiny v6.12 run whose workload provokes LKDTM's WARNING, BUG and
+    EXCEPTION, end to end (median of `runs`), against symbolize() on that run's own crashes (what the run does
+    once its console is read, median of 5)."""
+    provoke = "/sys/kernel/debug/provoke-crash/DIRECT"
+    each = f'for c in WARNING BUG EXCEPTION; do sh -c "echo $c > {provoke}"; done'
+    workload = f"mount -t debugfs debugfs /sys/kernel/debug; {each}"
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "invoke", "-r", str(ROOT), "boot", "--kernel", str(kernel), "--verbose", "false"]
+        argv += ["--cache-dir", f"{tmp}/cache", "--", workload]
+        samples = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            subprocess.run(argv, cwd=tmp, env=vm.child_environment(make_env()), capture_output=True)
+            samples.append(time.perf_counter() - start)
+        console = Path(tmp, "vng-console.log").read_text(errors="replace").splitlines()
+        count = len(crashes.find(console).found)
+        seconds = timed(lambda: symbolize.symbolize(crashes.find(console), kernel, arches.host(), arches.host()))
+    run = statistics.median(samples)
+    print(f"symbolizing a failed run's {count} crashes: {seconds:.2f} s of the run's {run:.1f} s")
+    print(f"  ratio {seconds / run:.3f} (goal <= 0.10)")
 
 
 def arch_boots(host_seconds: float) -> None:
@@ -310,7 +334,9 @@ def main() -> None:
     resolve_propagated()
     if "--no-boot" not in sys.argv[1:]:
         distro = boot_ratio(kernels.host_kernel(), "the distro kernel")
-        boot_ratio(tiny_kernel(), "a cached tiny v6.12")
+        tiny = tiny_kernel()
+        boot_ratio(tiny, "a cached tiny v6.12")
+        symbolize_share(tiny)
         arch_boots(distro)
     if "--build" in sys.argv[1:]:
         build_ratios()
