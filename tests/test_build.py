@@ -24,7 +24,7 @@ from conftest import (
 from invoke import Context
 from linux_remote import FOREIGN_CACHE, KCONFIG, TAG
 
-from vngtasks import arches, build, buildsteps, cache, errors, guestroot, kernelmake, settings
+from vngtasks import arches, build, buildsteps, cache, errors, guestroot, kernelmake, sanitizers, settings
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +114,29 @@ def test_a_changed_fragment_applies_to_the_next_build_in_the_same_work_tree(
     kernelmake.configure(c, plan, variables, buildsteps.make_env(plan, machine))
     config = (tree / ".config").read_text().splitlines()
     assert "# CONFIG_IKCONFIG is not set" in config and "CONFIG_IKCONFIG_PROC=y" not in config
+
+
+@TINY_TREE
+def test_every_debug_option_survives_in_a_tiny_config(workspace: Path, tiny_build: TinyBuild, remote, capfd):
+    """`debug` with every option that can go together on x86_64 (KCSAN excludes KASAN: it has its own line),
+    configured on tiny by the build's own steps in the session's tree: no line of the debug fragment is
+    dropped (an unmet dependency would be, with a warning). Their compile and boots are not paid here (see
+    README, Crash reports)."""
+    url, sha = remote
+    for debug in ("kasan,ubsan,lockdep,kmemleak,lkdtm", "kcsan"):
+        flags = {"tag": TAG, "kernel_url": url, "name": "ci", "kconfig_base": "tiny", "debug": debug,
+                 "cache_dir": str(tiny_build.entry.parent.parent)}  # fmt: skip
+        s = settings.effective({}, flags, workspace=workspace)
+        c, machine = Context(), build.this_machine()
+        plan = build.local_plan(s, sha, machine)
+        build.here(c, s, machine).bring_source(plan)
+        buildsteps.write_tools(c, plan)
+        variables = kernelmake.make_variables(kernelmake.vng_argv(plan, machine.vng))
+        kernelmake.configure(c, plan, variables, buildsteps.make_env(plan, machine))
+        config = set((Path(plan.tree) / ".config").read_text().splitlines())
+        wanted = {line for line in sanitizers.fragment(s.debug).splitlines() if line}
+        assert wanted <= config, sorted(wanted - config)
+        assert "did not survive" not in capfd.readouterr().err
 
 
 @HOST_PACKAGES  # invoke deps --arch arm64

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import settings
+from vngtasks import cache, kconfig, settings
 from vngtasks.settings import DEFAULTS, effective
 from vngtasks.validate import InputError
 
@@ -135,3 +135,37 @@ def test_a_relative_kernel_url_is_relative_to_the_workspace(tmp_path: Path) -> N
     assert make(workspace, kernel_url="~/linux").kernel_url == str(Path.home() / "linux")
     for url in ("https://git.kernel.org/x/linux.git", "git@github.com:torvalds/linux.git", "file:///srv/linux"):
         assert make(workspace, kernel_url=url).kernel_url == url
+
+
+def test_debug_options_are_the_tables_each_once_in_its_order(tmp_path: Path) -> None:
+    s = effective(DEFAULTS, {"debug": "lkdtm, kasan kmemleak,lkdtm"}, workspace=tmp_path)
+    assert s.debug == ("kasan", "kmemleak", "lkdtm")
+    assert effective(DEFAULTS, {}, workspace=tmp_path).debug == ()
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ({"debug": "kasan,msan"}, "'msan' is not one of kasan, ubsan, kcsan, lockdep, kmemleak, lkdtm"),
+        ({"debug": "kasan kcsan"}, "kasan and kcsan exclude each other"),
+        ({"debug": "kcsan", "arch": "riscv64"}, "kcsan is not offered on riscv64"),
+    ],
+)
+def test_a_debug_option_that_cannot_be_is_refused(tmp_path: Path, flags: dict[str, str], said: str) -> None:
+    with pytest.raises(InputError) as raised:
+        effective(DEFAULTS, flags, workspace=tmp_path)
+    assert raised.value.input == "debug" and said in str(raised.value)
+
+
+def test_debug_options_are_a_fragment_after_btf_and_before_the_users_and_part_of_the_key(tmp_path: Path) -> None:
+    (tmp_path / "k.config").write_text("CONFIG_X=y\n")
+    flags = {"debug": "kasan,lkdtm", "kconfig_base": "tiny", "kconfig": "k.config", "name": "ci"}
+    s = effective(DEFAULTS, flags, workspace=tmp_path)
+    found = dict(kconfig.fragments(s))
+    assert list(found) == ["tiny.config", "btf.config", "debug.config", "kconfig.config"]
+    assert {"CONFIG_KASAN=y", "# CONFIG_SLUB_TINY is not set", "CONFIG_LKDTM=y", "CONFIG_DEBUG_KERNEL=y"} <= set(
+        found["debug.config"].splitlines()
+    )
+    assert cache.key_for(s, "a" * 12) == f"vng-kernel-ci-{s.arch.name}-{'a' * 12}-v2+tiny+debug-kasan-lkdtm"
+    plain = effective(DEFAULTS, {"debug": "ubsan"}, workspace=tmp_path)
+    assert cache.key_for(plain, "a" * 12).endswith("-v2+debug-ubsan")

@@ -140,6 +140,7 @@ def describe(
         "sha": plan.sha,
         "version": s.version,
         "kconfig_base": str(s.kconfig_base),
+        "debug": list(s.debug),
         "kernel_release": release.stdout.strip(),
         "toolchain": toolchain(c, plan),
         "config_sha256": config_hash(c, plan.tree),

@@ -52,12 +52,14 @@ _BYTES = {"K": 1024, "": 1024**2, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def key(name: str, arch: str, sha12: str, version: str, base: str = "") -> str:
-    """The seed's key; a kconfig base other than vng's follows a `+` (no name or version holds one)."""
+    """The seed's key; a kconfig base other than vng's, and debug options, follow a `+` (no name or version holds
+    one)."""
     return f"vng-kernel-{name}-{arch}-{sha12}-{version}" + (f"+{base}" if base else "")
 
 
 def key_for(settings: Settings, sha12: str) -> str:
-    return key(settings.name, settings.arch.name, sha12, settings.version, key_tag(settings.kconfig_base))
+    base = key_tag(settings.kconfig_base, settings.debug)
+    return key(settings.name, settings.arch.name, sha12, settings.version, base)
 
 
 def kernels_root(settings: Settings) -> Path:

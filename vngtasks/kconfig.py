@@ -7,7 +7,8 @@ Bases (the `kconfig-base` setting):
   and share directories (templates/kconfig-tiny.config.j2 and the arch row's `tiny_kconfig`);
 - a path: a full .config of the user's.
 
-On top, in this order: BTF (with `vmlinux-h`), then the user's `kconfig` fragment, merged by the
+On top, in this order: BTF (with `vmlinux-h`), the `debug` options (sanitizers.py), then the user's `kconfig`
+fragment, merged by the
 kernel's `scripts/kconfig/merge_config.sh`; `make olddefconfig` settles the rest. A fragment line
 that did not survive (an unmet dependency, a misspelt symbol) is named in a warning.
 """
@@ -19,7 +20,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import log, render
+from . import log, render, sanitizers
 from .settings import Settings
 
 # Debug info with BTF: what vmlinux.h is made from.
@@ -36,18 +37,21 @@ CONFIG_DEBUG_INFO_BTF=y
 TINY_TARGETS = ("tinyconfig", "kvm_guest.config")
 BASE_FILE = "base.config"  # a .config of the user's, copied beside the fragments
 # Fragments whose every line must survive, and the setting a warning names; tiny.config is ours.
-CHECKED = {"btf.config": "vmlinux-h", "kconfig.config": "kconfig"}
+CHECKED = {"btf.config": "vmlinux-h", "debug.config": "debug", "kconfig.config": "kconfig"}
 _SET = re.compile(r"(CONFIG_[A-Za-z0-9_]+)=(.*)")
 _UNSET = re.compile(r"# (CONFIG_[A-Za-z0-9_]+) is not set")
 
 
-def key_tag(base: str | Path) -> str:
-    """The base's part of a kernel cache key: none for vng's, `tiny`, or the hash of a .config file."""
+def key_tag(base: str | Path, debug: tuple[str, ...] = ()) -> str:
+    """The config's part of a kernel cache key: the base's (none for vng's, `tiny`, or the hash of a .config
+    file), then the debug options' (`debug-kasan-lkdtm`), `+`-joined."""
     if base == "vng":
-        return ""
-    if base == "tiny":
-        return "tiny"
-    return "config-" + hashlib.sha256(Path(base).read_bytes()).hexdigest()[:12]
+        tag = ""
+    elif base == "tiny":
+        tag = "tiny"
+    else:
+        tag = "config-" + hashlib.sha256(Path(base).read_bytes()).hexdigest()[:12]
+    return "+".join(part for part in (tag, sanitizers.key_tag(debug)) if part)
 
 
 def fragments(settings: Settings) -> list[tuple[str, str]]:
@@ -56,6 +60,8 @@ def fragments(settings: Settings) -> list[tuple[str, str]]:
     found = found if settings.kconfig_base == "tiny" else []
     if settings.vmlinux_h:
         found.append(("btf.config", BTF_FRAGMENT))
+    if settings.debug:
+        found.append(("debug.config", sanitizers.fragment(settings.debug)))
     if settings.kconfig:
         found.append(("kconfig.config", settings.kconfig.read_text()))
     return found

@@ -176,7 +176,7 @@ def propagate(workspace: Path, name: str, question: Question, sha: str, environ:
 
 def stale(settings: Settings) -> Resolved | None:
     """The newest cached kernel of this name, arch and version, to run when the remote is down."""
-    base = key_tag(settings.kconfig_base)
+    base = key_tag(settings.kconfig_base, settings.debug)
     entry = KernelCache(kernels_root(settings)).newest(settings.name, settings.arch.name, settings.version, base)
     sha = str(entry.metadata.get("sha", "")) if entry else ""
     if entry is None or not is_sha(sha):

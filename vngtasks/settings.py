@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import arches, validate
+from . import arches, sanitizers, validate
 from .arches import Arch
 from .validate import Given, InputError, Parser
 
@@ -103,6 +103,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kernel_compile_cache", "true", _BUILDS, validate.boolean, "build through ccache"),
     Setting("ccache_max_size", "5G", _BUILDS, validate.CCACHE_SIZE,
             "the most the building machine's ccache may hold, e.g. 500M, 20G; 0 = no limit (ccache's max_size)"),
+    Setting("debug", "", _NAMES_A_KERNEL, validate.debug,
+            "sanitizer and debug options built in: kasan, ubsan, kcsan, lockdep, kmemleak, lkdtm (comma-separated; "
+            "part of the cache key)"),
     Setting("vmlinux_h", "true", _BUILDS, validate.boolean,
             "build with BTF and write vmlinux.h into the cache entry"),
     Setting("build_host", "", _BUILDS, validate.build_host,
@@ -188,6 +191,7 @@ class Settings:
     llvm: str
     kernel_compile_cache: bool
     ccache_max_size: str
+    debug: tuple[str, ...]  # names of sanitizers.OPTIONS, in its order
     vmlinux_h: bool
     build_host: str
     build_host_accept_new: bool
@@ -234,6 +238,12 @@ def _check_together(s: Settings) -> None:
         raise InputError("kconfig_base", f"tiny is not available for {s.arch.name} yet: use vng or a .config file")
     if s.accel == "kvm" and s.arch != arches.host():
         raise InputError("accel", f"kvm cannot run {s.arch.name} guests on a {arches.host().name} host: use tcg")
+    for name in s.debug:
+        option = sanitizers.BY_NAME[name]
+        if s.arch.name not in option.arches:
+            raise InputError("debug", f"{name} is not offered on {s.arch.name} (only {', '.join(option.arches)})")
+        if clash := next((other for other in option.excludes if other in s.debug), None):
+            raise InputError("debug", f"{name} and {clash} exclude each other: choose one")
     for key in ("known_failures", "results_baseline"):
         if getattr(s, key) and not s.results:
             raise InputError(key, "needs `results`: there are no test results to compare")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import arches
+from . import arches, sanitizers
 from .arches import Arch
 from .log import printable
 from .report import known
@@ -267,6 +267,15 @@ def kconfig_base(key: str, value: str, given: Given) -> str | Path:
     if path is None:
         raise InputError(key, f"expected {' or '.join(KCONFIG_BASES)} or the path of a .config file")
     return path
+
+
+def debug(key: str, value: str, given: Given) -> tuple[str, ...]:
+    """Names of sanitizers.OPTIONS, separated by commas or blanks: each once, in the table's order."""
+    names = [name for name in re.split(r"[\s,]+", value) if name]
+    unknown = [name for name in names if name not in sanitizers.BY_NAME]
+    if unknown:
+        raise InputError(key, f"{unknown[0]!r} is not one of {', '.join(sanitizers.BY_NAME)}")
+    return tuple(option.name for option in sanitizers.OPTIONS if option.name in names)
 
 
 def cache_dir(key: str, value: str, given: Given) -> Path:
