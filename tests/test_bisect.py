@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CCACHE_ENV
+from conftest import CCACHE_ENV, WARN_WORKLOAD
 from linux_remote import KCONFIG, MARK, kernel_history
 
 from vngtasks import bisect, errors, log, resolve, settings
@@ -68,7 +68,8 @@ def history(tmp_path: Path, states: list[str]) -> tuple[Path, list[str]]:
     return repo, shas
 
 
-STATUS = {"pass": 0, "fail": 1, "broken": None, "no-status": errors.NO_STATUS}
+STATUS = {"pass": 0, "fail": 1, "broken": None, "no-status": errors.NO_STATUS, "crash-a": 123, "crash-b": 123}
+CRASHES = {"crash-a": ("WARNING in a",), "crash-b": ("BUG: kernel NULL pointer dereference in b",)}
 
 
 class FakeSteps:
@@ -77,10 +78,11 @@ class FakeSteps:
     def __init__(self, repo: Path) -> None:
         self.repo, self.tested = repo, []
 
-    def __call__(self, c, s, sha: str, workload: str, test: str):
+    def __call__(self, c, s, sha: str, workload: str, test: str = ""):
         assert s.run == workload == "./check" and test == ""
         self.tested.append(sha)
-        return STATUS[git(self.repo, "show", f"{sha}:state").split()[0]], 2.0, 1.0, False
+        state = git(self.repo, "show", f"{sha}:state").split()[0]
+        return bisect.Ran(STATUS[state], 2.0, 1.0, False, CRASHES.get(state, ()))
 
 
 def run(tmp_path: Path, repo: Path, monkeypatch, **options) -> tuple[int, FakeSteps]:
@@ -266,6 +268,20 @@ def test_bisect_names_the_commit_that_changed_what_the_guest_sees_then_resumes(c
     assert f"first bad commit: {shas[2]}" in again.stdout
     assert json.loads((workspace / bisect.RECORD).read_text())["steps"] == steps
 
+    # --same-crash over the same range: the MARK commits provoke LKDTM's WARNING, commit 1's workload fails
+    # without a crash (good: only the crash counts). The bad end is built and run first for its crash's title;
+    # the steps' kernels are the ones built above.
+    crash = f"if grep -q {MARK} /proc/version; then {WARN_WORKLOAD}; fi; grep -qv {shas[1][:12]} /proc/version"
+    same = cli(*args[:-2], "--same-crash", "--", crash, env=CCACHE_ENV, timeout=3600)
+    assert same.returncode == bisect.FOUND, same.stderr[-4000:]
+    assert f"first bad commit: {shas[2]} bisect test 2: mark (" in same.stdout, same.stdout
+    kept = json.loads((workspace / bisect.RECORD).read_text())
+    assert kept["result"]["crash"] == "WARNING in lkdtm_WARNING"
+    assert {(step["sha"], step["verdict"], step["cache_hit"]) for step in kept["steps"]} == {
+        (shas[1], "good", True),
+        (shas[2], "bad", True),
+    }, kept["steps"]
+
 
 @pytest.mark.parametrize(
     "text, result, expected",
@@ -286,3 +302,27 @@ def test_with_test_a_step_is_that_tests_result(text: str, result: str, expected:
     outcome = supervise.Outcome("tcg", 1 if result == "workload" else NO_STATUS, result, 1.0, 1.0)
     record = runrecord.Record(Path("/k"), "6.12", "x86_64", outcome, outcome.status, ("WARNING: x",), tests)
     assert bisect.tested(record, "t") == expected
+
+
+@pytest.mark.unit
+def test_same_crash_bisects_the_bad_ends_crash_skipping_others_and_passing_failures(tmp_path, monkeypatch, capsys):
+    """syzbot's rule: the bad end runs first for its crash's title; a step is bad only when that crash happens,
+    skipped when another does (commit 3, git's first pick), good when none does (commit 4's workload fails,
+    without a crash)."""
+    states = ["pass", "pass", "pass", "crash-b", "fail", "crash-a", "crash-a", "crash-a"]
+    repo, shas = history(tmp_path, states)
+    status, steps = run(tmp_path, repo, monkeypatch, same_crash=True)
+    assert status == bisect.FOUND and steps.tested[0] == shas[-1]
+    assert f"first bad commit: {shas[5]} commit 5: crash-a (" in capsys.readouterr().out
+    kept = record(tmp_path)
+    assert kept["result"]["crash"] == "WARNING in a" and kept["arguments"]["same_crash"] is True
+    verdicts = {step["sha"]: step["verdict"] for step in kept["steps"]}
+    expected = {shas[1]: "good", shas[2]: "good", shas[3]: "skip", shas[4]: "good", shas[5]: "bad", shas[6]: "bad"}
+    assert verdicts == {sha: expected[sha] for sha in verdicts} and "skip" in verdicts.values(), verdicts
+
+
+@pytest.mark.unit
+def test_same_crash_without_a_crash_at_the_bad_end_is_refused(tmp_path, monkeypatch):
+    repo, _ = history(tmp_path, ["pass", "pass", "fail"])
+    with pytest.raises(Failure, match="did not crash: no crash to bisect"):
+        run(tmp_path, repo, monkeypatch, same_crash=True)

@@ -173,8 +173,9 @@ class Repo:
 
 
 def arguments(
-    settings: Settings, good: str, bad: str, splat_ignored: bool, on_build_failure: str, test: str = ""
-) -> dict:
+    settings: Settings, good: str, bad: str, splat_ignored: bool, on_build_failure: str, test: str = "",
+    same_crash: bool = False,
+) -> dict:  # fmt: skip
     """What a record is for: a re-run resumes from it only when all of these are the same."""
     kconfig = settings.kconfig.read_bytes() if settings.kconfig else b""
     return {
@@ -182,7 +183,7 @@ def arguments(
         "version": settings.version, "arch": settings.arch.name, "kconfig_base": str(settings.kconfig_base),
         "kconfig_sha256": hashlib.sha256(kconfig).hexdigest(), "cc": settings.cc, "llvm": settings.llvm,
         "run": settings.run, "splat_ignored": splat_ignored, "on_build_failure": on_build_failure,
-        "results": settings.results, "test": test,
+        "results": settings.results, "test": test, "same_crash": same_crash, "debug": list(settings.debug),
     }  # fmt: skip
 
 
@@ -263,11 +264,27 @@ def tested(record: Record, test: str) -> int:
     return FAILED if any(verdict.failed for verdict in found) else 0
 
 
-def run_step(
-    c: Context, settings: Settings, sha: str, workload: str, test: str = ""
-) -> tuple[int | None, float, float, bool]:
-    """Build (or find) and boot one commit: (status, None when it did not build; build s; boot s; cache hit).
-    With `test`, the status is that test's (see tested)."""
+def crash_verdict(titles: list[str], wanted: str) -> str:
+    """`--same-crash` (syzbot's rule): a step is bad when the bad end's crash happened, skipped when another
+    crash did (it may hide the one bisected), good when the kernel did not crash (whatever the workload said)."""
+    if wanted in titles:
+        return BAD
+    return SKIP if titles else GOOD
+
+
+@dataclass(frozen=True)
+class Ran:
+    """One commit built (or found) and booted."""
+
+    status: int | None  # None: it did not build
+    build_seconds: float
+    boot_seconds: float
+    cache_hit: bool
+    crashes: tuple[str, ...] = ()  # the titles of its kernel's crashes
+
+
+def run_step(c: Context, settings: Settings, sha: str, workload: str, test: str = "") -> Ran:
+    """Build (or find) and boot one commit. With `test`, the status is that test's (see tested)."""
     step = dataclasses.replace(settings, tag=sha)
     resolved = resolve.Resolved(sha=sha, ref="", source="sha")
     kernels = cache.KernelCache(cache.kernels_root(step))
@@ -280,20 +297,34 @@ def run_step(
         if failure.code in (BAD_INPUT, MISSING_TOOL):
             raise
         log.warn(f"bisect: {sha[:12]} did not build: {failure}")
-        return None, time.monotonic() - started, 0.0, hit
+        return Ran(None, time.monotonic() - started, 0.0, hit)
     built = time.monotonic()
     with kernels.using(entry.key) as in_use:
         record = vm.run_recorded(step, in_use.path, workload)
     status = tested(record, test) if test else record.status
-    return status, built - started, time.monotonic() - built, hit
+    titles = tuple(crash.title for crash in record.crashes.found)
+    return Ran(status, built - started, time.monotonic() - built, hit, titles)
+
+
+def bad_crash(c: Context, settings: Settings, bad: resolve.Resolved) -> str:
+    """`--same-crash`: the title of the bad end's first crash, from a run of it (built, or found in the cache)."""
+    log.info(f"bisect: --same-crash: running the bad end {bad.sha12} for its crash")
+    ran = run_step(c, settings, bad.sha, settings.run)
+    if ran.status is None:
+        raise Failure(f"bisect: --same-crash: the bad end {bad.sha12} did not build", FAILED)
+    if not ran.crashes:
+        raise Failure(f"bisect: --same-crash: the bad end {bad.sha12} did not crash: no crash to bisect", FAILED)
+    log.info(f"bisect: --same-crash: bisecting {ran.crashes[0]}")
+    return ran.crashes[0]
 
 
 def bisect(
     c: Context, settings: Settings, good: resolve.Resolved, bad: resolve.Resolved, *,
-    splat_ignored: bool = False, on_build_failure: str = SKIP, test: str = "",
+    splat_ignored: bool = False, on_build_failure: str = SKIP, test: str = "", same_crash: bool = False,
 ) -> int:  # fmt: skip
     """Bisect from good to bad, each step built and booted; FOUND or UNDECIDED. With `test` (an id of the
-    run's results), a step is bad only when that test fails."""
+    run's results), a step is bad only when that test fails; with `same_crash`, only when the bad end's crash
+    happens (see crash_verdict)."""
     if good.sha == bad.sha:
         raise Failure(f"bisect: good and bad are the same commit {good.sha12}", BAD_INPUT)
     repo = Repo(settings.cache_dir, good.sha, bad.sha)
@@ -302,8 +333,9 @@ def bisect(
         remove_tree(repo.path)  # bad input leaves nothing behind
         raise Failure(f"bisect: good {good.sha12} is not an ancestor of bad {bad.sha12}", BAD_INPUT)
     record = settings.log_dir / RECORD
-    wanted = arguments(settings, good.sha, bad.sha, splat_ignored, on_build_failure, test)
+    wanted = arguments(settings, good.sha, bad.sha, splat_ignored, on_build_failure, test, same_crash)
     steps = finished_steps(repo, wanted)
+    crash = bad_crash(c, settings, bad) if same_crash else ""
     repo.start()
     for step in steps:
         repo.mark(step.sha, step.verdict)
@@ -317,20 +349,25 @@ def bisect(
         subject, _ = repo.describe(state.next)
         elapsed = time.monotonic() - started
         log.info(f"bisect: step {number} of about {about}: {state.next[:12]} {subject} ({elapsed:.0f} s so far)")
-        status, build_s, boot_s, hit = run_step(c, settings, state.next, settings.run, test)
-        said = verdict(status, splat_ignored=splat_ignored, on_build_failure=on_build_failure)
-        steps.append(Step(state.next, subject, said, status, round(build_s, 1), round(boot_s, 1), hit))
+        ran = run_step(c, settings, state.next, settings.run, test)
+        said = verdict(ran.status, splat_ignored=splat_ignored, on_build_failure=on_build_failure)
+        if crash and ran.status is not None:
+            said = crash_verdict(list(ran.crashes), crash)
+        build_s, boot_s = round(ran.build_seconds, 1), round(ran.boot_seconds, 1)
+        steps.append(Step(state.next, subject, said, ran.status, build_s, boot_s, ran.cache_hit))
         repo.mark(state.next, said)
         write_record(record, repo, wanted, steps, {})
         tested, state = state.next, repo.state()
         if state.next == tested:
             raise Failure(f"bisect: git bisect {said} {tested[:12]} did not take", FAILED)
-    return conclude(repo, record, wanted, steps, state)
+    return conclude(repo, record, wanted, steps, state, crash)
 
 
-def conclude(repo: Repo, record: Path, wanted: dict, steps: list[Step], state: State) -> int:
+def conclude(repo: Repo, record: Path, wanted: dict, steps: list[Step], state: State, crash: str = "") -> int:
     """The result printed, written to the record and the job summary: FOUND or UNDECIDED."""
     lines = [table(steps)]
+    if crash:
+        lines.append(f"bisected crash: {crash}")
     if state.first_bad:
         subject, date = repo.describe(state.first_bad)
         result = {"first_bad": {"sha": state.first_bad, "subject": subject, "author_date": date}}
@@ -340,6 +377,8 @@ def conclude(repo: Repo, record: Path, wanted: dict, steps: list[Step], state: S
         result = {"candidates": [{"sha": s, "subject": subj, "author_date": d} for s, subj, d in described]}
         lines.append("not decidable: skipped commits are left; the first bad commit is one of:")
         lines += [f"  {sha} {subj} ({d})" for sha, subj, d in described]
+    if crash:
+        result["crash"] = crash
     write_record(record, repo, wanted, steps, result)
     text = "\n".join(lines) + "\n"
     print(text, end="", flush=True)

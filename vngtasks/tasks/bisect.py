@@ -16,11 +16,14 @@ OPTIONS = {
     "on_build_failure": "the verdict on a commit that does not build: skip (default) or bad",
     "test": "bisect one test: a step is bad only when this id of the run's results fails (needs results)",
 }
-SWITCHES = {"splat_ignored": "a splat (exit 123) of a passing workload is good, not bad"}
+SWITCHES = {
+    "splat_ignored": "a splat (exit 123) of a passing workload is good, not bad",
+    "same_crash": "a step is bad only when the bad end's crash (its title) happens; another crash skips it",
+}
 
 
 @_common.settings_task("bisect", switches=SWITCHES, options=OPTIONS)
-def bisect(c: Context, splat_ignored: bool = False, **flags: str | None):
+def bisect(c: Context, splat_ignored: bool = False, same_crash: bool = False, **flags: str | None):
     """Bisect --good..--bad: build and boot each step, run the command after `--`, name the first bad commit."""
     given = {name: flags.pop(name) for name in OPTIONS}
     s = _common.settings(c, **flags, run=_common.remainder() or None)
@@ -41,12 +44,15 @@ def bisect(c: Context, splat_ignored: bool = False, **flags: str | None):
         raise Exit("vngtasks: test: needs `results`: a test is an id of the run's test results", code=BAD_INPUT)
     if not test.isprintable():
         raise Exit("vngtasks: test: holds a control character", code=BAD_INPUT)
+    if test and same_crash:
+        raise Exit("vngtasks: same-crash: bisects a crash, --test a test: choose one", code=BAD_INPUT)
     with _common.stopped_by_signals(), _common.exit_statuses():
         ends = {name: git_ref(name, given[name], None) for name in ("good", "bad")}  # type: ignore[arg-type]
         make_directory("log_dir", s.log_dir)
         good, bad = (resolve_kernel(c, dataclasses.replace(s, tag=ends[n]), record=False) for n in ("good", "bad"))
         status = bisecting.bisect(
-            c, s, good, bad, splat_ignored=splat_ignored, on_build_failure=on_build_failure, test=test
-        )
+            c, s, good, bad, splat_ignored=splat_ignored, on_build_failure=on_build_failure, test=test,
+            same_crash=same_crash,
+        )  # fmt: skip
     if status:
         raise Exit(code=status)
