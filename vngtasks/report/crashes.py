@@ -120,7 +120,6 @@ CRASHES = (
     _kind("panic", r"Kernel panic - not syncing: (?P<what>.{1,200})", "kernel panic: {what}"),
 )
 DETAILS = {"access": re.compile(r"\b(Read|Write) of size [0-9]+")}  # fields a title takes from the report's body
-KINDS = tuple(dict.fromkeys(kind.name for kind in CRASHES))
 
 
 @dataclass(frozen=True)
@@ -282,7 +281,7 @@ def _frames(report: list[str]) -> list[Frame]:
 
 def _pointed_at(report: list[str], frames: list[Frame]) -> str:
     """The function at the fault, else the first of the trace not of the reporting machinery."""
-    if any(_AT_FAULT.search(line) for line in report):
+    if frames and frames[0].at_fault:
         return frames[0].function
     return next((frame.function for frame in frames if not _MACHINERY.match(_bare(frame.function))), "")
 
