@@ -19,6 +19,10 @@ nox.options.reuse_existing_virtualenvs = True
 TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server mmdebstrap"
 # The tiers (tests/conftest.py): what each session selects.
 TIERS = {"unit": "unit", "integration": "integration and not slow", "slow": "slow", "machine": "not unit"}
+# pytest's temporary directories, each session's emptied when it starts: the build tests' kernel trees take
+# gigabytes, more than a /tmp in memory holds (half of RAM: Debian 13's, Fedora's, the fresh-machine rehearsal's),
+# and a guest sees them here (virtme-ng's init covers /var/tmp with a tmpfs of its own).
+TEMPORARY = Path(__file__).parent / ".ci" / "tmp"
 # Where pytest writes each session's results (.ci/run prints the slowest tests from them).
 RESULTS = Path(os.environ.get("VNGTASKS_TEST_RESULTS", ".ci/results"))
 
@@ -49,14 +53,8 @@ def _test(session: nox.Session, marks: str, *paths: str) -> None:
         workers = ["--numprocesses", WORKERS, "--dist", "loadgroup"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = ["--junitxml", str(RESULTS / f"{session.name}.xml"), "--durations", "10"]
-    session.run("pytest", "-m", marks, *workers, *report, *paths, *session.posargs, env=_temporary_files())
-
-
-def _temporary_files() -> dict[str, str]:
-    """TMPDIR for the tests (pytest's tmp_path, and every compiler and tool they start): /var/tmp unless one is
-    set. The build tests' kernel trees take more than a /tmp in memory holds (half of RAM, a tmpfs: Debian 13's,
-    Fedora's, and the fresh-machine rehearsal's)."""
-    return {"TMPDIR": os.environ.get("TMPDIR") or "/var/tmp"}
+    temporary = ["--basetemp", str(TEMPORARY / session.name)]
+    session.run("pytest", "-m", marks, *workers, *report, *temporary, *paths, *session.posargs)
 
 
 @nox.session

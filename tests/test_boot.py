@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,6 +103,14 @@ def test_read_only_workspace_and_accel_auto(cli, workspace: Path, tiny_build):
     if problem is not None:
         warnings = [line for line in done.stderr.splitlines() if "falling back to TCG" in line]
         assert len(warnings) == 1 and problem in warnings[0], done.stderr
+    # A read-only workspace under /var/tmp, which virtme-ng's init covers with a tmpfs: shared read-only, seen.
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as covered:
+        (Path(covered) / "seen").write_text("here\n")
+        flags = ("--workspace-rw", "false", "--log-dir", str(workspace))
+        done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, *flags,
+                   "--", "cat seen; touch written || echo read-only", cwd=Path(covered))  # fmt: skip
+        assert (done.returncode, done.stdout.split()[-2:]) == (0, ["here", "read-only"]), done.stderr[-3000:]
+        assert not (Path(covered) / "written").exists()
 
 
 def test_run_timeout_kills_the_vm(cli, home: Path, tiny_build):

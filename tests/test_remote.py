@@ -112,7 +112,7 @@ def start_sshd(tmp_path: Path, home: Path) -> Iterator[Callable[..., Sshd]]:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         log = where / "sshd.log"
         with log.open("w") as out:
-            inside = ["ip", "netns", "exec", netns] if netns else []
+            inside = in_netns(netns) if netns else []
             process = subprocess.Popen([*inside, str(SSHD), "-D", "-e", "-f", str(where / "sshd_config")], stderr=out)
         server = Sshd(port, host_key, remote_home, process, log, address)
         started.append(server)
@@ -160,14 +160,14 @@ def bastion() -> Iterator[Bastion]:
         ["ip", "link", "add", f"vj{tag}", "type", "veth", "peer", "name", f"vjp{tag}"],
         ["ip", "link", "set", f"vjp{tag}", "netns", jump],
         ["ip", "addr", "add", f"{here}.1/30", "dev", f"vj{tag}"], ["ip", "link", "set", f"vj{tag}", "up"],
-        ["ip", "-n", jump, "addr", "add", f"{here}.2/30", "dev", f"vjp{tag}"],
-        ["ip", "-n", jump, "link", "set", f"vjp{tag}", "up"], ["ip", "-n", jump, "link", "set", "lo", "up"],
-        ["ip", "-n", jump, "link", "add", f"vb{tag}", "type", "veth", "peer", "name", f"vbp{tag}"],
-        ["ip", "-n", jump, "link", "set", f"vbp{tag}", "netns", build],
-        ["ip", "-n", jump, "addr", "add", f"{there}.1/30", "dev", f"vb{tag}"],
-        ["ip", "-n", jump, "link", "set", f"vb{tag}", "up"],
-        ["ip", "-n", build, "addr", "add", f"{there}.2/30", "dev", f"vbp{tag}"],
-        ["ip", "-n", build, "link", "set", f"vbp{tag}", "up"], ["ip", "-n", build, "link", "set", "lo", "up"],
+        [*in_netns(jump), "ip", "addr", "add", f"{here}.2/30", "dev", f"vjp{tag}"],
+        [*in_netns(jump), "ip", "link", "set", f"vjp{tag}", "up"], [*in_netns(jump), "ip", "link", "set", "lo", "up"],
+        [*in_netns(jump), "ip", "link", "add", f"vb{tag}", "type", "veth", "peer", "name", f"vbp{tag}"],
+        [*in_netns(jump), "ip", "link", "set", f"vbp{tag}", "netns", build],
+        [*in_netns(jump), "ip", "addr", "add", f"{there}.1/30", "dev", f"vb{tag}"],
+        [*in_netns(jump), "ip", "link", "set", f"vb{tag}", "up"],
+        [*in_netns(build), "ip", "addr", "add", f"{there}.2/30", "dev", f"vbp{tag}"],
+        [*in_netns(build), "ip", "link", "set", f"vbp{tag}", "up"], [*in_netns(build), "ip", "link", "set", "lo", "up"],
     ]  # fmt: skip
     try:
         for step in steps:
@@ -177,6 +177,12 @@ def bastion() -> Iterator[Bastion]:
         subprocess.run(["ip", "link", "del", f"vj{tag}"], capture_output=True)
         for netns in (jump, build):
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def in_netns(name: str) -> list[str]:
+    """A command's prefix that runs it in network namespace `name` (of `ip netns add`). Not `ip -n` or `ip netns
+    exec`: they remount / and /sys, which fails where / is no mount point (a chroot: ../shared/fresh-machine)."""
+    return ["nsenter", f"--net=/run/netns/{name}"]
 
 
 _BASTIONS = itertools.count(os.getpid() % 50 * 5)  # each pytest worker's from a place of its own

@@ -182,3 +182,16 @@ def test_templates_ship_in_the_wheel(tmp_path: Path) -> None:
     site = {"PYTHONPATH": str(tmp_path / "site")}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=site, capture_output=True, text=True)
     assert done.stdout.strip() == "['-cpu', 'host']", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("workspace", "shared"),
+    [("/work/project", False), ("/var/tmp/ci/project", True), ("/run/user/1000/w", True), ("/var/tmpx/w", False)],
+)
+def test_a_read_only_workspace_the_guests_init_covers_is_shared_read_only(workspace: str, shared: bool) -> None:
+    """virtme-ng's init mounts a tmpfs of its own on /var/tmp, /run, ...: a read-only workspace there would be
+    an empty directory in the guest, so it is shared read-only; elsewhere the host's root shows it."""
+    settings = effective(DEFAULTS, {"workspace_rw": "false", "extra_rwdirs": ""}, workspace=Path(workspace))
+    boot = vm.Boot(settings, Path("/boot/vmlinuz-6.12.0"), "tcg", RUN_DIR, False, True, None)
+    host = vm.Host(arch=arches.host(), memory_mib=16384, vng="vng", environ={})
+    assert (f"--rodir={workspace}={workspace}" in vm.vng_argv(boot, host)) is shared

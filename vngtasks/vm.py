@@ -175,12 +175,27 @@ def shared_dirs(settings: Settings, run_dir: Path, environ: Mapping[str, str]) -
     return list(dict.fromkeys(plain_path(name, path.resolve()) for name, path in wanted))
 
 
+# Where virtme-ng's init (virtme-ng-init, and its shell init) mounts a tmpfs of its own in the guest: what the host
+# has there is hidden.
+COVERED_IN_GUEST = tuple(
+    Path(p) for p in ("/var/tmp", "/var/log", "/var/cache", "/var/lib/apt", "/var/spool/rsyslog", "/var/lib/portables",
+                      "/var/lib/machines", "/var/lib/private", "/var/lib/snapd/cookie", "/run", "/dev/shm")
+)  # fmt: skip
+
+
 def visible_dirs(boot: Boot) -> list[Path]:
-    """Host directories a guest of its own root sees read-only: a workspace it may not write (the host's
-    root, which a host-arch guest sees whole, is not there)."""
-    if boot.root is None or boot.settings.workspace_rw:
+    """Host directories shared read-only: a workspace the guest may not write, when the guest would not see it
+    otherwise: a guest of its own root (the host's, which a host-arch guest sees whole, is not there), or a
+    workspace under a directory virtme-ng's init covers (then writes there fail, as the share is read-only,
+    instead of landing in the throwaway overlay the rest of the host's root has)."""
+    workspace = plain_path("workspace", boot.settings.workspace.resolve())
+    if boot.settings.workspace_rw or (boot.root is None and not covered_in_guest(workspace)):
         return []
-    return [plain_path("workspace", boot.settings.workspace.resolve())]
+    return [workspace]
+
+
+def covered_in_guest(path: Path) -> bool:
+    return any(path == covered or covered in path.parents for covered in COVERED_IN_GUEST)
 
 
 def github_dirs(environ: Mapping[str, str]) -> list[tuple[str, Path]]:
