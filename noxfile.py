@@ -52,6 +52,7 @@ def _test(session: nox.Session, marks: str, *paths: str) -> None:
         session.run("invoke", "deps", "--packages", TEST_PACKAGES)
         workers = ["--numprocesses", WORKERS, "--dist", "loadgroup"]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    TEMPORARY.mkdir(parents=True, exist_ok=True)  # pytest makes --basetemp, not its parents
     report = ["--junitxml", str(RESULTS / f"{session.name}.xml"), "--durations", "10"]
     temporary = ["--basetemp", str(TEMPORARY / session.name)]
     session.run("pytest", "-m", marks, *workers, *report, *temporary, *paths, *session.posargs)
