@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,17 @@ TINY_TREE = pytest.mark.xdist_group("tiny-tree")
 # A real kernel warning: LKDTM is built into the kernels the tests build (tests/data/ci-kernel.config).
 PROVOKE = "/sys/kernel/debug/provoke-crash/DIRECT"
 WARN_WORKLOAD = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debug; echo WARNING > {PROVOKE}"
+
+
+def copy_checkout(dest: Path) -> None:
+    """This checkout's own files as they are now (git's: tracked, and new ones it does not ignore) into `dest`:
+    never what runs leave in it (.ci/tmp holds the running session's kernel trees, .nox its venvs)."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            check=True, capture_output=True).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
 
 
 def assert_at_its_line_of_lkdtm(crash: dict, kernel_tree: tuple[Path, str]) -> None:

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import copy_checkout
 from linux_remote import LINUX_REMOTE_HOME
 
 pytestmark = pytest.mark.integration
@@ -105,12 +105,7 @@ def fresh(tmp_path: Path) -> Path:
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
                     str(merged)], check=True)  # fmt: skip
     try:
-        files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                               check=True, capture_output=True).stdout.decode().split("\0")  # fmt: skip
-        for name in filter(None, files):
-            if (ROOT / name).is_file():
-                (merged / "src" / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / name, merged / "src" / name)
+        copy_checkout(merged / "src")
         done = inside(merged, ["/venv/bin/pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "/src"])
         assert done.returncode == 0, done.stdout + done.stderr
         yield merged

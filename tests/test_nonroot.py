@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CCACHE_ENV, HOST_PACKAGES, ROOT, tiny_flags
+from conftest import CCACHE_ENV, HOST_PACKAGES, copy_checkout, tiny_flags
 from linux_remote import KCONFIG
 
 from vngtasks import kernels
@@ -26,7 +26,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, HOST_PACKAGES]
 USER = "vngtasks-runner"
 SUDOERS = Path("/etc/sudoers.d/vngtasks-tests")
 PACKAGE = "hello"  # small, in Debian, installed by nothing else here
-NOT_COPIED = shutil.ignore_patterns(".git", ".venv", ".nox", "__pycache__", "*.egg-info", ".ruff_cache")
 
 
 def _root(*argv: str) -> None:
@@ -49,7 +48,7 @@ def runner() -> pwd.struct_passwd:
     for leftover in ("src", "venv", "work", ".cache", "ccache-tmp"):
         shutil.rmtree(home / leftover, ignore_errors=True)
     (home / ".gitconfig").unlink(missing_ok=True)
-    shutil.copytree(ROOT, home / "src", ignore=NOT_COPIED)
+    copy_checkout(home / "src")
     _root("chown", "-R", f"{USER}:{USER}", str(home / "src"))
     as_user(user, "/usr/bin/python3", "-m", "venv", str(home / "venv"), check=True)
     as_user(user, str(home / "venv/bin/pip"), "install", "-q", str(home / "src"), check=True, timeout=600)
