@@ -21,8 +21,9 @@ TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server mmdebstrap"
 TIERS = {"unit": "unit", "integration": "integration and not slow", "slow": "slow", "machine": "not unit"}
 # pytest's temporary directories, each session's emptied when it starts: the build tests' kernel trees take
 # gigabytes, more than a /tmp in memory holds (half of RAM: Debian 13's, Fedora's, the fresh-machine rehearsal's),
-# and a guest sees them here (virtme-ng's init covers /var/tmp with a tmpfs of its own).
-TEMPORARY = Path(__file__).parent / ".ci" / "tmp"
+# and a guest sees them here (virtme-ng's init covers /var/tmp with a tmpfs of its own). Outside the checkout:
+# tests copy it (act, the non-root user's install).
+TEMPORARY = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vngtasks-tests" / "pytest"
 # Where pytest writes each session's results (.ci/run prints the slowest tests from them).
 RESULTS = Path(os.environ.get("VNGTASKS_TEST_RESULTS", ".ci/results"))
 

@@ -33,7 +33,7 @@ WARN_WORKLOAD = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debu
 
 def copy_checkout(dest: Path) -> None:
     """This checkout's own files as they are now (git's: tracked, and new ones it does not ignore) into `dest`:
-    never what runs leave in it (.ci/tmp holds the running session's kernel trees, .nox its venvs)."""
+    never what runs leave in it (.nox's venvs, .ci's results, a developer's build trees)."""
     listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             check=True, capture_output=True).stdout.decode().split("\0")  # fmt: skip
     for name in filter(None, listed):
