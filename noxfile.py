@@ -19,11 +19,12 @@ nox.options.reuse_existing_virtualenvs = True
 TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server mmdebstrap"
 # The tiers (tests/conftest.py): what each session selects.
 TIERS = {"unit": "unit", "integration": "integration and not slow", "slow": "slow", "machine": "not unit"}
-# pytest's temporary directories, each session's emptied when it starts: the build tests' kernel trees take
-# gigabytes, more than a /tmp in memory holds (half of RAM: Debian 13's, Fedora's, the fresh-machine rehearsal's),
-# and a guest sees them here (virtme-ng's init covers /var/tmp with a tmpfs of its own). Outside the checkout:
-# tests copy it (act, the non-root user's install).
-TEMPORARY = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vngtasks-tests" / "pytest"
+# The root tiers' pytest temporary directories, each session's emptied when it starts: the build tests' kernel trees
+# take gigabytes, more than a /tmp in memory holds (half of RAM: Debian 13's, Fedora's, the fresh-machine
+# rehearsal's). A guest sees them here as it sees a runner's workspace, through vng's throwaway overlay on /var
+# (not under /var/tmp, which virtme-ng's init covers with a tmpfs, nor /root, which vng overlays not). Outside the
+# checkout: tests copy it (act, the non-root user's install).
+TEMPORARY = Path("/var/lib/vngtasks-tests/pytest")
 # Where pytest writes each session's results (.ci/run prints the slowest tests from them).
 RESULTS = Path(os.environ.get("VNGTASKS_TEST_RESULTS", ".ci/results"))
 
@@ -49,13 +50,14 @@ WORKERS = str(min(os.cpu_count() or 1, 4))
 def _test(session: nox.Session, marks: str, *paths: str) -> None:
     session.install("-e", ".[test]")
     workers: list[str] = []
+    temporary: list[str] = []
     if marks != TIERS["unit"]:  # unit tests need no root and no host packages
         session.run("invoke", "deps", "--packages", TEST_PACKAGES)
         workers = ["--numprocesses", WORKERS, "--dist", "loadgroup"]
+        TEMPORARY.mkdir(parents=True, exist_ok=True)  # pytest makes --basetemp, not its parents
+        temporary = ["--basetemp", str(TEMPORARY / session.name)]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    TEMPORARY.mkdir(parents=True, exist_ok=True)  # pytest makes --basetemp, not its parents
     report = ["--junitxml", str(RESULTS / f"{session.name}.xml"), "--durations", "10"]
-    temporary = ["--basetemp", str(TEMPORARY / session.name)]
     session.run("pytest", "-m", marks, *workers, *report, *temporary, *paths, *session.posargs)
 
 
