@@ -58,7 +58,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "lkdtm",
-        "CONFIG_LKDTM=y\n",
+        "CONFIG_RUNTIME_TESTING_MENU=y\nCONFIG_LKDTM=y\n",  # LKDTM is in the runtime testing menu
         ALL_ARCHES,
         "none until used: /sys/kernel/debug/provoke-crash/DIRECT crashes the kernel on request",
     ),
