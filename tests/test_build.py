@@ -62,6 +62,18 @@ def test_a_tiny_build_is_stored_once_then_booted_from_the_cache(cli, workspace: 
     assert {p: p.stat().st_mtime_ns for p in marks} == marks
 
 
+def configured(s: settings.Settings, sha: str) -> set[str]:
+    """The lines of the .config that the build's own steps before make give `s` at `sha`: the commit fetched into
+    the plan's work tree, the compiler wrappers written, the base and fragments merged."""
+    c, machine = Context(), build.this_machine()
+    plan = build.local_plan(s, sha, machine)
+    build.here(c, s, machine).bring_source(plan)
+    buildsteps.write_tools(c, plan)
+    variables = kernelmake.make_variables(kernelmake.vng_argv(plan, machine.vng))
+    kernelmake.configure(c, plan, variables, buildsteps.make_env(plan, machine))
+    return set((Path(plan.tree) / ".config").read_text().splitlines())
+
+
 # A user's fragment on vng's base: the tests' own, and two of vng's defaults turned off.
 VNG_FRAGMENT = KCONFIG.read_text() + "# CONFIG_DRM is not set\n# CONFIG_SOUND is not set\n"
 
@@ -78,13 +90,7 @@ def test_vngs_own_kconfig_base_is_made_by_the_steps_every_build_runs(tmp_path: P
     flags = {"tag": TAG, "kernel_url": url, "name": "vng", "kconfig": "ci/kernel.config", "vmlinux_h": "false"}
     s = settings.effective({}, {**flags, "cache_dir": str(tmp_path / "cache")}, workspace=workspace)
     assert cache.key_for(s, sha[:12]) == f"vng-kernel-vng-x86_64-{sha[:12]}-v2"  # the seed's key: no base suffix
-    c, machine = Context(), build.this_machine()
-    plan = build.local_plan(s, sha, machine)
-    build.here(c, s, machine).bring_source(plan)
-    buildsteps.write_tools(c, plan)
-    variables = kernelmake.make_variables(kernelmake.vng_argv(plan, machine.vng))
-    kernelmake.configure(c, plan, variables, buildsteps.make_env(plan, machine))
-    config = set((Path(plan.tree) / ".config").read_text().splitlines())
+    config = configured(s, sha)
     # virtme-ng's own additions to the defconfig, and every line of the fragment on top.
     assert {"CONFIG_VIRTIO_FS=y", "CONFIG_OVERLAY_FS=y", "CONFIG_9P_FS=y", "CONFIG_VIRTIO_CONSOLE=y"} <= config
     assert {line for line in VNG_FRAGMENT.splitlines() if line.startswith(("CONFIG_", "# CONFIG_"))} <= config
@@ -127,13 +133,7 @@ def test_every_debug_option_survives_in_a_tiny_config(workspace: Path, tiny_buil
         flags = {"tag": TAG, "kernel_url": url, "name": "ci", "kconfig_base": "tiny", "debug": debug,
                  "cache_dir": str(tiny_build.entry.parent.parent)}  # fmt: skip
         s = settings.effective({}, flags, workspace=workspace)
-        c, machine = Context(), build.this_machine()
-        plan = build.local_plan(s, sha, machine)
-        build.here(c, s, machine).bring_source(plan)
-        buildsteps.write_tools(c, plan)
-        variables = kernelmake.make_variables(kernelmake.vng_argv(plan, machine.vng))
-        kernelmake.configure(c, plan, variables, buildsteps.make_env(plan, machine))
-        config = set((Path(plan.tree) / ".config").read_text().splitlines())
+        config = configured(s, sha)
         wanted = {line for line in sanitizers.fragment(s.debug).splitlines() if line}
         assert wanted <= config, sorted(wanted - config)
         assert "did not survive" not in capfd.readouterr().err
