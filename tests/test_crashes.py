@@ -238,3 +238,21 @@ def _offset_after_call(entry: Path, function: str) -> int:
     lines = _function_lines(entry, function)
     index = next(i for i, (_, text) in enumerate(lines) if text.startswith("call"))
     return lines[index + 1][0]
+
+
+@pytest.mark.parametrize(
+    ("file", "tree", "expected"),
+    [
+        ("/w/ci/linux/drivers/misc/lkdtm/bugs.c", "/w/ci/linux", "drivers/misc/lkdtm/bugs.c"),
+        # ccache's object, first compiled in another work tree (under /var/lib: `lib` is no tree's start here)
+        (
+            "/var/lib/t/cache/work/act-x86_64/linux/drivers/misc/lkdtm/bugs.c",
+            "/w/ci/linux",
+            "drivers/misc/lkdtm/bugs.c",
+        ),
+        ("/var/lib/t/work/linux/include/linux/list.h", "", "include/linux/list.h"),
+        ("/elsewhere/kernel/fork.c", "/w/ci/linux", "/elsewhere/kernel/fork.c"),
+    ],
+)
+def test_a_symbolized_file_is_named_as_the_kernel_tree_names_it(file: str, tree: str, expected: str):
+    assert symbolize._in_tree(file, tree) == expected

@@ -162,10 +162,11 @@ def _addr2line(tool: str, vmlinux: Path, addresses: list[int]) -> dict[int, list
 
 
 def _in_tree(file: str, tree: str) -> str:
-    """A path as the kernel tree names it: the build tree's prefix dropped (else anything before a top-level
-    directory of the tree)."""
+    """A path as the kernel tree names it. addr2line joins the object's compile directory to its file name, and
+    through ccache (hash_dir off) that directory is the tree that compiled the object first, maybe another one:
+    this build's tree is dropped, else a vngtasks work tree's (`…/linux/`, then a top-level directory of the
+    kernel's); else the path stays as it is."""
     if tree and file.startswith(tree.rstrip("/") + "/"):
         return file[len(tree.rstrip("/")) + 1 :]
-    parts = file.split("/")
-    starts = [index for index, part in enumerate(parts) if part in _TOP_DIRS]
-    return "/".join(parts[starts[0] :]) if starts and file.startswith("/") else file
+    found = re.search(rf"/linux/(?=(?:{'|'.join(_TOP_DIRS)})/)", file)
+    return file[found.end() :] if found else file
