@@ -67,6 +67,8 @@ BAD_INPUT = [
     (["bisect", "--good", "v6.11"], "bad"),
     (["bisect", "--good=--upload-pack=evil", "--bad", "v6.12"], "good"),
     (["bisect", "--good", "v6.11", "--bad", "v6.12", "--on-build-failure", "maybe"], "on-build-failure"),
+    (["bisect", "--good", "v6.11", "--bad", "v6.12", "--results", "ktap", "--test", "t", "--same-crash"], "same-crash"),
+    (["boot", "--debug", "kasan,kcsan"], "debug"),
     (["bisect", "--good", "v6.11", "--bad", "v6.12", "--memory", "4X"], "memory"),
     (["cache", "--keep", "-1"], "keep"),
     (["cache", "--max-size", "20X"], "max-size"),

@@ -256,3 +256,16 @@ def _offset_after_call(entry: Path, function: str) -> int:
 )
 def test_a_symbolized_file_is_named_as_the_kernel_tree_names_it(file: str, tree: str, expected: str):
     assert symbolize._in_tree(file, tree) == expected
+
+
+def test_an_annotation_points_at_the_line_when_the_workspace_is_a_kernel_tree_holding_the_file(tmp_path, capsys):
+    found = crashes.find(["WARNING: CPU: 0 PID: 1 at a.c:1 f+0x1/0x2", "RIP: 0010:f+0x1/0x2"])
+    found.found[0].frames = (crashes.Frame("f", "0x1/0x2", file="drivers/x/p.c", line=7),)
+    for name in ("Kbuild", "Kconfig", "MAINTAINERS", "drivers/x/p.c"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    crashes.tell(found, in_actions=True, workspace=tmp_path)
+    crashes.tell(found, in_actions=True, workspace=tmp_path / "drivers")  # not a kernel tree
+    at_line, plain = capsys.readouterr().out.splitlines()
+    assert at_line.startswith("::error file=drivers/x/p.c,line=7,title=kernel warning::WARNING in f (drivers/x/p.c:7)")
+    assert plain.startswith("::error title=kernel warning::")
