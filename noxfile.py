@@ -15,8 +15,9 @@ nox.options.reuse_existing_virtualenvs = True
 # Host packages only the tests need, on top of what `invoke deps` installs for users.
 # qemu-system-arm: the arm64 KVM probe under TCG; linux-source-6.12: the kernel remote of the build
 # tests (tests/linux_remote.py); openssh-server: the build host of the remote-build tests; mmdebstrap: the
-# stock Debian root the unit tier is proven in (tests/test_fresh.py).
-TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server mmdebstrap"
+# stock Debian root the unit tier is proven in (tests/test_fresh.py); nginx-core (its WebDAV module) and
+# redis-server: the shared ccache servers of ccache-remote's tests (tests/test_remote_storage.py).
+TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server mmdebstrap nginx-core redis-server"
 # The tiers (tests/conftest.py): what each session selects.
 TIERS = {"unit": "unit", "integration": "integration and not slow", "slow": "slow", "machine": "not unit"}
 # The root tiers' pytest temporary directories, each session's emptied when it starts: the build tests' kernel trees

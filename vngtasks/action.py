@@ -182,6 +182,26 @@ def how_it_came(kernel: Kernel, restored: bool, built_seconds: int | None) -> tu
     return True, "cache hit (actions cache)" if restored else "cache hit"
 
 
+_CCACHE_WORDS = (("local_hits", "local hit", "local hits"), ("remote_hits", "remote hit", "remote hits"),
+                 ("misses", "miss", "misses"))  # fmt: skip
+
+
+def ccache_phrase(metadata: Mapping[str, object]) -> str:
+    """An entry's ccache counts for the summary ("ccache: 3 local hits, 1350 remote hits, 1 miss"); remote hits
+    only when it was built with a remote; "" when it has no counts. The entry is a record on disk: only whole
+    numbers are taken from it."""
+    counts = metadata.get("ccache")
+    if not isinstance(counts, dict):
+        return ""
+    said = [
+        f"{n} {one if n == 1 else many}"
+        for key, one, many in _CCACHE_WORDS
+        if (key != "remote_hits" or metadata.get("ccache_remote"))
+        and type(n := counts.get(key)) is int  # not a bool, a float or a string
+    ]
+    return "ccache: " + ", ".join(said) if said else ""
+
+
 def link_workspace(workspace: Path, entry: Path) -> None:
     """The seed's layout: the kernel tree at $GITHUB_WORKSPACE/linux, here a symlink to the cache entry
     (read-only in the guest). A `linux` that is not a symlink is left alone."""

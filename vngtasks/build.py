@@ -24,7 +24,7 @@ from pathlib import Path
 
 from invoke import Context
 
-from . import arches, buildsteps, cache, files, kconfig, kernelmake, log, vm
+from . import arches, buildsteps, cache, files, kconfig, kernelmake, log, remotecache, vm
 from .buildsteps import Machine, Plan
 from .errors import FAILED, Failure
 from .resolve import Resolved
@@ -61,8 +61,9 @@ def build_entry(
     with site.stage("prepare"):
         buildsteps.write_tools(c, plan)
     env = buildsteps.make_env(plan, site.machine)
-    with site.stage("build"):
+    with site.stage("build"), buildsteps.ccache_config(c, plan, env):
         compiled = kernelmake.compile_measured(c, plan, site.machine.vng, env)
+    kernelmake.warn_remote_errors(compiled, s.ccache_remote)
     with site.stage("vmlinux-h"):
         has_header = kernelmake.write_vmlinux_h(c, plan.tree) if s.vmlinux_h else False
     with site.stage("debug-info"):
@@ -147,6 +148,7 @@ def describe(
         "vmlinux_h": has_header,
         "compile_seconds": round(compiled.seconds, 1),
         "ccache": compiled.ccache,
+        "ccache_remote": remotecache.shown(s.ccache_remote) or None,
         "reproducer": reproducer(s, plan.sha),
     }
 

@@ -20,7 +20,7 @@ from pathlib import PurePosixPath
 from invoke import Context
 from invoke.exceptions import UnexpectedExit
 
-from . import log
+from . import log, remotecache
 from .arches import Arch
 from .errors import FAILED, Failure, no_space
 from .settings import Settings
@@ -111,6 +111,8 @@ def build_env(plan: Plan, home: str, environ: Mapping[str, str] = os.environ) ->
             # This build's own counts (the directory's counters add up every build sharing it, at once too).
             "CCACHE_STATSLOG": f"{plan.tools_dir}/ccache-stats.log",
         }
+        if plan.settings.ccache_remote:  # the URL is in that file, never in an environment (see remotecache)
+            env["CCACHE_CONFIGPATH"] = f"{plan.tools_dir}/{remotecache.CONFIG_FILE}"
     return env
 
 
@@ -178,14 +180,37 @@ def write_tools(c: Context, plan: Plan) -> None:
         c.run(shlex.join(["chmod", "+x", f"{plan.tools_dir}/{name}"]), in_stream=False)
 
 
+@contextlib.contextmanager
+def ccache_config(c: Context, plan: Plan, env: Mapping[str, str]) -> Iterator[None]:
+    """The build's own ccache configuration file while it builds, when ccache-remote is set: the machine's
+    ccache.conf (from the CCACHE_DIR in `env`) and the remote storage, 0600; removed afterwards (it holds
+    the URL, maybe a password)."""
+    s = plan.settings
+    if "CCACHE_CONFIGPATH" not in env:
+        yield
+        return
+    path = env["CCACHE_CONFIGPATH"]
+    own = c.run(shlex.join(["head", "-c", "65536", "--", f"{env['CCACHE_DIR']}/ccache.conf"]), hide=True, warn=True,
+                in_stream=False)  # fmt: skip
+    put(c, remotecache.config_text(s.ccache_remote, s.ccache_reshare, own.stdout if own.ok else ""), path,
+        private=True)  # fmt: skip
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a lost build host: its work directory goes anyway
+            c.run(shlex.join(["rm", "-f", "--", path]), hide=True, warn=True, in_stream=False)
+
+
 def in_tree(tree: str, argv: list[str]) -> str:
     """A command line that runs `argv` in `tree` (invoke's `cd` would quote spaces only)."""
     return f"cd {shlex.quote(tree)} && {shlex.join(argv)}"
 
 
-def put(c: Context, text: str, path: str) -> None:
-    """Write `text` to the file `path` where `c` runs."""
-    c.run(f"cat > {shlex.quote(path)}", in_stream=_Text(text), hide=True)
+def put(c: Context, text: str, path: str, private: bool = False) -> None:
+    """Write `text` to the file `path` where `c` runs; `private`: a new file only its owner can read (0600)."""
+    quoted = shlex.quote(path)
+    command = f"rm -f -- {quoted} && umask 077 && cat > {quoted}" if private else f"cat > {quoted}"
+    c.run(command, in_stream=_Text(text), hide=True)
 
 
 class _Text:

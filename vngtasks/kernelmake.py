@@ -20,7 +20,7 @@ from typing import TextIO
 
 from invoke import Context, Result
 
-from . import kconfig, log, render
+from . import kconfig, log, remotecache, render
 from .buildsteps import BUILD_TIMESTAMP, Plan, group, in_tree, put
 from .errors import FAILED, Failure
 
@@ -161,20 +161,42 @@ def forget_ccache_counts(c: Context, env: dict[str, str]) -> None:
     c.run(shlex.join(["rm", "-f", env["CCACHE_STATSLOG"]]), hide=True, in_stream=False)
 
 
+# ccache's counters (one per line of a stats log, several per compilation) that a build's counts add up.
+CCACHE_COUNTERS = {
+    "hits": ("direct_cache_hit", "preprocessed_cache_hit"),
+    "misses": ("cache_miss",),
+    "local_hits": ("local_storage_hit",),
+    "remote_hits": ("remote_storage_hit",),
+    "remote_errors": ("remote_storage_error", "remote_storage_timeout"),
+}
+_MAX_STATS = 1 << 20  # bytes of `uniq -c` output read back (a few hundred in practice)
+
+
 def ccache_counts(c: Context, env: dict[str, str]) -> dict[str, int]:
-    """Hits and misses in the build's stats log since forget_ccache_counts: of its compilations only, while
-    other builds share the ccache directory (ccache's --print-stats counts the directory's). The log has one
-    counter name per line; zeros when there is none."""
-    log_file = env["CCACHE_STATSLOG"]
-    hits = _lines_matching(c, log_file, "direct_cache_hit", "preprocessed_cache_hit")
-    return {"hits": hits, "misses": _lines_matching(c, log_file, "cache_miss")}
+    """This build's counts (CCACHE_COUNTERS) from its stats log since forget_ccache_counts: of its compilations
+    only, while other builds share the ccache directory (ccache's --print-stats counts the directory's). Zeros
+    when there is no log."""
+    done = c.run(f"sort -- {shlex.quote(env['CCACHE_STATSLOG'])} | uniq -c", hide=True, warn=True, in_stream=False)
+    return count_stats(done.stdout[:_MAX_STATS] if done.ok else "")
 
 
-def _lines_matching(c: Context, path: str, *names: str) -> int:
-    patterns = [arg for name in names for arg in ("-e", name)]
-    done = c.run(shlex.join(["grep", "-c", "-x", "-F", *patterns, path]), hide=True, warn=True, in_stream=False)
-    first = done.stdout[:32].strip()
-    return int(first) if first.isascii() and first.isdigit() and len(first) < 12 else 0
+def count_stats(uniq_counted: str) -> dict[str, int]:
+    """CCACHE_COUNTERS from `uniq -c` lines (`   COUNT NAME`); a line that is not one is left out."""
+    seen: dict[str, int] = {}
+    for line in uniq_counted.splitlines():
+        number, _, name = line.strip().partition(" ")
+        if number.isascii() and number.isdigit() and len(number) < 12:
+            seen[name] = seen.get(name, 0) + int(number)
+    return {key: sum(seen.get(name, 0) for name in names) for key, names in CCACHE_COUNTERS.items()}
+
+
+def warn_remote_errors(compiled: Compiled, remote: str) -> None:
+    """One warning when compilations could not reach ccache-remote (ccache then compiled or hit locally)."""
+    counts = compiled.ccache or {}
+    if remote and counts.get("remote_errors"):
+        compilations = counts.get("hits", 0) + counts.get("misses", 0)
+        log.warn(f"ccache-remote: {remotecache.shown(remote)} failed {counts['remote_errors']} times in "
+                 f"{compilations} compilations; the build went on with the local ccache")  # fmt: skip
 
 
 def keep_debug_info(c: Context, tree: str) -> bool:

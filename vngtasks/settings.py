@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import arches, sanitizers, validate
+from . import arches, remotecache, sanitizers, validate
 from .arches import Arch
 from .validate import Given, InputError, Parser
 
@@ -103,6 +103,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kernel_compile_cache", "true", _BUILDS, validate.boolean, "build through ccache"),
     Setting("ccache_max_size", "5G", _BUILDS, validate.CCACHE_SIZE,
             "the most the building machine's ccache may hold, e.g. 500M, 20G; 0 = no limit (ccache's max_size)"),
+    Setting("ccache_remote", "", _BUILDS, remotecache.parse,
+            "a shared ccache every build reads and fills (ccache's remote_storage): http://[USER:PASSWORD@]HOST[:PORT]"
+            "/PATH (a server taking GET and PUT) or redis://[[USER:]PASSWORD@]HOST[:PORT][/DB], ccache's attributes "
+            "after a pipe; may hold a secret (never printed)", shown="none"),
+    Setting("ccache_reshare", "false", _BUILDS, validate.boolean,
+            "also write local ccache hits to ccache-remote, so a warm machine fills it (ccache's reshare)"),
     Setting("debug", "", _NAMES_A_KERNEL, validate.debug,
             "sanitizer and debug options built in: kasan, ubsan, kcsan, lockdep, kmemleak, lkdtm (comma-separated; "
             "part of the cache key)"),
@@ -191,6 +197,8 @@ class Settings:
     llvm: str
     kernel_compile_cache: bool
     ccache_max_size: str
+    ccache_remote: str  # a URL that may hold a password: shown only through remotecache.shown
+    ccache_reshare: bool
     debug: tuple[str, ...]  # names of sanitizers.OPTIONS, in its order
     vmlinux_h: bool
     build_host: str
@@ -244,6 +252,10 @@ def _check_together(s: Settings) -> None:
             raise InputError("debug", f"{name} is not offered on {s.arch.name} (only {', '.join(option.arches)})")
         if clash := next((other for other in option.excludes if other in s.debug), None):
             raise InputError("debug", f"{name} and {clash} exclude each other: choose one")
+    if s.ccache_remote and not s.kernel_compile_cache:
+        raise InputError("ccache_remote", "needs kernel-compile-cache true: the remote is ccache's")
+    if s.ccache_reshare and not s.ccache_remote:
+        raise InputError("ccache_reshare", "needs ccache-remote: there is no remote to fill")
     for key in ("known_failures", "results_baseline"):
         if getattr(s, key) and not s.results:
             raise InputError(key, "needs `results`: there are no test results to compare")

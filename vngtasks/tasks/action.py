@@ -9,7 +9,7 @@ from pathlib import Path
 
 from invoke import Collection, Context, task
 
-from .. import cache, log
+from .. import cache, log, remotecache
 from ..files import remove_tree
 from ..resolve import RemoteFailed, resolve_kernel, sha_file
 from ..settings import DEFAULTS, effective
@@ -40,6 +40,8 @@ def check_inputs(c: Context):
     with _common.exit_statuses():
         raw = action.raw_settings(_environ(action.INPUTS_VARIABLE))
         s = effective(DEFAULTS, raw)
+        for secret in remotecache.secrets(s.ccache_remote):  # GitHub masks a secret's value, not what it is part of
+            print(f"::add-mask::{secret}", flush=True)
         ccache = action.ccache_dir(os.environ)  # checked, as every input, before anything is written
         path = action.write_settings_file(Path(_environ("RUNNER_TEMP")), raw)
         action.write_outputs(Path(_environ("GITHUB_OUTPUT")), action.layout(s, path, ccache))
@@ -116,6 +118,8 @@ def finish(c: Context):
         entry = cached.path
         action.link_workspace(s.workspace, entry)
         hit, how = action.how_it_came(found, restored, built)
+        if built is not None and (counts := action.ccache_phrase(cached.metadata)):
+            how = f"{how} ({counts})"
         action.write_outputs(Path(_environ("GITHUB_OUTPUT")), {"cache-hit": str(hit).lower(), "kernel-dir": str(entry)})
         log.info(f"kernel {s.name}: {s.tag} -> {found.sha12}: {how}")
         if os.environ.get("GITHUB_STEP_SUMMARY"):

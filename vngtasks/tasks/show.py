@@ -6,7 +6,7 @@ import dataclasses
 
 from invoke import Context, task
 
-from .. import log
+from .. import log, remotecache
 from . import _common
 
 
@@ -26,6 +26,8 @@ def settings(c: Context):
             value = " ".join(str(v) for v in value)
         elif field.name == "build_host_key" and value:
             value = "(set, not shown)"
+        elif field.name == "ccache_remote":
+            value = remotecache.shown(value)
         print(f"{field.name.replace('_', '-')}={'' if value is None else value}")
     if s.build_host:  # as ~/.ssh/config resolves it: where a build would go, with which key, through which hosts
         from ..sshconfig import resolve
