@@ -217,3 +217,17 @@ def test_odd_keys_and_nul_characters_are_one_line_of_bad_input(tmp_path: Path) -
     (tmp_path / "vngtasks.yaml").write_text("vng: {__class__: x}\n")
     done = invoke(["settings"], {}, tmp_path)
     assert done.returncode == 2 and done.stderr.strip().startswith("vngtasks: __class__: not a known setting")
+
+
+def test_a_ccache_remote_s_secrets_are_masked_first_and_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "rt").mkdir()
+    url = "redis://ci:s3cret@cache.example:6379|connect-timeout=200"
+    env = {"VNGTASKS_ACTION_INPUTS": json.dumps(inputs(**{"ccache-remote": url})), "RUNNER_TEMP": str(tmp_path / "rt"),
+           "GITHUB_OUTPUT": str(tmp_path / "out")}  # fmt: skip
+    done = invoke(["action.settings"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["::add-mask::ci:s3cret"] and "s3cret" not in done.stderr
+    path = dict(line.split("=", 1) for line in (tmp_path / "out").read_text().splitlines())["file"]
+    shown = invoke(["settings"], {"INVOKE_RUNTIME_CONFIG": path}, tmp_path)
+    assert "ccache-remote=redis://***@cache.example:6379|connect-timeout=200\n" in shown.stdout
+    assert "s3cret" not in shown.stdout + shown.stderr
