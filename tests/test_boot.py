@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -145,6 +146,37 @@ def test_a_panic_ends_the_run_at_once_with_its_console_lines(cli, home: Path, wo
     assert {"title": "kernel panic: sysrq triggered crash", "count": 1} in record["crashes"]
     assert "vngtasks: crash: kernel panic: sysrq triggered crash" in done.stderr
     assert record["boot_seconds"] > 0 and record["release"]
+    assert qemu_processes_under(home) == []
+
+
+def test_a_panic_with_vmcore_on_failure_leaves_a_dump_drgn_opens(cli, home: Path, workspace: Path, tiny_build):
+    """LKDTM's PANIC with `vmcore on-failure`: QEMU dumps the waiting guest (panic=0) into log-dir/vmcore, with the
+    entry's vmlinux beside it; drgn (the tests' extra) opens both and reads the release the guest printed."""
+    import drgn
+
+    # QMP's socket is in the run directory under cache-dir: 107 bytes at most, which pytest's paths exceed. Under
+    # /var/lib: the guest sees it (through vng's /var overlay; /var/tmp is a tmpfs of virtme-ng's init).
+    Path("/var/lib/vngtasks-tests").mkdir(parents=True, exist_ok=True)
+    short = Path(tempfile.mkdtemp(prefix="vmc-", dir="/var/lib/vngtasks-tests"))
+    panic = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debug; uname -r; echo PANIC > {PROVOKE}"
+    args = ("--vmcore", "on-failure", "--memory", "256M", "--cache-dir", str(short), "--log-dir", "logs")
+    try:
+        done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, *args, "--", panic)
+    finally:
+        assert qemu_processes_under(short) == []
+        shutil.rmtree(short)
+    assert done.returncode == 125, done.stderr[-3000:]
+    release = done.stdout.split()[0]
+    logs = workspace / "logs"
+    assert "vmcore: panic: dumping the guest's memory" in done.stderr
+    assert f"drgn -c {logs / 'vmcore'} -s {logs / 'vmlinux'}" in done.stderr, done.stderr[-3000:]
+    record = run_record(logs)
+    assert (record["result"], record["vmcore"]) == ("panic", str(logs / "vmcore"))
+    assert 200 * 2**20 < (logs / "vmcore").stat().st_size < 300 * 2**20  # ELF: the guest's memory
+    prog = drgn.Program()
+    prog.set_core_dump(str(logs / "vmcore"))
+    prog.load_debug_info([str(logs / "vmlinux")])
+    assert prog["init_uts_ns"].name.release.string_().decode() == release == record["release"]
     assert qemu_processes_under(home) == []
 
 

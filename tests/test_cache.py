@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vngtasks import cache
+from vngtasks import cache, files
 from vngtasks.errors import Failure
 
 KEY = cache.key("foo", "x86_64", "0123456789ab", "v2")
@@ -244,7 +244,7 @@ def test_sizes(text: str, size: int):
 
 @pytest.mark.parametrize(("size", "text"), [(0, "0B"), (1023, "1023B"), (1536, "1.5K"), (20 << 30, "20.0G")])
 def test_human_sizes(size: int, text: str):
-    assert cache.human_size(size) == text
+    assert files.human_size(size) == text
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(5, "5s"), (125, "2m"), (7200, "2h"), (3 * 86400 + 5, "3d")])

@@ -69,6 +69,8 @@ BAD_INPUT = [
     (["bisect", "--good", "v6.11", "--bad", "v6.12", "--on-build-failure", "maybe"], "on-build-failure"),
     (["bisect", "--good", "v6.11", "--bad", "v6.12", "--results", "ktap", "--test", "t", "--same-crash"], "same-crash"),
     (["boot", "--debug", "kasan,kcsan"], "debug"),
+    (["boot", "--vmcore", "on-failure", "--arch", "s390x"], "vmcore"),
+    (["build", "--tag", "v6.12", "--ccache-remote", "https://cache.example/c"], "ccache-remote"),
     (["bisect", "--good", "v6.11", "--bad", "v6.12", "--memory", "4X"], "memory"),
     (["cache", "--keep", "-1"], "keep"),
     (["cache", "--max-size", "20X"], "max-size"),
@@ -82,6 +84,16 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_touches_nothing(cli, home
     lines = done.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith(f"vngtasks: {named}: "), done.stderr
     assert list(home.iterdir()) == [] and list(workspace.iterdir()) == []
+
+
+def test_a_cache_dir_too_long_for_qemu_s_qmp_socket_is_bad_input_with_vmcore(cli, home, workspace, tmp_path):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"MZ")
+    long = tmp_path / ("c" * 80)
+    done = cli("boot", "--kernel", str(kernel), "--vmcore", "on-failure", "--cache-dir", str(long), "--", "touch ran")
+    assert done.returncode == 2 and done.stderr.startswith("vngtasks: cache-dir: too long a path for QEMU's QMP socket")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert list(home.iterdir()) == [] and list(workspace.iterdir()) == [] and not long.exists()
 
 
 def test_invokes_own_parse_errors_are_bad_input_too(cli, home, workspace):

@@ -214,6 +214,7 @@ def test_conclude_writes_the_record_and_the_summary(tmp_path: Path) -> None:
         "splats": ["WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"],
         "tests": None,  # no `results`
         "crashes": [{"title": "WARNING in test", "count": 1}],
+        "vmcore": None,
     }
     assert "| 123 (splat) | 1 |" in summary.read_text()
     assert "| `WARNING in test` | warning | 1 |" in summary.read_text()

@@ -50,8 +50,15 @@ class Arch:
     # Debian 12's distro kernel metapackage of this arch (guestroot.py fetches it for a foreign guest),
     # and whether Debian 12 has a userland of this arch to make a guest root from (guestroot.py).
     debian_kernel: str = ""
+    # QEMU's vmcoreinfo device (fw_cfg with DMA) exists on this arch's machine: its dumps carry the guest
+    # kernel's VMCOREINFO, which drgn needs (`vmcore`).
+    vmcoreinfo: bool = False
     debian_userland: bool = True
 
+
+# The guest kernel hands QEMU's dumps its VMCOREINFO through fw_cfg (`vmcore`, vngtasks/vmcore.py); /proc/kcore
+# selects VMCORE_INFO (and lets drgn read the running kernel in the guest).
+_VMCOREINFO_KCONFIG = ("CONFIG_FW_CFG_SYSFS=y", "CONFIG_PROC_KCORE=y")
 
 ARCHES: tuple[Arch, ...] = (
     Arch(
@@ -101,7 +108,9 @@ ARCHES: tuple[Arch, ...] = (
             "# CONFIG_CPU_SUP_ZHAOXIN is not set",
             "CONFIG_SERIAL_8250=y",
             "CONFIG_SERIAL_8250_CONSOLE=y",
+            *_VMCOREINFO_KCONFIG,
         ),
+        vmcoreinfo=True,
         # Real mode at the reset vector: mov al,0x41; out 0xf4,al; hlt; jmp $-1.
         # isa-debug-exit turns the write into exit status (0x41 << 1) | 1 = 131.
         probe_code="b041e6f4f4ebfd",
@@ -142,7 +151,9 @@ ARCHES: tuple[Arch, ...] = (
             "CONFIG_VIRTIO_MMIO=y",  # vng's virtio devices on arm64 are virtio-*-device, on MMIO
             "CONFIG_PCI_HOST_GENERIC=y",  # the ECAM host bridge, for virtio-*-pci devices (qemu-opts)
             "# CONFIG_SERIAL_8250 is not set",  # kvm_guest.config's; the virt machine has none
+            *_VMCOREINFO_KCONFIG,
         ),
+        vmcoreinfo=True,
         # At the flash base: movz w0,#8; movk w0,#0x8400,lsl 16; hvc #0 -- the
         # PSCI SYSTEM_OFF call, after which QEMU exits with status 0.
         probe_code="000180520080b072020000d4",

@@ -83,7 +83,7 @@ def build_entry(
     if entry is None:
         raise Failure(f"cache: {key} missing right after it was stored", FAILED)
     where = "" if site.built_on == HERE else f" built on {site.built_on} and"
-    size = cache.human_size(entry.size_bytes) + ("" if received is None else f", {cache.human_size(received)} received")
+    size = files.human_size(entry.size_bytes) + ("" if received is None else f", {files.human_size(received)} received")
     log.info(f"build: {key}{where} stored ({size}) in {round(time.monotonic() - started, 1)} s")
     return entry
 

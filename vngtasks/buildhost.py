@@ -23,7 +23,7 @@ from pathlib import Path
 import paramiko
 from invoke import Context
 
-from . import arches, build, cache, deps, log, untar
+from . import arches, build, cache, deps, files, log, untar
 from .buildhost_ssh import (
     GIT_HOST,
     NO_CREDENTIALS,
@@ -138,7 +138,7 @@ def check_disk(conn: BuildHost, host: Hop, path: str) -> None:
     free = conn.run(f"df -Pk {shlex.quote(path)} | awk 'NR==2 {{print $4}}'", hide=True, warn=True, in_stream=False)
     kib = free.stdout.strip()
     if kib.isdigit() and int(kib) * 1024 < LOW_DISK_BYTES:
-        log.warn(f"build-host: {host.label}: only {cache.human_size(int(kib) * 1024)} free under {path}")
+        log.warn(f"build-host: {host.label}: only {files.human_size(int(kib) * 1024)} free under {path}")
 
 
 def hold_lock(conn: BuildHost, path: str, key: str) -> None:
@@ -264,7 +264,7 @@ def there(c: Context, conn: BuildHost, route: Route, s: Settings, machine: Machi
             pushed = push(
                 c, conn, route, repo, plan.sha, bare, ref, Credentials(s.build_host_key, s.build_host_known_hosts)
             )
-        log.info(f"push: {repo} to {host.label}: {cache.human_size(pushed)} sent")
+        log.info(f"push: {repo} to {host.label}: {files.human_size(pushed)} sent")
         with stage(conn, host, "fetch"):
             fetch(conn, bare, plan.sha, plan.sha, plan.tree)
         return pushed

@@ -367,17 +367,6 @@ def parse_size(value: str) -> int:
     return int(found[1]) * _BYTES[found[2].upper()]
 
 
-def human_size(size_bytes: int) -> str:
-    if size_bytes < 1024:
-        return f"{size_bytes}B"
-    size = size_bytes / 1024
-    for unit in ("K", "M", "G"):
-        if size < 1024:
-            return f"{size:.1f}{unit}"
-        size /= 1024
-    return f"{size:.1f}T"
-
-
 def human_age(seconds: float) -> str:
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:

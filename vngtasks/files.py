@@ -167,3 +167,14 @@ def create_inside(top: Path, name: str, data: bytes | None = None, mode: int = 0
         out.write(data or b"")
         os.fchmod(out.fileno(), mode)
     return True
+
+
+def human_size(size_bytes: int) -> str:
+    if size_bytes < 1024:
+        return f"{size_bytes}B"
+    size = size_bytes / 1024
+    for unit in ("K", "M", "G"):
+        if size < 1024:
+            return f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}T"

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import arches, log
+from . import arches, log, vmcore
 from .action import write_outputs
 from .errors import FAILED, SPLAT, Failure
 from .files import write_atomically
@@ -150,6 +150,7 @@ def publish(log_dir: Path, attempted: Attempt, record: Record) -> None:
     which the guest writes: each file is replaced (a link the guest placed is replaced, never followed). A file
     this run has none of is removed (another run's would be taken for this one's)."""
     with logs_lock(log_dir):
+        vmcore.publish(log_dir, attempted.outcome.vmcore, record.kernel)
         write_atomically(log_dir / CONSOLE_LOG, attempted.console, LOG_MODE)
         results = record.results
         files = {
@@ -210,6 +211,7 @@ def record_json(record: Record, log_dir: Path) -> dict[str, object]:
         "splats": list(record.splats),
         "tests": None if record.results is None else record.results.totals,
         "crashes": [{"title": crash.title, "count": crash.count} for crash in record.crashes.found],
+        "vmcore": str(log_dir / vmcore.VMCORE) if outcome.vmcore is not None else None,
     }
 
 

@@ -131,8 +131,12 @@ SETTINGS: tuple[Setting, ...] = (
             "the workload, a bash script run with `bash -eo pipefail`, when none is given after `--`",
             action_required=True),
     Setting("log_dir", "", _BOOTS, validate.log_dir,
-            "where vng-console.log, vng-dmesg.log, vng-run.json and crashes.json go (created if missing)",
+            "where vng-console.log, vng-dmesg.log, vng-run.json, crashes.json and a vmcore go (created if missing)",
             shown="the workspace"),
+    Setting("vmcore", "off", _BOOTS, validate.VMCORE,
+            "on-failure: on a panic, a boot timeout or a run timeout, QEMU dumps the guest's memory to log-dir/vmcore "
+            "(ELF, the size of the guest's memory) with the kernel's vmlinux beside it, for `drgn -c vmcore -s "
+            "vmlinux`; x86_64 and arm64"),
     Setting("splat_check", "true", _BOOTS, validate.boolean,
             "kernel warnings, BUGs, oopses, stalls in the guest fail a passing workload (exit 123)"),
     Setting("splat_allow", "", _BOOTS, validate.regexes,
@@ -209,6 +213,7 @@ class Settings:
     reuse_resolved: bool
     run: str
     log_dir: Path
+    vmcore: str  # "off" or "on-failure"
     splat_check: bool
     splat_allow: tuple[str, ...]  # regexes, each checked by re.compile
     results: str  # "", "ktap", "kunit" or a relative path under the workspace
@@ -252,6 +257,9 @@ def _check_together(s: Settings) -> None:
             raise InputError("debug", f"{name} is not offered on {s.arch.name} (only {', '.join(option.arches)})")
         if clash := next((other for other in option.excludes if other in s.debug), None):
             raise InputError("debug", f"{name} and {clash} exclude each other: choose one")
+    if s.vmcore != "off" and not s.arch.vmcoreinfo:
+        offered = ", ".join(arch.name for arch in arches.ARCHES if arch.vmcoreinfo)
+        raise InputError("vmcore", f"not offered on {s.arch.name} (only {offered}: QEMU's vmcoreinfo device)")
     if s.ccache_remote and not s.kernel_compile_cache:
         raise InputError("ccache_remote", "needs kernel-compile-cache true: the remote is ccache's")
     if s.ccache_reshare and not s.ccache_remote:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import IO
 
-from . import log
+from . import log, vmcore
 from .errors import MISSING_TOOL, NO_STATUS, STOPPING_SIGNALS, TIMEOUT, Failure
 from .files import read_regular
 from .health import (
@@ -60,6 +61,8 @@ class VmRun:
     console_log: Path  # written by QEMU
     boot_timeout: int  # seconds from vng start to workload start; 0: no limit
     run_timeout: int  # seconds the workload may run; 0: no limit
+    qmp_socket: Path | None = None  # QEMU's QMP socket, to dump the guest's memory before stopping it (vmcore.py)
+    dump_dir: Path | None = None  # where that dump goes (log-dir); None: no dump
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Outcome:
     workload_seconds: float | None
     release: str = ""  # the guest's `uname -r`, when it got that far
     phases: tuple[tuple[str, float], ...] = ()  # where the time went (see Marks.phases), as far as known
+    vmcore: Path | None = None  # the guest's memory, dumped before the VM was stopped (vmcore.dump)
 
 
 @dataclass
@@ -137,8 +141,9 @@ def supervise(
             note_progress(vm, marks, now)
             why = overdue(vm, marks, console, now)
             if why is not None:
+                dumped = dump_before_stopping(vm, why)
                 finish(process, relays)
-                return stopped(vm, marks, why, now)
+                return dataclasses.replace(stopped(vm, marks, why, now), vmcore=dumped)
             if marks.status is not None and now - marks.status > SHUTDOWN_GRACE_SECONDS:
                 log.info(f"the guest did not power off within {SHUTDOWN_GRACE_SECONDS:g} s of its status: VM stopped")
                 break
@@ -205,6 +210,14 @@ def overdue(vm: VmRun, marks: Marks, console: ConsoleWatch, now: float) -> str |
     if marks.started is not None and marks.status is None and vm.run_timeout and now - marks.started > vm.run_timeout:
         return "run-timeout"
     return None
+
+
+def dump_before_stopping(vm: VmRun, why: str) -> Path | None:
+    """The guest's memory, when the run asked for a dump on failure (vmcore.py)."""
+    if vm.qmp_socket is None or vm.dump_dir is None:
+        return None
+    log.info(f"vmcore: {why}: dumping the guest's memory before stopping the VM")
+    return vmcore.dump(vm.qmp_socket, vm.dump_dir)
 
 
 def stopped(vm: VmRun, marks: Marks, why: str, now: float) -> Outcome:

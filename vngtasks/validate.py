@@ -126,6 +126,7 @@ VERSION = matching(_NAME, "letters, digits, '.', '_' or '-'")
 NETWORK = matching(_NETWORK, "user, loop, bridge or bridge=NAME", empty_ok=True)
 CC = matching(_TOOL, "a compiler name such as clang or gcc-12", empty_ok=True)
 LLVM = matching(_LLVM, "1 or a version suffix such as -14", empty_ok=True)
+VMCORE = matching(re.compile("off|on-failure"), "off or on-failure")
 ACCEL = matching(re.compile("|".join(ACCELS)), "auto, kvm or tcg")
 CCACHE_SIZE = matching(re.compile(r"0|[1-9][0-9]*[MGT]"), "a size such as 500M or 20G, or 0 for no limit")
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel, arches, guestroot, health, log, reaper, render
+from . import accel, arches, guestroot, health, log, reaper, render, vmcore
 from .arches import Arch
 from .errors import BAD_INPUT, Failure
 from .hostprobe import HostProbes, virtme_ng_init_runs
@@ -102,6 +102,11 @@ class Boot:
         """This run's console, written by QEMU: judged, then published to log-dir (see runrecord.publish)."""
         return self.run_dir / "console.log"
 
+    @property
+    def qmp_socket(self) -> Path | None:
+        """QEMU's QMP socket, with `vmcore` on-failure (vmcore.py); else None."""
+        return self.run_dir / vmcore.QMP_SOCKET if self.settings.vmcore == vmcore.ON_FAILURE else None
+
     def leftovers(self) -> Leftovers:
         """What this boot leaves on the host until it is removed: its run directory, and in a foreign root the
         empty directories made for it (see guestroot.make_mountpoints)."""
@@ -113,7 +118,8 @@ class Boot:
     def supervised(self) -> VmRun:
         """What supervision needs of this boot: plain paths and seconds."""
         s = self.settings
-        return VmRun(self.accel, self.shared, self.console_log, boot_timeout=s.boot_timeout, run_timeout=s.run_timeout)
+        return VmRun(self.accel, self.shared, self.console_log, boot_timeout=s.boot_timeout, run_timeout=s.run_timeout,
+                     qmp_socket=self.qmp_socket, dump_dir=s.log_dir if self.qmp_socket else None)  # fmt: skip
 
 
 def vng_program() -> str:
@@ -139,12 +145,14 @@ def memory_mib(settings: Settings, accel_name: str, host_mib: int) -> int:
     return default
 
 
-def qemu_options(settings: Settings, accel_name: str, console_log: Path) -> list[str]:
-    """Our QEMU options, then the user's; `console_log` is a plain path (settings.plain_path): no "," for QEMU."""
+def qemu_options(settings: Settings, accel_name: str, console_log: Path, qmp_socket: Path | None = None) -> list[str]:
+    """Our QEMU options, then the user's; `console_log` and `qmp_socket` are plain paths (settings.plain_path): no
+    "," for QEMU."""
     user = list(settings.qemu_opts)
     if accel_name != "kvm":
         user = _without_cpu_host(user)
-    return render.argv("qemu.argv.j2", arch=settings.arch, accel=accel_name, user_opts=user, console_log=console_log)
+    return render.argv("qemu.argv.j2", arch=settings.arch, accel=accel_name, user_opts=user, console_log=console_log,
+                       qmp_socket=qmp_socket)  # fmt: skip
 
 
 def _without_cpu_host(opts: list[str]) -> list[str]:
@@ -221,7 +229,8 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         rwdirs=shared_dirs(s, boot.shared, host.environ),
         rodirs=visible_dirs(boot),
         workdir=s.workspace,
-        qemu_opts=qemu_options(s, boot.accel, boot.console_log),
+        qemu_opts=qemu_options(s, boot.accel, boot.console_log, boot.qmp_socket),
+        panic_waits=boot.qmp_socket is not None,
         guest_script=boot.guest_script,
         force_9p=boot.force_9p,
         native_init=boot.native_init,
@@ -288,6 +297,9 @@ def run_recorded(settings: Settings, kernel: Path, workload: str) -> Record:
         raise Failure(why, BAD_INPUT)
     github_dirs(host.environ)  # refused now, before anything is made, if vng could not share them
     known = results.expected(settings)  # a bad known-failures or baseline file too
+    if settings.vmcore == vmcore.ON_FAILURE and not vmcore.socket_fits(new_run_dir(settings) / vmcore.QMP_SOCKET):
+        raise Failure(f"cache-dir: too long a path for QEMU's QMP socket under it (vmcore needs a unix socket path of "
+                      f"at most {vmcore.SOCKET_PATH_BYTES} bytes): use a shorter one", BAD_INPUT)  # fmt: skip
     accel.qemu_binary(settings.arch)
     make_directory("log_dir", settings.log_dir)
     make_directory("cache_dir", settings.cache_dir)
@@ -304,6 +316,8 @@ def run_recorded(settings: Settings, kernel: Path, workload: str) -> Record:
     attempted = attempt(settings, kernel, workload, host, choice.accel, host_side, root)
     if retry_with_tcg(settings.accel, choice.accel, attempted.outcome):
         log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
+        if attempted.outcome.vmcore is not None:  # that attempt's dump is not this run's
+            attempted.outcome.vmcore.unlink(missing_ok=True)
         retried = dataclasses.replace(host_side, probe_seconds=0.0)
         attempted = attempt(settings, kernel, workload, host, "tcg", retried, root)
     return recorded(settings, kernel, attempted, host.environ, known)

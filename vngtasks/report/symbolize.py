@@ -57,7 +57,7 @@ def symbolize(crashes: Crashes, kernel: Path, arch: Arch, host: Arch) -> Crashes
     tree = _tree_of(entry)
     with tempfile.TemporaryDirectory(prefix="vngtasks-symbolize-") as temp:
         vmlinux = Path(temp, "vmlinux")
-        if not _unpack(packed, vmlinux):
+        if not unpack(packed, vmlinux):
             crashes.why = f"{packed} did not decompress (zstd), or to more than {VMLINUX_BYTES // 2**30} GiB"
             return crashes
         for crash in crashes.found:
@@ -92,7 +92,7 @@ def _tree_of(entry: Path) -> str:
     return tree if isinstance(tree, str) else ""
 
 
-def _unpack(packed: Path, out: Path) -> bool:
+def unpack(packed: Path, out: Path) -> bool:
     """Decompress with zstd into `out`, stopping at VMLINUX_BYTES."""
     fd = os.open(packed, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as source, open(out, "wb") as sink:

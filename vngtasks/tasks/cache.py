@@ -8,8 +8,9 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from .. import log, reaper
-from ..cache import KernelCache, human_age, human_size, kernels_root, parse_age, parse_keep, parse_size
+from ..cache import KernelCache, human_age, kernels_root, parse_age, parse_keep, parse_size
 from ..errors import BAD_INPUT
+from ..files import human_size
 from ..validate import InputError
 from . import _common
 
