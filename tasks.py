@@ -3,10 +3,18 @@
 from invoke import Collection
 
 from vngtasks.settings import DEFAULTS
-from vngtasks.tasks import _common, action, bisect, boot, build, cache, deps, resolve, show
+from vngtasks.tasks import _common, action, bisect, boot, build, cache, deps, matrix, resolve, show
 
 ns = Collection(
-    deps.deps, resolve.resolve, build.build, boot.boot, bisect.bisect, cache.cache, show.settings, action.ns
+    deps.deps,
+    resolve.resolve,
+    build.build,
+    boot.boot,
+    bisect.bisect,
+    matrix.matrix,
+    cache.cache,
+    show.settings,
+    action.ns,
 )
 ns.configure({"vng": DEFAULTS})
 _common.parse_errors_are_bad_input()

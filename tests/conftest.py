@@ -9,11 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from linux_remote import CCACHE_DIR, KCONFIG, TAG, tagged_commit, without_rustup
+from linux_remote import CCACHE_DIR, FOREIGN_CACHE, KCONFIG, TAG, tagged_commit, without_rustup
+
+from vngtasks.guestroot import ROOTS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every kernel-building test builds through the one ccache the tests keep on this machine.
@@ -184,6 +187,40 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]
             assert done.returncode == 0, done.stderr[-3000:]
             record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr}))
         built = json.loads(record.read_text())
+    done = subprocess.CompletedProcess(["invoke", "build", *args], 0, built["stdout"], built["stderr"])
+    return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
+
+
+@pytest.fixture(scope="session")
+def arm64_build(
+    tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str], worker_id: str, tiny_build: TinyBuild
+) -> TinyBuild:
+    """The tiny kernel cross-built for arm64 once per test run, into the tiny kernel's cache-dir (one cache-dir holds
+    both arches: `invoke matrix` takes one), with arm64's guest root (made by `invoke deps --arch arm64` and kept
+    between runs) linked in. `invoke deps` installs a foreign arch's packages: its tests are HOST_PACKAGES'."""
+    url, _ = remote
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root = shared / "tiny"
+    args = (*tiny_flags(url), "--arch", "arm64", "--cache-dir", str(root / "cache"))
+    with open(shared / "arm64.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = root / "arm64.json"
+        if not record.exists():
+            deps = ("deps", "--arch", "arm64", "--cache-dir", str(FOREIGN_CACHE))
+            prepared = run_invoke(deps, home=root / "home", cwd=root / "workspace", timeout=1800)
+            assert prepared.returncode == 0, prepared.stderr[-3000:]
+            roots = root / "cache" / ROOTS
+            if not roots.is_symlink():
+                roots.symlink_to(FOREIGN_CACHE / ROOTS)
+            started = time.monotonic()
+            done = run_invoke(
+                ("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            seconds = round(time.monotonic() - started)
+            record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr, "seconds": seconds}))
+        built = json.loads(record.read_text())
+    print(f"arm64 cross build: {built['seconds']} s")
     done = subprocess.CompletedProcess(["invoke", "build", *args], 0, built["stdout"], built["stderr"])
     return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
 

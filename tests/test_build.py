@@ -8,7 +8,6 @@ its cold build alone would take a quarter of what CI may take on a fresh machine
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,11 @@ from conftest import (
     WARN_WORKLOAD,
     TinyBuild,
     assert_at_its_line_of_lkdtm,
-    tiny_flags,
 )
 from invoke import Context
-from linux_remote import FOREIGN_CACHE, KCONFIG, TAG
+from linux_remote import KCONFIG, TAG
 
-from vngtasks import arches, build, buildsteps, cache, errors, guestroot, kernelmake, sanitizers, settings
+from vngtasks import arches, build, buildsteps, cache, errors, kernelmake, sanitizers, settings
 
 pytestmark = pytest.mark.slow
 
@@ -141,26 +139,16 @@ def test_every_debug_option_survives_in_a_tiny_config(workspace: Path, tiny_buil
 
 @HOST_PACKAGES  # invoke deps --arch arm64
 def test_an_arm64_tiny_kernel_is_cross_built_with_its_vmlinux_h_and_boots(
-    cli, tmp_path: Path, workspace: Path, remote, kernel_tree
+    cli, workspace: Path, remote, kernel_tree, arm64_build: TinyBuild
 ):
     """v6.12 cross-built for arm64 on this x86_64 machine, kconfig-base tiny, through the tests' ccache: the
     entry holds arm64's boot image, vmlinux.h made by the host's bpftool from the arm64 vmlinux's BTF, and the
     release that `uname -r` prints when `invoke boot --arch arm64 --tag` boots it in arm64's guest root."""
-    url, sha = remote
+    _, sha = remote
     arm64 = arches.lookup("arm64")
     (workspace / "ci").mkdir()
     (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
-    cache = tmp_path / "cache"
-    # The guest root of the foreign-arch boots (test_boot_arches), made once and kept between runs.
-    prepared = cli("deps", "--arch", "arm64", "--cache-dir", str(FOREIGN_CACHE), timeout=1800)
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
-    cache.mkdir()
-    (cache / guestroot.ROOTS).symlink_to(FOREIGN_CACHE / guestroot.ROOTS)
-    flags = (*tiny_flags(url), "--arch", "arm64", "--cache-dir", str(cache))
-    started = time.monotonic()
-    done = cli("build", *flags, env=CCACHE_ENV, timeout=3600)
-    print(f"arm64 cross build: {time.monotonic() - started:.0f} s")
-    assert done.returncode == 0, done.stderr[-3000:]
+    flags, done = arm64_build.args, arm64_build.done
     assert "did not survive" not in done.stderr  # every line of BTF's and the tests' fragment
     entry = Path(done.stdout.strip().splitlines()[-1])
     assert entry.name == f"vng-kernel-ci-arm64-{sha[:12]}-v2+tiny"
@@ -189,3 +177,39 @@ def test_an_arm64_tiny_kernel_is_cross_built_with_its_vmlinux_h_and_boots(
     (crash,) = json.loads((workspace / "crashes.json").read_text())["crashes"]
     assert (crash["title"], crash["kind"]) == ("WARNING in lkdtm_WARNING", "warning")
     assert_at_its_line_of_lkdtm(crash, kernel_tree)
+
+
+@HOST_PACKAGES  # arm64_build runs invoke deps --arch arm64
+def test_a_matrix_of_two_refs_and_two_arches_fails_by_its_cells_and_resumes(
+    cli, workspace: Path, remote, tiny_build: TinyBuild, arm64_build: TinyBuild
+):
+    """`invoke matrix` over v6.12 and its commit named by SHA, x86_64 and arm64 (tiny): the session's two entries
+    serve all four cells (cache hits), four boots; the workload fails on arm64, which fails the run and is named.
+    The re-run resumes from the kept cells: nothing is built or booted again."""
+    url, sha = remote
+    (workspace / "ci").mkdir()
+    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+    cache_dir = arm64_build.args[arm64_build.args.index("--cache-dir") + 1]
+    flags = ("--tag", f"{TAG},{sha}", "--arch", "x86_64,arm64", "--kernel-url", url, "--name", "ci")
+    flags += ("--kconfig-base", "tiny", "--kconfig", "ci/kernel.config", "--cache-dir", cache_dir)
+    workload = 'uname -m; test "$(uname -m)" = x86_64'
+    args = ("matrix", *flags, "--log-dir", "logs", "--verbose", "false", "--", workload)
+    first = cli(*args, env=CCACHE_ENV, timeout=1800)
+    assert first.returncode == errors.FAILED, first.stderr[-3000:]
+    rows = [line for line in first.stdout.splitlines() if line.startswith(f"| {TAG} |") or line.startswith(f"| {sha}")]
+    assert len(rows) == 4 and [row.split(" | ")[4] for row in rows] == ["passed", "failed (1)"] * 2, first.stdout
+    assert all(" | cache | " in row for row in rows), first.stdout
+    failed = [line for line in first.stderr.splitlines() if line.startswith("vngtasks: warning: matrix: ")]
+    assert failed == [f"vngtasks: warning: matrix: {TAG} arm64 tiny: failed (1)",
+                      f"vngtasks: warning: matrix: {sha} arm64 tiny: failed (1)"]  # fmt: skip
+    assert first.stderr.count("booted in") == 4
+    report = json.loads((workspace / "logs" / "matrix.json").read_text())
+    assert [(c["arch"], c["result"], c["sha"]) for c in report["cells"]] == [("x86_64", "passed", sha),
+                                                                            ("arm64", "failed", sha)] * 2  # fmt: skip
+    assert (workspace / "logs" / "matrix" / f"02-{TAG}-arm64-tiny" / "vng-console.log").is_file()
+    again = cli(*args, env=CCACHE_ENV, timeout=600)
+    assert (
+        again.returncode == errors.FAILED and "resumed from" in again.stderr and "4 of 4 cell(s) done" in again.stderr
+    )
+    assert "matrix: cell" not in again.stderr and "booted in" not in again.stderr, again.stderr
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")][2:] == rows

@@ -70,6 +70,10 @@ BAD_INPUT = [
     (["bisect", "--good", "v6.11", "--bad", "v6.12", "--results", "ktap", "--test", "t", "--same-crash"], "same-crash"),
     (["boot", "--debug", "kasan,kcsan"], "debug"),
     (["boot", "--vmcore", "on-failure", "--arch", "s390x"], "vmcore"),
+    (["matrix", "--tag", "v6.12,,v6.6"], "tag"),
+    (["matrix", "--tag", "v6.12", "--arch", "x86_64,arm64", "--kconfig-base", "tiny,nope"], "kconfig-base"),
+    (["matrix", "--tag", "v6.12", "--arch", "x86_64,s390x", "--vmcore", "on-failure"], "vmcore"),
+    (["matrix", "--arch", "x86_64,arm64"], "tag"),
     (["build", "--tag", "v6.12", "--ccache-remote", "https://cache.example/c"], "ccache-remote"),
     (["bisect", "--good", "v6.11", "--bad", "v6.12", "--memory", "4X"], "memory"),
     (["cache", "--keep", "-1"], "keep"),
@@ -79,7 +83,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize(("args", "named"), BAD_INPUT, ids=[" ".join(a)[:60] for a, _ in BAD_INPUT])
 def test_bad_input_exits_2_with_one_line_naming_it_and_touches_nothing(cli, home, workspace, args, named):
-    done = cli(*args, *(["--", "touch ran"] if args[0] in ("boot", "bisect") else []))
+    done = cli(*args, *(["--", "touch ran"] if args[0] in ("boot", "bisect", "matrix") else []))
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith(f"vngtasks: {named}: "), done.stderr

@@ -20,11 +20,11 @@ from .validate import Given, InputError, Parser
 TORVALDS_URL = "https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git"
 
 # The tasks that take settings as flags (every task reads all of them from config and env).
-DEPS, RESOLVE, BUILD, BOOT, BISECT, CACHE = "deps", "resolve", "build", "boot", "bisect", "cache"
-_NAMES_A_KERNEL = (RESOLVE, BUILD, BOOT, BISECT)
-_NAMES_A_REF = (RESOLVE, BUILD, BOOT)  # bisect names two, with --good and --bad
-_BUILDS = (BUILD, BOOT, BISECT)
-_BOOTS = (BOOT, BISECT)
+DEPS, RESOLVE, BUILD, BOOT, BISECT, MATRIX, CACHE = "deps", "resolve", "build", "boot", "bisect", "matrix", "cache"
+_NAMES_A_KERNEL = (RESOLVE, BUILD, BOOT, BISECT, MATRIX)
+_NAMES_A_REF = (RESOLVE, BUILD, BOOT, MATRIX)  # bisect names two, with --good and --bad; matrix a list
+_BUILDS = (BUILD, BOOT, BISECT, MATRIX)
+_BOOTS = (BOOT, BISECT, MATRIX)
 
 
 @dataclass(frozen=True)
