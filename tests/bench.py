@@ -324,6 +324,35 @@ def bisect_ratio() -> None:
     print(f"  ratio {wall / (steps * one):.3f} (goal <= 1.2)")
 
 
+def remote_cache_ratio() -> None:
+    """ccache-remote: the tiny v6.12 built cold (an empty ccache of its own) with an nginx remote on loopback, which
+    it fills; then "another machine" (another tree, HOME and an empty CCACHE_DIR) builds the same commit from the
+    remote. Its wall time / the first's (about 16 min on 2 cores)."""
+    from test_remote_storage import start_nginx
+
+    url = f"file://{linux_remote()}"
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir="/var/lib") as tmp:
+        nginx = start_nginx(Path(tmp, "nginx"))
+        try:
+            for machine in ("first", "second"):
+                Path(tmp, machine).mkdir()
+                argv = build_argv(TAG, url, Path(tmp, machine, "cache"), Path(tmp, machine), "--kconfig-base", "tiny",
+                                  "--ccache-remote", nginx.url)  # fmt: skip
+                env = make_env(CCACHE_DIR=f"{tmp}/{machine}/ccache", HOME=f"{tmp}/{machine}")
+                started = time.monotonic()
+                subprocess.run(argv, cwd=Path(tmp, machine), env=env, check=True, capture_output=True)
+                seconds[machine] = time.monotonic() - started
+                (entry,) = Path(tmp, machine, "cache", "kernels").glob("vng-kernel-bench-*")
+                counts = json.loads((entry / "metadata.json").read_text())["ccache"]
+                print(f"ccache-remote, {machine} machine: {seconds[machine]:.0f} s, ccache {counts}")
+        finally:
+            nginx.stop()
+    ratio = seconds["second"] / seconds["first"]
+    print(f"ccache-remote: second machine {seconds['second']:.0f} s / cold first {seconds['first']:.0f} s: "
+          f"ratio {ratio:.3f} (goal <= 0.35)")  # fmt: skip
+
+
 def main() -> None:
     host = arches.host()
     seconds = timed(lambda: accel.choose("auto", host, host))
@@ -346,6 +375,10 @@ def main() -> None:
         bisect_ratio()
     else:
         print("bisect ratio: skipped (about 8 min): run `nox -s bench -- --bisect`")
+    if "--ccache-remote" in sys.argv[1:]:
+        remote_cache_ratio()
+    else:
+        print("ccache-remote ratio: skipped (about 16 min): run `nox -s bench -- --ccache-remote`")
     if "--remote" in sys.argv[1:] or "--remote-push" in sys.argv[1:]:
         remote_build_ratios(builds="--remote" in sys.argv[1:])
     else:
