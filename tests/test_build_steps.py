@@ -193,6 +193,12 @@ def test_progress_counts_objects() -> None:
 def test_reproducer_is_a_command_line() -> None:
     line = build.reproducer(plan(cc="clang").settings, "b" * 40)
     assert line.startswith("invoke build --kernel-url ") and f"--tag {'b' * 40}" in line and "--cc clang" in line
+    assert "--debug" not in line and "--debug kasan,lkdtm" in build.reproducer(plan(debug="lkdtm,kasan").settings, "b")
+
+
+def test_reproducer_never_holds_the_ccache_remote_s_secret() -> None:
+    line = build.reproducer(plan(ccache_remote="redis://s3cret@cache.example").settings, "b" * 40)
+    assert "s3cret" not in line and "ccache" not in line
 
 
 def test_fragment_lines_are_read_as_kconfig_does() -> None:

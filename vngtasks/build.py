@@ -168,7 +168,9 @@ def reproducer(settings: Settings, sha: str) -> str:
     argv += ["--arch", settings.arch.name, "--version", settings.version]
     if settings.kconfig_base != "vng":
         argv += ["--kconfig-base", str(settings.kconfig_base)]
-    for flag, value in (("--cc", settings.cc), ("--llvm", settings.llvm), ("--kconfig", settings.kconfig)):
+    debug = ",".join(settings.debug)
+    for flag, value in (("--cc", settings.cc), ("--llvm", settings.llvm), ("--kconfig", settings.kconfig),
+                        ("--debug", debug)):  # fmt: skip
         if value:
             argv += [flag, str(value)]
     return shlex.join(argv)
