@@ -27,9 +27,9 @@ from pathlib import Path
 
 from invoke import Context
 
-from . import cache, log, provide, resolve, vm
+from . import log, provide, resolve
 from .errors import BAD_INPUT, FAILED, MISSING_TOOL, NO_STATUS, SPLAT, Failure
-from .files import read_regular, remove_tree, write_atomically
+from .files import kept_list, remove_tree, typed, write_atomically
 from .log import printable
 from .report import ktap
 from .runrecord import Record
@@ -196,17 +196,11 @@ def finished_steps(repo: Repo, wanted: dict) -> list[Step]:
     """The steps kept for the same arguments; none (with a warning) for another bisect's or a damaged file.
     Read as any record on disk: each step must be a commit of the range, with fields of their types and a
     verdict; its subject made printable."""
-    raw = read_regular(repo.steps_file, STEPS_BYTES)
-    if raw is None:
-        return []
-    try:
-        kept = json.loads(raw)
-    except ValueError:
-        kept = None
-    if not isinstance(kept, dict) or kept.get("arguments") != wanted or not isinstance(kept.get("steps"), list):
+    kept = kept_list(repo.steps_file, STEPS_BYTES, wanted, "steps")
+    if kept is None:
         log.warn(f"bisect: {repo.steps_file} is another bisect's or damaged: starting over")
         return []
-    steps = [checked_step(step, repo.commits()) for step in kept["steps"]]
+    steps = [checked_step(step, repo.commits()) for step in kept]
     if not all(steps):
         log.warn(f"bisect: {repo.steps_file} has a step that is not one of this range: starting over")
         return []
@@ -218,16 +212,11 @@ def checked_step(step: object, commits: set[str]) -> Step | None:
     verdict is one; else None."""
     if not isinstance(step, dict) or set(step) != set(STEP_FIELDS):
         return None
-    if not all(_typed(step[name], kind) for name, kind in STEP_FIELDS.items()):
+    if not all(typed(step[name], kind) for name, kind in STEP_FIELDS.items()):
         return None
     if step["sha"] not in commits or step["verdict"] not in VERDICTS:
         return None
     return Step(**{**step, "subject": printable(step["subject"])})
-
-
-def _typed(value: object, kind: type | tuple[type, ...]) -> bool:
-    """isinstance, where a bool (an int to Python) is only ever a bool."""
-    return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
 
 
 def write_record(record: Path, repo: Repo, wanted: dict, steps: list[Step], result: dict) -> None:
@@ -286,24 +275,13 @@ class Ran:
 def run_step(c: Context, settings: Settings, sha: str, workload: str, test: str = "") -> Ran:
     """Build (or find) and boot one commit. With `test`, the status is that test's (see tested)."""
     step = dataclasses.replace(settings, tag=sha)
-    resolved = resolve.Resolved(sha=sha, ref="", source="sha")
-    kernels = cache.KernelCache(cache.kernels_root(step))
-    key = cache.key_for(step, resolved.sha12)
-    hit = kernels.lookup(key) is not None
-    started = time.monotonic()
-    try:
-        entry = provide.ensure_kernel(c, step, resolved)
-    except Failure as failure:
-        if failure.code in (BAD_INPUT, MISSING_TOOL):
-            raise
-        log.warn(f"bisect: {sha[:12]} did not build: {failure}")
-        return Ran(None, time.monotonic() - started, 0.0, hit)
-    built = time.monotonic()
-    with kernels.using(entry.key) as in_use:
-        record = vm.run_recorded(step, in_use.path, workload)
-    status = tested(record, test) if test else record.status
-    titles = tuple(crash.title for crash in record.crashes.found)
-    return Ran(status, built - started, time.monotonic() - built, hit, titles)
+    ran = provide.build_and_boot(c, step, resolve.Resolved(sha=sha, ref="", source="sha"), workload)
+    if ran.record is None:
+        log.warn(f"bisect: {sha[:12]} did not build: {ran.failure}")
+        return Ran(None, ran.build_seconds, 0.0, ran.cache_hit)
+    status = tested(ran.record, test) if test else ran.record.status
+    titles = tuple(crash.title for crash in ran.record.crashes.found)
+    return Ran(status, ran.build_seconds, ran.boot_seconds, ran.cache_hit, titles)
 
 
 def bad_crash(c: Context, settings: Settings, bad: resolve.Resolved) -> str:

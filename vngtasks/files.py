@@ -6,6 +6,7 @@ following a link."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -178,3 +179,24 @@ def human_size(size_bytes: int) -> str:
             return f"{size:.1f}{unit}"
         size /= 1024
     return f"{size:.1f}T"
+
+
+def kept_list(path: Path, limit: int, wanted: object, field: str) -> list | None:
+    """The list under `field` of a JSON record kept for a re-run (bisect's steps, matrix's cells), read as any
+    record on disk (a regular file, never through a link, at most `limit` bytes): [] when there is none, None
+    when it is damaged or its "arguments" are not `wanted` (another run's)."""
+    raw = read_regular(path, limit)
+    if raw is None:
+        return []
+    try:
+        kept = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(kept, dict) or kept.get("arguments") != wanted or not isinstance(kept.get(field), list):
+        return None
+    return kept[field]
+
+
+def typed(value: object, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, where a bool (an int to Python) is only ever a bool."""
+    return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)

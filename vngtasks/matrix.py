@@ -16,15 +16,14 @@ import hashlib
 import json
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from invoke import Context
 
-from . import cache, log, provide, resolve, vm
-from .errors import BAD_INPUT, FAILED, MISSING_TOOL, Failure
-from .files import read_regular, write_atomically
+from . import log, provide, resolve
+from .errors import BAD_INPUT, FAILED, Failure
+from .files import kept_list, typed, write_atomically
 from .log import printable
 from .settings import Settings
 from .validate import make_directory
@@ -122,17 +121,11 @@ def kept_file(cache_dir: Path, wanted: dict) -> Path:
 
 def finished(path: Path, wanted: dict, labels: set[str]) -> dict[str, Done]:
     """The cells kept for the same arguments, by label; none (with a warning) for a damaged file."""
-    raw = read_regular(path, KEPT_BYTES)
-    if raw is None:
-        return {}
-    try:
-        kept = json.loads(raw)
-    except ValueError:
-        kept = None
-    if not isinstance(kept, dict) or kept.get("arguments") != wanted or not isinstance(kept.get("cells"), list):
+    kept = kept_list(path, KEPT_BYTES, wanted, "cells")
+    if kept is None:
         log.warn(f"matrix: {path} is another matrix's or damaged: starting over")
         return {}
-    checked = [checked_cell(cell) for cell in kept["cells"]]
+    checked = [checked_cell(cell) for cell in kept]
     if not all(done is not None and done.cell.label in labels for done in checked):
         log.warn(f"matrix: {path} has a cell that is not one of this matrix's: starting over")
         return {}
@@ -143,20 +136,15 @@ def checked_cell(cell: object) -> Done | None:
     """A kept cell as a Done when every field has its type; else None. Its text made printable."""
     if not isinstance(cell, dict) or set(cell) != set(_FIELDS):
         return None
-    if not all(_typed(cell[name], kind) for name, kind in _FIELDS.items()):
+    if not all(typed(cell[name], kind) for name, kind in _FIELDS.items()):
         return None
     if cell["result"] not in (PASSED, FAILED_RUN, NO_KERNEL) or not all(isinstance(t, str) for t in cell["crashes"]):
         return None
     tests = cell["tests"]
-    if tests is not None and not all(isinstance(k, str) and _typed(v, int) for k, v in tests.items()):
+    if tests is not None and not all(isinstance(k, str) and typed(v, int) for k, v in tests.items()):
         return None
     text = {name: printable(cell[name]) for name in ("tag", "arch", "kconfig_base", "sha", "release")}
     return Done(**{**cell, **text, "crashes": tuple(printable(t) for t in cell["crashes"])})
-
-
-def _typed(value: object, kind: type | tuple[type, ...]) -> bool:
-    """isinstance, where a bool (an int to Python) is only ever a bool."""
-    return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
 
 
 def run_cell(c: Context, settings: Settings, resolved: resolve.Resolved, number: int, cell: Cell) -> Done:
@@ -164,24 +152,17 @@ def run_cell(c: Context, settings: Settings, resolved: resolve.Resolved, number:
     log.info(f"matrix: cell {number}: {cell.label} ({resolved.sha12})")
     s = dataclasses.replace(settings, log_dir=settings.log_dir / "matrix" / cell.directory(number))
     make_directory("log_dir", s.log_dir)
-    started = time.monotonic()
-    sha = resolved.sha
-    hit = cache.KernelCache(cache.kernels_root(s)).lookup(cache.key_for(s, resolved.sha12)) is not None
-    try:
-        entry = provide.ensure_kernel(c, s, resolved)
-    except Failure as failure:
-        if failure.code in (BAD_INPUT, MISSING_TOOL):
-            raise
-        log.warn(f"matrix: {cell.label}: no kernel: {failure}")
-        return Done(*_place(cell), NO_KERNEL, FAILED, sha, "", round(time.monotonic() - started, 1), 0.0, hit, (), None)
-    built = time.monotonic()
-    with cache.KernelCache(cache.kernels_root(s)).using(entry.key) as in_use:
-        record = vm.run_recorded(s, in_use.path, s.run)
+    ran = provide.build_and_boot(c, s, resolved, s.run)
+    build_s, boot_s = round(ran.build_seconds, 1), round(ran.boot_seconds, 1)
+    if ran.record is None:
+        log.warn(f"matrix: {cell.label}: no kernel: {ran.failure}")
+        return Done(*_place(cell), NO_KERNEL, FAILED, resolved.sha, "", build_s, 0.0, ran.cache_hit, (), None)
+    record = ran.record
     result = PASSED if record.status == 0 else FAILED_RUN
     titles = tuple(crash.title for crash in record.crashes.found)
     totals = None if record.results is None else dict(record.results.totals)
-    build_s, boot_s = round(built - started, 1), round(time.monotonic() - built, 1)
-    return Done(*_place(cell), result, record.status, sha, record.release, build_s, boot_s, hit, titles, totals)
+    return Done(*_place(cell), result, record.status, resolved.sha, record.release, build_s, boot_s, ran.cache_hit,
+                titles, totals)  # fmt: skip
 
 
 def _place(cell: Cell) -> tuple[str, str, str]:

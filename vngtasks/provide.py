@@ -7,13 +7,16 @@ cache's lock: the second finds the first's entry.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from invoke import Context
 
-from . import build, cache, log
-from .errors import FAILED, Failure
+from . import build, cache, log, vm
+from .errors import BAD_INPUT, FAILED, MISSING_TOOL, Failure
 from .resolve import Resolved
+from .runrecord import Record
 from .settings import Settings
 from .validate import make_directory
 
@@ -40,6 +43,35 @@ def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.E
 
             return buildhost.build_entry(c, settings, kernels, key, resolved)
         return build.build_here(c, settings, kernels, key, resolved)
+
+
+@dataclass(frozen=True)
+class Ran:
+    """One kernel built (or found) and booted, timed."""
+
+    record: Record | None  # the run as reported; None: the kernel did not build (`failure` says why)
+    build_seconds: float
+    boot_seconds: float
+    cache_hit: bool
+    failure: str = ""
+
+
+def build_and_boot(c: Context, settings: Settings, resolved: Resolved, workload: str) -> Ran:
+    """The resolved commit's kernel (ensure_kernel) booted with `workload`; a build that fails is a Ran without a
+    record, bad input and a missing tool still raise."""
+    kernels = cache.KernelCache(cache.kernels_root(settings))
+    hit = kernels.lookup(cache.key_for(settings, resolved.sha12)) is not None
+    started = time.monotonic()
+    try:
+        entry = ensure_kernel(c, settings, resolved)
+    except Failure as failure:
+        if failure.code in (BAD_INPUT, MISSING_TOOL):
+            raise
+        return Ran(None, time.monotonic() - started, 0.0, hit, str(failure))
+    built = time.monotonic()
+    with kernels.using(entry.key) as in_use:
+        record = vm.run_recorded(settings, in_use.path, workload)
+    return Ran(record, built - started, time.monotonic() - built, hit)
 
 
 def planned(settings: Settings, resolved: Resolved) -> tuple[Path, list[str]]:
