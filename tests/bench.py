@@ -328,7 +328,7 @@ def remote_cache_ratio() -> None:
     """ccache-remote: the tiny v6.12 built cold (an empty ccache of its own) with an nginx remote on loopback, which
     it fills; then "another machine" (another tree, HOME and an empty CCACHE_DIR) builds the same commit from the
     remote. Its wall time / the first's (about 16 min on 2 cores)."""
-    from test_remote_storage import start_nginx
+    from servers import start_nginx
 
     url = f"file://{linux_remote()}"
     seconds: dict[str, float] = {}

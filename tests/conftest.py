@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,38 @@ def tiny_flags(url: str) -> tuple[str, ...]:
     return ("--tag", TAG, "--kernel-url", url, "--name", "ci", *base)
 
 
+# The tests' shared ccache remote (ccache-remote): an nginx on loopback that the session's tiny build fills (reshare:
+# also from a warm local ccache), for tests/test_remote_storage.py's second machine. Started by the first pytest
+# process before any worker (workers inherit its URL in this variable), stopped when that process ends; not where
+# nginx is missing (the unit tier's machines), where that test fails by name.
+CCACHE_REMOTE_VARIABLE = "VNGTASKS_TEST_CCACHE_REMOTE"
+_NGINX: list = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") or CCACHE_REMOTE_VARIABLE in os.environ or not shutil.which("nginx"):
+        return
+    if config.getoption("markexpr", "") == "unit":
+        return
+    from servers import start_nginx
+
+    server = start_nginx(Path(tempfile.mkdtemp(prefix="vngtasks-ccache-remote-", dir="/var/tmp")) / "nginx")
+    _NGINX.append(server)
+    os.environ[CCACHE_REMOTE_VARIABLE] = server.url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for server in _NGINX:
+        server.stop()
+        shutil.rmtree(server.directory.parent, ignore_errors=True)
+
+
+def session_remote_flags() -> tuple[str, ...]:
+    """The tiny build's flags that fill the tests' ccache remote, when there is one."""
+    url = os.environ.get(CCACHE_REMOTE_VARIABLE)
+    return ("--ccache-remote", url, "--ccache-reshare", "true") if url else ()
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str], worker_id: str) -> TinyBuild:
     """v6.12 with kconfig-base tiny and the tests' fragment, built once per test run through the CLI, with the
@@ -181,9 +214,8 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]
             (root / "home").mkdir(parents=True)
             (root / "workspace" / "ci").mkdir(parents=True)
             (root / "workspace" / "ci" / "kernel.config").write_text(KCONFIG.read_text())
-            done = run_invoke(
-                ("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600
-            )
+            build = ("build", *args, *session_remote_flags())
+            done = run_invoke(build, home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600)
             assert done.returncode == 0, done.stderr[-3000:]
             record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr}))
         built = json.loads(record.read_text())
