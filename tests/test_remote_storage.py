@@ -108,8 +108,11 @@ def test_a_second_machine_builds_the_tiny_kernel_from_the_remote(tmp_path: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ccache-remote" not in done.stderr, done.stderr[-3000:]  # no warning: the remote answered every time
     second = json.loads((Path(done.stdout.strip().splitlines()[-1]) / "metadata.json").read_text())
+    # Its local ccache started empty: every hit came from the remote, straight (remote_hits) or through the local
+    # copy the remote's answer left, when one build compiles an object twice (local_hits: 182 of 1601 here).
     counts = second["ccache"]
-    assert counts["remote_hits"] >= REMOTE_HITS * (counts["hits"] + counts["misses"]), counts
-    assert counts["local_hits"] == 0 and second["ccache_remote"] == remote_cache
+    compilations = counts["hits"] + counts["misses"]
+    assert counts["hits"] >= REMOTE_HITS * compilations and counts["remote_hits"] > counts["local_hits"], counts
+    assert second["ccache_remote"] == remote_cache
     assert second["sha"] == sha and second["kernel_release"] == filled["kernel_release"]
     assert second["tree"] != filled["tree"]
