@@ -59,6 +59,9 @@ def dump(qmp_socket: Path, log_dir: Path, seconds: float = DUMP_SECONDS) -> Path
             _reply(replies)
             arguments = {"paging": False, "protocol": f"fd:{VMCORE}", "format": FORMAT}
             _ask(qmp, replies, {"execute": "dump-guest-memory", "arguments": arguments})
+        ours, there = os.fstat(fd), os.lstat(temp)  # a guest that is not halted may have swapped the name
+        if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino):
+            raise QmpError(f"{temp} was replaced while QEMU wrote it")
     except (OSError, QmpError, ValueError) as error:
         os.close(fd)
         Path(temp).unlink(missing_ok=True)
