@@ -359,9 +359,5 @@ def conclude(repo: Repo, record: Path, wanted: dict, steps: list[Step], state: S
         result["crash"] = crash
     write_record(record, repo, wanted, steps, result)
     text = "\n".join(lines) + "\n"
-    print(text, end="", flush=True)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a") as out:
-            out.write("\n" + text)
+    log.show_and_summarize(text)
     return FOUND if state.first_bad else UNDECIDED

@@ -10,6 +10,15 @@ def in_actions() -> bool:
     return os.environ.get("GITHUB_ACTIONS") == "true"
 
 
+def show_and_summarize(text: str) -> None:
+    """A task's result (a markdown table, lines) on stdout, and in the job summary when GitHub gives one."""
+    print(text, end="", flush=True)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a") as out:
+            out.write("\n" + text)
+
+
 def info(message: str) -> None:
     print(f"vngtasks: {message}", file=sys.stderr, flush=True)
 

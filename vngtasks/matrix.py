@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,11 +210,7 @@ def table(done: list[Done]) -> str:
 def conclude(record: Path, wanted: dict, done: list[Done]) -> int:
     """The table printed and in the job summary, the report in log-dir, one line per failed cell; the status."""
     text = table(done)
-    print(text, end="", flush=True)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a") as out:
-            out.write("\n" + text)
+    log.show_and_summarize(text)
     write_atomically(record, json.dumps({"arguments": wanted, "cells": _json(done)}, indent=2) + "\n", 0o644)
     failed = [cell for cell in done if cell.result != PASSED]
     for cell in failed:
