@@ -180,6 +180,20 @@ def test_a_panic_with_vmcore_on_failure_leaves_a_dump_drgn_opens(cli, home: Path
     assert qemu_processes_under(home) == []
 
 
+def test_a_run_timeout_with_vmcore_on_failure_dumps_the_guest_too(cli, home: Path, workspace: Path, tiny_build):
+    Path("/var/lib/vngtasks-tests").mkdir(parents=True, exist_ok=True)
+    short = Path(tempfile.mkdtemp(prefix="vmc-", dir="/var/lib/vngtasks-tests"))  # see the panic's test above
+    args = ("--vmcore", "on-failure", "--memory", "256M", "--cache-dir", str(short), "--run-timeout", "3")
+    try:
+        done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, *args, "--", "sleep 600")
+    finally:
+        shutil.rmtree(short)
+    assert done.returncode == 124 and "vmcore: run-timeout: dumping the guest's memory" in done.stderr, done.stderr
+    assert run_record(workspace)["vmcore"] == str(workspace / "vmcore")
+    assert (workspace / "vmcore").stat().st_size > 200 * 2**20 and (workspace / "vmlinux").is_file()
+    assert qemu_processes_under(home) == []
+
+
 def lkdtm_warning(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("WARNING: CPU: ") and " lkdtm_WARNING+" in line]
 

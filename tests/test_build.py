@@ -194,11 +194,13 @@ def test_a_matrix_of_two_refs_and_two_arches_fails_by_its_cells_and_resumes(
     flags += ("--kconfig-base", "tiny", "--kconfig", "ci/kernel.config", "--cache-dir", cache_dir)
     workload = 'uname -m; test "$(uname -m)" = x86_64'
     args = ("matrix", *flags, "--log-dir", "logs", "--verbose", "false", "--", workload)
-    first = cli(*args, env=CCACHE_ENV, timeout=1800)
+    summary = workspace / "step-summary.md"
+    first = cli(*args, env={**CCACHE_ENV, "GITHUB_STEP_SUMMARY": str(summary)}, timeout=1800)
     assert first.returncode == errors.FAILED, first.stderr[-3000:]
     rows = [line for line in first.stdout.splitlines() if line.startswith((f"| {TAG} |", f"| {sha}"))]
     assert len(rows) == 4 and [row.split(" | ")[4] for row in rows] == ["passed", "failed (1)"] * 2, first.stdout
     assert all(" | cache | " in row for row in rows), first.stdout
+    assert all(row in summary.read_text() for row in rows)
     failed = [line for line in first.stderr.splitlines() if line.startswith("vngtasks: warning: matrix: ")]
     assert failed == [f"vngtasks: warning: matrix: {TAG} arm64 tiny: failed (1)",
                       f"vngtasks: warning: matrix: {sha} arm64 tiny: failed (1)"]  # fmt: skip
