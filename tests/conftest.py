@@ -257,9 +257,27 @@ def arm64_build(
     return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+UNGROUPED = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
     """Tiers: `slow` (builds or boots real kernels), `integration` (root, real sshd, act, apt; no kernel
-    build), and `unit` for everything else (no root, no network, under 2 minutes)."""
+    build), and `unit` for everything else (no root, no network, under 2 minutes): marked before `-m` selects.
+    Then, under `--dist loadgroup`, a grouped test that xdist could not group fails (pytest 9.2 ignores the node id
+    xdist 3.8 sets): its group would run side by side with itself, and act's module fixtures once per worker."""
     for item in items:
         if not any(item.get_closest_marker(tier) for tier in ("slow", "integration")):
             item.add_marker(pytest.mark.unit)
+    result = yield
+    if config.getoption("loadgroup", False):
+        for item in items:
+            group = item.get_closest_marker("xdist_group")
+            if group and "@" not in item.nodeid:
+                item.stash[UNGROUPED] = f"pytest-xdist could not put this test in its group {group.args[0]!r}"
+    return result
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if UNGROUPED in item.stash:
+        pytest.fail(item.stash[UNGROUPED], pytrace=False)
