@@ -165,11 +165,16 @@ def tiny_flags(url: str) -> tuple[str, ...]:
     return ("--tag", TAG, "--kernel-url", url, "--name", "ci", *base)
 
 
-# The tests' shared ccache remote (ccache-remote): an nginx on loopback that the session's tiny build fills (reshare:
-# also from a warm local ccache), for tests/test_remote_storage.py's second machine. Started by the first pytest
-# process before any worker (workers inherit its URL in this variable), stopped when that process ends; not where
-# nginx is missing (the unit tier's machines), where that test fails by name.
+# The tests' shared ccache remote (ccache-remote): an nginx on loopback, for the second machine of
+# tests/test_nonroot.py. Started by the first pytest process before any worker (workers inherit its URL in this
+# variable), stopped when that process ends; not where nginx is missing (the unit tier's machines), where that test
+# fails by name. Its store is kept between runs beside the tests' ccache, as that ccache is: the session's tiny build
+# writes its misses there. When the store is empty (a new machine, or emptied when it outgrew REMOTE_STORE_LIMIT),
+# that build also reshares: its local hits fill the store, with no cold compile.
 CCACHE_REMOTE_VARIABLE = "VNGTASKS_TEST_CCACHE_REMOTE"
+CCACHE_RESHARE_VARIABLE = "VNGTASKS_TEST_CCACHE_RESHARE"
+CCACHE_REMOTE_STORE = CCACHE_DIR.parent / "ccache-remote"
+REMOTE_STORE_LIMIT = 2 * 2**30
 _NGINX: list = []
 
 
@@ -180,21 +185,26 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     from servers import start_nginx
 
-    server = start_nginx(Path(tempfile.mkdtemp(prefix="vngtasks-ccache-remote-", dir="/var/tmp")) / "nginx")
+    kept = [path.stat().st_size for path in CCACHE_REMOTE_STORE.rglob("*") if path.is_file()]
+    if sum(kept) > REMOTE_STORE_LIMIT:
+        shutil.rmtree(CCACHE_REMOTE_STORE)
+        kept = []
+    server = start_nginx(Path(tempfile.mkdtemp(prefix="vngtasks-ccache-remote-", dir="/var/tmp")), CCACHE_REMOTE_STORE)
     _NGINX.append(server)
     os.environ[CCACHE_REMOTE_VARIABLE] = server.url
+    os.environ[CCACHE_RESHARE_VARIABLE] = "false" if kept else "true"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     for server in _NGINX:
         server.stop()
-        shutil.rmtree(server.directory.parent, ignore_errors=True)
+        shutil.rmtree(server.directory, ignore_errors=True)
 
 
 def session_remote_flags() -> tuple[str, ...]:
-    """The tiny build's flags that fill the tests' ccache remote, when there is one."""
+    """The tiny build's flags that fill the tests' ccache remote, when there is one (see CCACHE_REMOTE_STORE)."""
     url = os.environ.get(CCACHE_REMOTE_VARIABLE)
-    return ("--ccache-remote", url, "--ccache-reshare", "true") if url else ()
+    return ("--ccache-remote", url, "--ccache-reshare", os.environ[CCACHE_RESHARE_VARIABLE]) if url else ()
 
 
 @pytest.fixture(scope="session")

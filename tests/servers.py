@@ -25,7 +25,7 @@ http {{
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
   server {{
     listen 127.0.0.1:{port};
-    root {d}/data;
+    root {data};
     client_max_body_size 0;
     location / {{ dav_methods PUT DELETE; create_full_put_path on; }}
   }}
@@ -62,18 +62,21 @@ def _listening(port: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"the server on port {port} did not start")
 
 
-def start_nginx(directory: Path) -> Server:
-    """nginx serving `directory/data` with PUT, the way ccache's HTTP storage wants it."""
-    (directory / "data").mkdir(parents=True)
+def start_nginx(directory: Path, data: Path | None = None) -> Server:
+    """nginx serving `data` (by default `directory/data`) with PUT, the way ccache's HTTP storage wants it; its
+    configuration, logs and temporary files in `directory`."""
+    data = data or directory / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     user = "user root;" if os.geteuid() == 0 else ""  # its workers write the test's directory
-    (directory / "nginx.conf").write_text(NGINX_CONF.format(d=directory, port=port, user=user))
+    (directory / "nginx.conf").write_text(NGINX_CONF.format(d=directory, data=data, port=port, user=user))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     process = subprocess.Popen([nginx, "-c", str(directory / "nginx.conf"), "-p", str(directory), "-g", "daemon off;"])
     _listening(port, process)
 
     def stored() -> int:
-        return sum(1 for p in (directory / "data").rglob("*") if p.is_file())
+        return sum(1 for p in data.rglob("*") if p.is_file())
 
     return Server(f"http://127.0.0.1:{port}/ccache", process, stored, directory)
 
