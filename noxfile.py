@@ -43,18 +43,18 @@ OLDEST_PYTHON = _oldest_python()
 nox.options.sessions = ["lint", *(["unit-3.10"] if OLDEST_PYTHON else []), "tests"]
 
 
-# pytest workers for the tiers that boot and build: a boot under TCG leaves a core idle much of the time, and a
-# build's fetch and link leave the other one; what must not run side by side shares an xdist group (conftest).
+# pytest workers, one per core (at most 4): the unit tier takes half the time on two; for the tiers that boot and
+# build, a boot's waits and a build's fetch and link leave a core idle; what must not run side by side shares an
+# xdist group (conftest).
 WORKERS = str(min(os.cpu_count() or 1, 4))
 
 
 def _test(session: nox.Session, marks: str, *paths: str) -> None:
     session.install("-e", ".[test]")
-    workers: list[str] = []
+    workers = ["--numprocesses", WORKERS, "--dist", "loadgroup"]
     temporary: list[str] = []
     if marks != TIERS["unit"]:  # unit tests need no root and no host packages
         session.run("invoke", "deps", "--packages", TEST_PACKAGES)
-        workers = ["--numprocesses", WORKERS, "--dist", "loadgroup"]
         TEMPORARY.mkdir(parents=True, exist_ok=True)  # pytest makes --basetemp, not its parents
         temporary = ["--basetemp", str(TEMPORARY / session.name)]
     RESULTS.mkdir(parents=True, exist_ok=True)

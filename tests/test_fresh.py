@@ -46,12 +46,14 @@ def requirements() -> list[str]:
 
 
 def stock_root() -> Path:
-    """The stock root with /venv (Debian's python3, the requirements installed), made once per requirements."""
+    """The stock root with /venv (Debian's python3, the requirements installed), made once per requirements (the
+    roots of others are removed then)."""
     key = hashlib.sha256("\n".join([SUITE, INCLUDE, *requirements()]).encode()).hexdigest()[:12]
     root = LINUX_REMOTE_HOME / f"fresh-root-{key}"
     if (root / ".ready").exists():
         return root
-    shutil.rmtree(root, ignore_errors=True)
+    for stale in LINUX_REMOTE_HOME.glob("fresh-root-*"):  # the roots of other requirements: half a GB each
+        shutil.rmtree(stale, ignore_errors=True)
     making = root.with_name(root.name + ".making")
     shutil.rmtree(making, ignore_errors=True)
     subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", f"--include={INCLUDE}", SUITE, str(making),
