@@ -322,12 +322,13 @@ def test_b_d_g_new_runners_restore_the_kernel_boot_two_and_fall_back_when_the_re
 
 
 @pytest.mark.slow
-def test_c_e_read_only_workspace_failing_run_and_outputs_to_later_steps(act_env: Act, tmp_path: Path):
+def test_c_e_read_only_workspace_failing_run_and_outputs_to_later_steps(act_env: Act, tmp_path: Path, tiny_build):
     """One job (one venv, as a user's job would have): a read-only workspace keeps the guest's writes off the
     host; a multi-line `run` whose middle line fails fails the step, as GitHub's own `run:` steps do; what
     the workload writes to $GITHUB_OUTPUT and $GITHUB_ENV reaches later steps; with `results`, its tests' counts
-    are the step's outputs, and a failure known-failures lists passes the step."""
-    cache = {"cache-dir": str(tmp_path / "cache")}
+    are the step's outputs, and a failure known-failures lists passes the step. The kernel: the session's tiny
+    one, by `kernel` (it boots in half the distro kernel's time)."""
+    cache = {"cache-dir": str(tmp_path / "cache"), "kernel": str(tiny_build.entry)}
     steps = [
         action("vm", name="ro", **{"workspace-rw": "false", **cache},
                run="echo guest > guest-wrote-this && echo GUEST_WROTE", verbose="false"),

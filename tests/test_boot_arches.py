@@ -14,7 +14,9 @@ from vngtasks import arches, errors
 
 # Also: a line a program writes to /dev/kmsg is told from the kernel's by busybox's `dmesg -r` too.
 WORKLOAD = f"uname -m; echo ok > out.txt; echo to-stderr >&2; echo '{FAKE_WARNING}' > /dev/kmsg; exit 3"
-FOREIGN = [arches.lookup(name) for name in ("arm64", "s390x", "ppc64le")]
+# arm64's Debian kernel boots in test_action.py's arch matrix and the panic test below; this workload's checks run
+# in arm64's guest root with the arm64 tiny kernel (test_build.py).
+FOREIGN = [arches.lookup(name) for name in ("s390x", "ppc64le")]
 
 pytestmark = HOST_PACKAGES
 

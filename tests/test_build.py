@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     CCACHE_ENV,
+    FAKE_WARNING,
     HOST_PACKAGES,
     TINY_TREE,
     WARN_WORKLOAD,
@@ -166,12 +167,20 @@ def test_an_arm64_tiny_kernel_is_cross_built_with_its_vmlinux_h_and_boots(
     assert len(header) > 500_000 and "struct task_struct {" in header  # 0.97 MB for this config
     assert "struct user_pt_regs {" in header  # arm64's registers: the target's BTF, not the host's
 
-    # The health checks judge this guest as a host one: LKDTM's WARNING (a busybox userland) fails the run.
-    workload = f"uname -m; uname -r; {WARN_WORKLOAD}"
-    booted = cli("boot", *flags, "--verbose", "false", "--", workload, env=CCACHE_ENV, timeout=900)
+    # The health checks judge this guest as a host one: LKDTM's WARNING (a busybox userland) fails the run, the
+    # line a program writes to /dev/kmsg does not (busybox's `dmesg -r` tells them apart too); the workload's
+    # stdout and stderr come back apart (arm64's guest root's udev stand-ins name the ports) and its write to
+    # the workspace is seen here.
+    workload = f"uname -m; uname -r; echo ok > out.txt; echo to-stderr >&2; echo '{FAKE_WARNING}' > /dev/kmsg; "
+    booted = cli("boot", *flags, "--verbose", "false", "--", workload + WARN_WORKLOAD, env=CCACHE_ENV, timeout=900)
     assert booted.returncode == errors.SPLAT, booted.stderr[-3000:]
     assert f"cache: hit {entry.name}" in booted.stderr and " lkdtm_WARNING+" in booted.stderr
     assert booted.stdout.split()[-2:] == ["aarch64", release], booted.stdout[-2000:]
+    assert "to-stderr" not in booted.stdout and "to-stderr" in booted.stderr.splitlines(), booted.stderr[-2000:]
+    assert (workspace / "out.txt").read_text() == "ok\n"
+    record = json.loads((workspace / "vng-run.json").read_text())
+    assert record["splats"] and not any(FAKE_WARNING in splat for splat in record["splats"]), record["splats"]
+    assert FAKE_WARNING in (workspace / "vng-dmesg.log").read_text()
     # Its crash report, symbolized with the arm64 vmlinux the entry keeps (by aarch64-linux-gnu-addr2line).
     assert metadata["debug_info"] == "vmlinux.zst" and (entry / "vmlinux.zst").stat().st_size > 10_000_000
     (crash,) = json.loads((workspace / "crashes.json").read_text())["crashes"]
