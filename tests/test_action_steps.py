@@ -180,6 +180,18 @@ def test_the_kernel_and_finish_steps_hand_the_kernel_on(tmp_path: Path) -> None:
     assert outputs() == {"cache-hit": "true", "kernel-dir": str(cache_dir / "kernels" / KEY)}
     assert os.readlink(tmp_path / "linux") == str(cache_dir / "kernels" / KEY)
     assert f"| ci | v6.12 → {SHA[:12]} | cache hit (local) |" in (tmp_path / "s").read_text()
+    # Built by the build step: its time and the entry's ccache counts (remote hits: it was built with a remote).
+    counts = {"hits": 5, "local_hits": 3, "remote_hits": 2, "misses": 1, "remote_errors": 0}
+    metadata = {"ccache": counts, "ccache_remote": "http://***@cache.example/ccache"}
+    (cache_dir / "kernels" / KEY / "metadata.json").write_text(json.dumps(metadata))
+    built = {**kernel, "local-hit": "false"}
+    done = invoke(
+        ["action.finish"], {**env, "KERNEL": json.dumps(built), "RESTORED": "", "BUILD_SECONDS": "93"}, tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert outputs()["cache-hit"] == "false"
+    row = f"| ci | v6.12 → {SHA[:12]} | built in 93 s (ccache: 3 local hits, 2 remote hits, 1 miss) |"
+    assert row in (tmp_path / "s").read_text()
 
 
 def test_a_runtime_config_file_is_above_the_environment_and_the_workspace_file(tmp_path: Path) -> None:

@@ -83,3 +83,27 @@ def test_the_table_and_the_status(tmp_path: Path, capsys) -> None:
     report = json.loads((tmp_path / "matrix.json").read_text())
     assert [cell["result"] for cell in report["cells"]] == ["passed", "failed"]
     assert matrix.conclude(tmp_path / "matrix.json", {}, [DONE]) == 0
+
+
+def test_a_cell_whose_kernel_does_not_build_is_no_kernel(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The build's failure (not bad input) ends that cell only: `no-kernel`, one warning naming it, nothing booted;
+    the table says so and the run fails."""
+    from vngtasks import provide, resolve, settings, vm
+
+    def fails(*_args, **_kwargs):
+        raise Failure("build: make failed (exit 2)", FAILED)
+
+    def no_boot(*_args, **_kwargs):
+        raise AssertionError("nothing is booted without a kernel")
+
+    monkeypatch.setattr(provide, "ensure_kernel", fails)
+    monkeypatch.setattr(vm, "run_recorded", no_boot)
+    s = settings.effective({}, {"tag": "v6.12", "cache_dir": str(tmp_path / "c"), "log_dir": str(tmp_path / "logs"),
+                                "run": "true"}, workspace=tmp_path)  # fmt: skip
+    cell = matrix.Cell("v6.12", s.arch.name, str(s.kconfig_base))
+    done = matrix.run_cell(None, s, resolve.Resolved("b" * 40, "refs/tags/v6.12", "tag"), 1, cell)
+    assert (done.result, done.status, done.release, done.boot_seconds) == (matrix.NO_KERNEL, FAILED, "", 0.0)
+    assert f"matrix: {cell.label}: no kernel: build: make failed (exit 2)" in capsys.readouterr().err
+    assert matrix.conclude(tmp_path / "matrix.json", {"run": "true"}, [DONE, done]) == FAILED
+    row = f"| v6.12 | {s.arch.name} | {s.kconfig_base} | bbbbbbbbbbbb | no-kernel ({FAILED}) |"
+    assert row in capsys.readouterr().out

@@ -538,6 +538,59 @@ def test_the_build_host_hits_objects_compiled_here(start_sshd, home: Path, tmp_p
     assert (counts["hits"], counts["misses"]) == (1, 0)
 
 
+def test_ccache_remote_reaches_the_build_host_in_a_private_file_only(
+    start_sshd, home: Path, tmp_path: Path, monkeypatch
+):
+    """ccache-remote on a build host (Redis, with a password): an object compiled here, a miss written to the remote,
+    is a remote hit there, where the local ccache is empty. The URL reached the build host in a file only its owner
+    reads, removed after the build: never on a command line or in an environment of ours there."""
+    from servers import PASSWORD, start_redis
+
+    monkeypatch.setenv("HOME", str(home))
+    server = start_redis(tmp_path / "redis")
+    try:
+        sshd = start_sshd()
+        sshd.trust(home)
+        source = f"int vngtasks_probe_{random.getrandbits(64)}(void) {{ return 1; }}\n"  # new to every ccache
+        settings = effective(DEFAULTS, {"tag": SHA, "ccache_remote": server.url}, workspace=tmp_path)
+        here = buildsteps.Plan(
+            settings, SHA, str(tmp_path / "here" / "linux"), arches.host(), 1, str(tmp_path / "here" / "tools")
+        )
+        env_here = buildsteps.build_env(here, str(home), {"CCACHE_DIR": str(tmp_path / "ccache-here")})
+        buildsteps.write_tools(Context(), here)
+        with buildsteps.ccache_config(Context(), here, env_here):
+            compile_one(Context(), here, env_here, source)
+        assert server.stored() > 0
+        route = loopback_route(sshd.port)
+        conn = buildhost_ssh.connect(route, accept_new=False)
+        ran: list[tuple[str, dict]] = []
+        run = conn.run
+
+        def recorded(command: str, **kwargs):
+            ran.append((command, kwargs.get("env") or {}))
+            return run(command, **kwargs)
+
+        conn.run = recorded
+        far = buildhost.survey(conn, route.target)
+        there = buildsteps.plan_on(settings, SHA, far, f"{sshd.remote_home}/work")
+        env = {**buildsteps.make_env(there, far), "CCACHE_DIR": f"{sshd.remote_home}/ccache"}
+        config = Path(env["CCACHE_CONFIGPATH"])
+        kernelmake.forget_ccache_counts(conn, env)
+        buildsteps.write_tools(conn, there)
+        with buildsteps.ccache_config(conn, there, env):
+            assert config.stat().st_mode & 0o777 == 0o600 and PASSWORD in config.read_text()
+            compile_one(conn, there, env, source)
+        counts = kernelmake.ccache_counts(conn, env)
+        conn.close()
+    finally:
+        server.stop()
+    assert (counts["remote_hits"], counts["misses"], counts["remote_errors"]) == (1, 0, 0), counts
+    assert not config.exists()
+    password = PASSWORD.replace("%2F", "/")
+    leaked = [command for command, environment in ran if PASSWORD in command + repr(environment)]
+    assert not leaked and not [c for c, e in ran if password in c + repr(e)], leaked
+
+
 def test_a_builds_ccache_counts_are_its_own_while_another_build_shares_the_directory(tmp_path: Path, monkeypatch):
     """Two builds share one CCACHE_DIR (a build host's, at once): each build's hits and misses in its metadata
     are of its own compilations, not the directory's counters moving under both."""
