@@ -169,11 +169,12 @@ def tiny_flags(url: str) -> tuple[str, ...]:
 # tests/test_nonroot.py. Started by the first pytest process before any worker (workers inherit its URL in this
 # variable), stopped when that process ends; not where nginx is missing (the unit tier's machines), where that test
 # fails by name. Its store is kept between runs beside the tests' ccache, as that ccache is: the session's tiny build
-# writes its misses there. When the store is empty (a new machine, or emptied when it outgrew REMOTE_STORE_LIMIT),
-# that build also reshares: its local hits fill the store, with no cold compile.
+# writes its misses there. Until a tiny build has filled the store (a new machine, a run stopped before, or emptied
+# when it outgrew REMOTE_STORE_LIMIT), that build also reshares: its local hits fill the store, with no cold compile.
 CCACHE_REMOTE_VARIABLE = "VNGTASKS_TEST_CCACHE_REMOTE"
 CCACHE_RESHARE_VARIABLE = "VNGTASKS_TEST_CCACHE_RESHARE"
 CCACHE_REMOTE_STORE = CCACHE_DIR.parent / "ccache-remote"
+CCACHE_REMOTE_FILLED = CCACHE_DIR.parent / "ccache-remote.filled"  # written after a tiny build filled the store
 REMOTE_STORE_LIMIT = 2 * 2**30
 _NGINX: list = []
 
@@ -185,14 +186,13 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     from servers import start_nginx
 
-    kept = [path.stat().st_size for path in CCACHE_REMOTE_STORE.rglob("*") if path.is_file()]
-    if sum(kept) > REMOTE_STORE_LIMIT:
+    if sum(path.stat().st_size for path in CCACHE_REMOTE_STORE.rglob("*") if path.is_file()) > REMOTE_STORE_LIMIT:
+        CCACHE_REMOTE_FILLED.unlink(missing_ok=True)
         shutil.rmtree(CCACHE_REMOTE_STORE)
-        kept = []
     server = start_nginx(Path(tempfile.mkdtemp(prefix="vngtasks-ccache-remote-", dir="/var/tmp")), CCACHE_REMOTE_STORE)
     _NGINX.append(server)
     os.environ[CCACHE_REMOTE_VARIABLE] = server.url
-    os.environ[CCACHE_RESHARE_VARIABLE] = "false" if kept else "true"
+    os.environ[CCACHE_RESHARE_VARIABLE] = "false" if CCACHE_REMOTE_FILLED.exists() else "true"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -227,6 +227,8 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]
             build = ("build", *args, *session_remote_flags())
             done = run_invoke(build, home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600)
             assert done.returncode == 0, done.stderr[-3000:]
+            if session_remote_flags() and "ccache-remote" not in done.stderr:  # no warning: every object stored
+                CCACHE_REMOTE_FILLED.touch()
             record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr}))
         built = json.loads(record.read_text())
     done = subprocess.CompletedProcess(["invoke", "build", *args], 0, built["stdout"], built["stderr"])
