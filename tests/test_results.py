@@ -225,3 +225,33 @@ def test_the_stdout_copy_keeps_the_start_and_relays_everything(tmp_path: Path) -
         thread.join()
     os.close(target)
     assert len(head) == supervise.STDOUT_COPY_BYTES and (tmp_path / "relayed").stat().st_size == len(data)
+
+
+KUNIT_BOOT = [
+    "[    0.000000] Linux version 6.12.0",
+    "[    1.509399] KTAP version 1",
+    "[    1.509400] 1..1",
+    "[    1.510255]     KTAP version 1",
+    "[    1.510338]     # Subtest: string",
+    "[    1.510340]     1..2",
+    "[    1.858936]     ok 1 string_test_memset16",
+    "[    2.568518]     ok 2 string_test_memset32",
+    "[    2.568600] ok 1 string",
+]
+
+
+def test_kunit_results_come_from_the_kernels_log_from_boot_when_the_guest_wrote_its_dmesg() -> None:
+    """The console (hvc0) comes up mid-boot, after KUnit began when the host is loaded: its log starts at a test
+    line. The guest's dmesg holds the kernel's log from boot (a program's line in it is not the kernel's); with
+    none (the guest never reported), the console."""
+    s = effective(DEFAULTS, {"results": "kunit"}, workspace=Path("/nonexistent"))
+    console = "\n".join(KUNIT_BOOT[6:]).encode()
+    dmesg = "\n".join([f"kern  :info  : {line}" for line in KUNIT_BOOT] + ["user  :warn  : [ 3.0] not ok 9 x"])
+    text, problem = results.stream(s, None, console, dmesg.encode())
+    judged = results.judge(text, "kunit", "6.12.0", known.Known())
+    assert problem == "" and [(t.id, t.suite) for t in judged.verdicts] == [
+        ("string/string_test_memset16", "string"),
+        ("string/string_test_memset32", "string"),
+    ]
+    text, _ = results.stream(s, None, console, None)  # the console alone: the header lost, tests taken for suites
+    assert "string_test_memset16" in [t.suite for t in results.judge(text, "kunit", "6.12.0", known.Known()).verdicts]

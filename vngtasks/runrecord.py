@@ -91,7 +91,7 @@ def recorded(
     results = None
     workload = outcome
     if settings.results:
-        text, problem = test_results.stream(settings, attempted.stdout, attempted.console)
+        text, problem = test_results.stream(settings, attempted.stdout, attempted.console, attempted.dmesg)
         results = test_results.judge(text, settings.results, release, known, ended(outcome, splats), problem)
         test_results.tell(results, log.in_actions())
         reported = outcome.result == "workload"

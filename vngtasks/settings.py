@@ -143,9 +143,9 @@ SETTINGS: tuple[Setting, ...] = (
             "regexes (Python re, searched anywhere in the line) of splat lines to ignore, one per line; a crash "
             "report whose first line one matches is left out"),
     Setting("results", "", _BOOTS, validate.results,
-            "test results to read after the run: ktap (the workload's stdout), kunit (KUnit's suites on the "
-            "console) or a KTAP/TAP file the workload writes, relative to the workspace; writes results.xml and "
-            "results.json to log-dir, and a new failing test fails the run (exit 1)", shown="none"),
+            "test results to read after the run: ktap (the workload's stdout), kunit (KUnit's suites in the "
+            "kernel's boot log) or a KTAP/TAP file the workload writes, relative to the workspace; writes "
+            "results.xml and results.json to log-dir, and a new failing test fails the run (exit 1)", shown="none"),
     Setting("known_failures", "", _BOOTS, validate.known_failures,
             "a file of test ids that may fail (globs; `#` comments; `[regex]` after one: only on kernels whose "
             "release it matches), relative to the workspace", shown="none"),

@@ -1,8 +1,9 @@
 """A run's test results: found where the `results` setting says, judged against the failures it expects, told.
 
 `ktap` is the workload's stdout (its start, at most STDOUT_COPY_BYTES, copied on the host as it came), `kunit` the
-console (where KUnit's built-in suites print at boot), anything else a workspace file the workload wrote (read
-after the run, never through a link, bounded). What they hold is parsed as KTAP/TAP (ktap.py).
+kernel's log (where KUnit's built-in suites print at boot: the guest's dmesg, else the console), anything else a
+workspace file the workload wrote (read after the run, never through a link, bounded). What they hold is parsed as
+KTAP/TAP (ktap.py).
 
 How results change a run's status (`status_with`): a new failure (or a test that never got its result) fails
 a run the workload passed (exit 1); when every failure is known (known-failures, results-baseline), the
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from .. import log
 from ..errors import FAILED
 from ..files import read_inside
+from ..health import kernel_and_program_lines
 from ..settings import Settings
 from ..supervise import STDOUT_COPY_BYTES
 from ..validate import InputError
@@ -28,6 +30,7 @@ FILE_BYTES = 16 * 1024 * 1024  # the most of a results file read
 SHOWN_FAILURES = 50  # failing tests named one line each (terminal, annotations); results.json has all
 MESSAGE_CHARS = 300
 RESULTS_JSON, RESULTS_XML = "results.json", "results.xml"
+BOOT_TIMESTAMP = "[    0.000000]"  # a kernel log's first line, when nothing of it was dropped
 _FAILED = (ktap.FAIL, ktap.ERROR)
 _SKIPPED = (ktap.SKIP, ktap.XFAIL)
 _SAID = {ktap.PASS: "passed", ktap.FAIL: "failed", ktap.SKIP: "skipped", ktap.ERROR: "no result", ktap.XFAIL: "xfail"}
@@ -101,19 +104,29 @@ def expected(s: Settings) -> Known:
     return Known(rules, baseline)
 
 
-def stream(s: Settings, stdout: bytes | None, console: bytes) -> tuple[str, str]:
+def stream(s: Settings, stdout: bytes | None, console: bytes, dmesg: bytes | None = None) -> tuple[str, str]:
     """The text `results` names, and a problem with it to tell ("" when none)."""
     if s.results == KTAP:
         data = stdout or b""
         cut = f"the workload's stdout is over {STDOUT_COPY_BYTES // 2**20} MiB: the rest is not parsed"
         return data.decode(errors="replace"), cut if len(data) >= STDOUT_COPY_BYTES else ""
     if s.results == KUNIT:
-        return console.decode(errors="replace"), ""
+        return kernel_log(console, dmesg), ""
     data = read_inside(s.workspace, s.results, FILE_BYTES + 1)
     if data is None:
         return "", f"{s.results} was not written (or is not a regular file in the workspace)"
     cut = f"{s.results} is over {FILE_BYTES // 2**20} MiB: the rest is not parsed"
     return data[:FILE_BYTES].decode(errors="replace"), cut if len(data) > FILE_BYTES else ""
+
+
+def kernel_log(console: bytes, dmesg: bytes | None) -> str:
+    """Where KUnit's boot-time suites are whole: the kernel's own lines of the guest's dmesg when it holds the log
+    from boot (the console, hvc0, comes up mid-boot: on a loaded host, after KUnit began), else the console."""
+    if dmesg is not None:
+        kernel = kernel_and_program_lines(dmesg)[0]
+        if kernel and kernel[0].startswith(BOOT_TIMESTAMP):
+            return "\n".join(kernel)
+    return console.decode(errors="replace")
 
 
 def judge(text: str, source: str, release: str, known: Known, ended: str = "", problem: str = "") -> Results:
@@ -196,7 +209,7 @@ def _say(verdict: Verdict, in_actions: bool) -> None:
 
 
 def _where(source: str) -> str:
-    return {KTAP: "the workload's stdout", KUNIT: "the console (is KUnit built in?)"}.get(source, source)
+    return {KTAP: "the workload's stdout", KUNIT: "the kernel's log (is KUnit built in?)"}.get(source, source)
 
 
 def record_json(results: Results) -> dict[str, object]:
