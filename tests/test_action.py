@@ -321,6 +321,54 @@ def test_b_d_g_new_runners_restore_the_kernel_boot_two_and_fall_back_when_the_re
     assert re.search(rf"GUEST3 \S*__act__{sha[:12]}", out) and f"STALE hit=true sha={sha[:12]}" in out
 
 
+def cli_error(**env: str) -> str:
+    """The one line `invoke settings` prints for a bad input."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INVOKE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), "settings"],
+        env={**environ, **env}, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    return line
+
+
+@pytest.mark.integration
+def test_f_a_bad_input_fails_before_any_install_or_build(act_env: Act, tmp_path: Path):
+    """A name that is a path: the action's one line (the CLI's own) in the Check inputs step, and no step after it
+    (every input's checks are the settings table's, unit-tested)."""
+    jobs = {"name": [action("vm", name="../x", run="true", **{"cache-dir": str(tmp_path / "c")})]}
+    done, _, _ = act_env.run("f-bad", jobs, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    error, log = cli_error(INVOKE_VNG_NAME="../x"), job_log(out, "name")
+    assert error.startswith("vngtasks: ") and error in log, (error, log[-3000:])
+    assert "Failure - Main Check inputs" in log and "Job failed" in log
+    ran = re.findall(r"Run Main (.*)", log)
+    assert ran == ["checkout", "vngtasks/vngtasks@main", "Set up vngtasks", "Check inputs"], ran
+    for later in ("deps:", "apt-get", "cache: ", "::group::"):
+        assert later not in log, later
+
+
+@pytest.mark.slow
+def test_h_an_arch_matrix_boots_each_arch_emulated_on_this_x86_64_runner(act_env: Act):
+    """README's matrix on `arch`, without kernel-tag: each job boots Debian's kernel of its arch under TCG, in
+    a guest root the action's deps step makes, with the workspace read-write."""
+    job = {
+        "strategy": {"max-parallel": 2, "matrix": {"arch": ["arm64", "s390x"]}},
+        "steps": [
+            action("vm", name="arches", arch="${{ matrix.arch }}", verbose="false", **{"cache-dir": str(FOREIGN_CACHE)},
+                   run='echo "GUEST $(uname -m)"; uname -m > guest-arch.txt; exit 0'),
+            shell('echo "HOST SEES $(cat guest-arch.txt)"'),
+        ],
+    }  # fmt: skip
+    done, _, _ = act_env.run("h-arches", {"arches": job}, timeout=1800)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-5000:]
+    for uname_m in ("aarch64", "s390x"):
+        assert f"GUEST {uname_m}" in out and f"HOST SEES {uname_m}" in out, uname_m
+
+
 @pytest.mark.slow
 def test_c_e_read_only_workspace_failing_run_and_outputs_to_later_steps(act_env: Act, tmp_path: Path, tiny_build):
     """One job (one venv, as a user's job would have): a read-only workspace keeps the guest's writes off the
@@ -355,56 +403,3 @@ def test_c_e_read_only_workspace_failing_run_and_outputs_to_later_steps(act_env:
     assert "OUT x=42 env=43 tests=1/1/1" in out
     # The workload's exit 1 was its known failure's: the step passed, saying so.
     assert "known/b: failed (known-failures line 1 (known/b))" in out
-
-
-def cli_error(**env: str) -> str:
-    """The one line `invoke settings` prints for a bad input."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("INVOKE_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), "settings"],
-        env={**environ, **env}, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert done.returncode == 2
-    (line,) = done.stderr.strip().splitlines()
-    return line
-
-
-@pytest.mark.integration
-def test_f_bad_inputs_fail_before_any_install_or_build(act_env: Act, tmp_path: Path):
-    jobs = {
-        "memory": [action("vm", name="ok", memory="4X", run="true", **{"cache-dir": str(tmp_path / "c1")})],
-        "name": [action("vm", name="../x", run="true", **{"cache-dir": str(tmp_path / "c2")})],
-    }
-    done, _, _ = act_env.run("f-bad", jobs, timeout=900)
-    out = done.stdout + done.stderr
-    assert done.returncode != 0
-    for job, error in (
-        ("memory", cli_error(INVOKE_VNG_MEMORY="4X")),
-        ("name", cli_error(INVOKE_VNG_NAME="../x")),
-    ):
-        log = job_log(out, job)
-        assert error.startswith("vngtasks: ") and error in log, (error, log[-3000:])
-        assert "Failure - Main Check inputs" in log and "Job failed" in log
-        ran = re.findall(r"Run Main (.*)", log)
-        assert ran == ["checkout", "vngtasks/vngtasks@main", "Set up vngtasks", "Check inputs"], ran
-        for later in ("deps:", "apt-get", "cache: ", "::group::"):
-            assert later not in log, later
-
-
-@pytest.mark.slow
-def test_h_an_arch_matrix_boots_each_arch_emulated_on_this_x86_64_runner(act_env: Act):
-    """README's matrix on `arch`, without kernel-tag: each job boots Debian's kernel of its arch under TCG, in
-    a guest root the action's deps step makes, with the workspace read-write."""
-    job = {
-        "strategy": {"max-parallel": 2, "matrix": {"arch": ["arm64", "s390x"]}},
-        "steps": [
-            action("vm", name="arches", arch="${{ matrix.arch }}", verbose="false", **{"cache-dir": str(FOREIGN_CACHE)},
-                   run='echo "GUEST $(uname -m)"; uname -m > guest-arch.txt; exit 0'),
-            shell('echo "HOST SEES $(cat guest-arch.txt)"'),
-        ],
-    }  # fmt: skip
-    done, _, _ = act_env.run("h-arches", {"arches": job}, timeout=1800)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-5000:]
-    for uname_m in ("aarch64", "s390x"):
-        assert f"GUEST {uname_m}" in out and f"HOST SEES {uname_m}" in out, uname_m
