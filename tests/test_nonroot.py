@@ -120,9 +120,9 @@ def test_deps_installs_through_sudo(runner: pwd.struct_passwd):
 
 def test_the_user_builds_from_the_remote_and_boots(runner: pwd.struct_passwd, tiny_build, remote: tuple[str, str]):
     """A second machine: the session's tiny kernel built again by the user, with its own HOME, ~/.cache, work tree
-    path and an empty local ccache, from the tests' nginx ccache remote that the session's tiny build filled
-    (conftest: reshare, so from the warm local ccache too, with no cold compile); then booted, and what the guest
-    wrote is the user's."""
+    path and an empty local ccache, from the tests' nginx ccache remote that the session's tiny builds fill
+    (conftest's CCACHE_REMOTE_STORE: kept between runs, filled by reshare from the warm local ccache, with no cold
+    compile); then booted, and what the guest wrote is the user's."""
     home = Path(runner.pw_dir)
     workspace = home / "work" / "workspace"
     (workspace / "ci").mkdir(parents=True)
