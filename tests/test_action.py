@@ -243,8 +243,10 @@ def act_env(tmp_path_factory: pytest.TempPathFactory) -> Act:
 
 
 @pytest.fixture(scope="module")
-def built(act_env: Act, remote, tmp_path_factory: pytest.TempPathFactory):
-    """(a) One kernel build through the action; later tests reuse it through the cache double."""
+def built(act_env: Act, remote, tmp_path_factory: pytest.TempPathFactory, tiny_build):
+    """(a) One kernel build through the action; later tests reuse it through the cache double. After the session's
+    tiny kernel (the same objects): on a machine with a cold ccache, the two compiles ran at once, twice the work
+    (20 min each on two cores, in a fresh-machine rehearsal)."""
     url, sha = remote
     cache_dir = tmp_path_factory.mktemp("cache-a")
     steps = [
