@@ -104,7 +104,7 @@ def expected(s: Settings) -> Known:
     return Known(rules, baseline)
 
 
-def stream(s: Settings, stdout: bytes | None, console: bytes, dmesg: bytes | None = None) -> tuple[str, str]:
+def stream(s: Settings, stdout: bytes | None, console: bytes, dmesg: bytes | None) -> tuple[str, str]:
     """The text `results` names, and a problem with it to tell ("" when none)."""
     if s.results == KTAP:
         data = stdout or b""
