@@ -169,7 +169,7 @@ def act_binary() -> str:
 class Act:
     """One tmp repository whose workflow `uses: vngtasks/vngtasks@main`, run with act on this host. The action is
     this checkout's own files, copied once: act copies a local repository whole for every use of the action and
-    every post step, and a checkout that ran nox holds 700 MB of venvs (10-25 s a copy, 260 s in one CI run)."""
+    every post step, and a checkout that ran nox holds 700 MB of venvs (a post step took 14.7 s in CI, 0.02 s now)."""
 
     def __init__(self, base: Path, cache_store: Path) -> None:
         self.base, self.cache_store = base, cache_store
