@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CCACHE_ENV, WARN_WORKLOAD
+from conftest import CCACHE_ENV, TINY_TREE, WARN_WORKLOAD
 from linux_remote import KCONFIG, MARK, kernel_history
 
 from vngtasks import bisect, errors, log, resolve, settings
@@ -244,14 +244,20 @@ CHECK = f"if grep -q {MARK} /proc/version; then echo SAW-MARK; exit 1; fi; echo 
 
 
 @pytest.mark.slow
-def test_bisect_names_the_commit_that_changed_what_the_guest_sees_then_resumes(cli, tmp_path, workspace, remote):
+@TINY_TREE
+def test_bisect_names_the_commit_that_changed_what_the_guest_sees_then_resumes(
+    cli, tmp_path, workspace, remote, tiny_build
+):
+    """Its steps build in the session's tiny tree (its cache-dir and name): each commit differs from v6.12 by a few
+    files, so make compiles those only (in a tree of its own, the first step compiled every object again)."""
     url, sha = remote
+    cache_dir = Path(tiny_build.args[tiny_build.args.index("--cache-dir") + 1])
     shas = kernel_history(Path(url.removeprefix("file://")), sha, tmp_path / "linux", changes_at=2, count=4)
     (workspace / "ci").mkdir()
     (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
     args = ["bisect", "--good", "bisect-good", "--bad", "bisect-bad", "--kernel-url", str(tmp_path / "linux"),
             "--name", "ci", "--kconfig-base", "tiny", "--kconfig", "ci/kernel.config",
-            "--cache-dir", str(tmp_path / "cache"), "--verbose", "false", "--", CHECK]  # fmt: skip
+            "--cache-dir", str(cache_dir), "--verbose", "false", "--", CHECK]  # fmt: skip
     done = cli(*args, env=CCACHE_ENV, timeout=3600)
     assert done.returncode == bisect.FOUND, done.stderr[-4000:]
     assert f"first bad commit: {shas[2]} bisect test 2: mark (" in done.stdout, done.stdout
@@ -263,7 +269,7 @@ def test_bisect_names_the_commit_that_changed_what_the_guest_sees_then_resumes(c
     # Run again with the same arguments: resumed from the record, nothing built or booted.
     again = cli(*args, env=CCACHE_ENV, timeout=600)
     assert again.returncode == bisect.FOUND, again.stderr[-4000:]
-    assert "step(s) done" in again.stderr and f"resumed from {tmp_path / 'cache' / 'bisect'}/" in again.stderr
+    assert "step(s) done" in again.stderr and f"resumed from {cache_dir / 'bisect'}/" in again.stderr
     assert "cache: " not in again.stderr and "booted in" not in again.stderr
     assert f"first bad commit: {shas[2]}" in again.stdout
     assert json.loads((workspace / bisect.RECORD).read_text())["steps"] == steps
