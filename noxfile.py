@@ -9,15 +9,18 @@ from pathlib import Path
 
 import nox
 
-nox.options.default_venv_backend = "venv"
+# uv makes a session's venv and installs into it in a few seconds (venv and pip: 13-19 s each, three per CI run);
+# without uv, venv. The tests run `python -m pip` (the test extras hold pip: uv's venvs have none).
+nox.options.default_venv_backend = "uv|venv"
 nox.options.reuse_existing_virtualenvs = True
 
 # Host packages only the tests need, on top of what `invoke deps` installs for users.
 # qemu-system-arm: the arm64 KVM probe under TCG; linux-source-6.12: the kernel remote of the build
 # tests (tests/linux_remote.py); openssh-server: the build host of the remote-build tests; mmdebstrap: the
 # stock Debian root the unit tier is proven in (tests/test_fresh.py); nginx-core (its WebDAV module) and
-# redis-server: the shared ccache servers of ccache-remote's tests (tests/test_remote_storage.py).
-TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server mmdebstrap nginx-core redis-server"
+# redis-server: the shared ccache servers of ccache-remote's tests (tests/test_remote_storage.py); distcc: the
+# helpers' distccd of distcc-hosts' test (tests/test_distcc.py).
+TEST_PACKAGES = "qemu-system-arm linux-source-6.12 openssh-server mmdebstrap nginx-core redis-server distcc"
 # The tiers (tests/conftest.py): what each session selects.
 TIERS = {"unit": "unit", "integration": "integration and not slow", "slow": "slow", "machine": "not unit"}
 # The root tiers' pytest temporary directories, each session's emptied when it starts: the build tests' kernel trees
