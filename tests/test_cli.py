@@ -75,6 +75,9 @@ BAD_INPUT = [
     (["matrix", "--tag", "v6.12", "--arch", "x86_64,s390x", "--vmcore", "on-failure"], "vmcore"),
     (["matrix", "--arch", "x86_64,arm64"], "tag"),
     (["build", "--tag", "v6.12", "--ccache-remote", "https://cache.example/c"], "ccache-remote"),
+    (["build", "--tag", "v6.12", "--distcc-hosts", "@helper:/tmp/distccd"], "distcc-hosts"),
+    (["build", "--tag", "v6.12", "--distcc-hosts", "helper/4"], "distcc-hosts"),  # TCP, without distcc-tcp
+    (["boot", "--distcc-tcp", "yes"], "distcc-tcp"),
     (["bisect", "--good", "v6.11", "--bad", "v6.12", "--memory", "4X"], "memory"),
     (["cache", "--keep", "-1"], "keep"),
     (["cache", "--max-size", "20X"], "max-size"),

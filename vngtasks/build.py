@@ -24,7 +24,7 @@ from pathlib import Path
 
 from invoke import Context
 
-from . import arches, buildsteps, cache, files, kconfig, kernelmake, log, remotecache, vm
+from . import arches, buildsteps, cache, distcc, files, kconfig, kernelmake, log, remotecache, vm
 from .buildsteps import Machine, Plan
 from .errors import FAILED, Failure
 from .resolve import Resolved
@@ -60,10 +60,15 @@ def build_entry(
         pushed = site.bring_source(plan)
     with site.stage("prepare"):
         buildsteps.write_tools(c, plan)
+        if s.distcc_hosts:
+            distcc.warn_tcp(s.distcc_hosts)
+            buildsteps.write_distcc_files(c, plan, site.machine.home)
     env = buildsteps.make_env(plan, site.machine)
     with site.stage("build"), buildsteps.ccache_config(c, plan, env):
         compiled = kernelmake.compile_measured(c, plan, site.machine.vng, env)
     kernelmake.warn_remote_errors(compiled, s.ccache_remote)
+    if compiled.distcc:
+        distcc.warn_fallbacks(compiled.distcc, (compiled.ccache or {}).get("misses", 0))
     with site.stage("vmlinux-h"):
         has_header = kernelmake.write_vmlinux_h(c, plan.tree) if s.vmlinux_h else False
     with site.stage("debug-info"):
@@ -148,6 +153,9 @@ def describe(
         "vmlinux_h": has_header,
         "compile_seconds": round(compiled.seconds, 1),
         "ccache": compiled.ccache,
+        "distcc": {"compiled": compiled.distcc.compiled, "fallbacks": compiled.distcc.fallbacks}
+        if compiled.distcc
+        else None,
         "ccache_remote": remotecache.shown(s.ccache_remote) or None,
         "reproducer": reproducer(s, plan.sha),
     }

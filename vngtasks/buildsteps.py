@@ -20,7 +20,7 @@ from pathlib import PurePosixPath
 from invoke import Context
 from invoke.exceptions import UnexpectedExit
 
-from . import log, remotecache
+from . import distcc, log, remotecache
 from .arches import Arch
 from .errors import FAILED, Failure, no_space
 from .settings import Settings
@@ -88,7 +88,7 @@ def plan_on(settings: Settings, sha: str, machine: Machine, work: str) -> Plan:
         sha=sha,
         tree=f"{work}/linux",
         host_arch=machine.arch,
-        jobs=machine.jobs,
+        jobs=distcc.jobs(settings.distcc_hosts, machine.jobs),
         tools_dir=f"{work}/tools",
     )
 
@@ -113,6 +113,8 @@ def build_env(plan: Plan, home: str, environ: Mapping[str, str] = os.environ) ->
         }
         if plan.settings.ccache_remote:  # the URL is in that file, never in an environment (see remotecache)
             env["CCACHE_CONFIGPATH"] = f"{plan.tools_dir}/{remotecache.CONFIG_FILE}"
+        if plan.settings.distcc_hosts:
+            env |= distcc.environment(plan.settings.distcc_hosts, plan.tools_dir)
     return env
 
 
@@ -178,6 +180,19 @@ def write_tools(c: Context, plan: Plan) -> None:
     for name, compiler in (("cc", plan.compiler), ("hostcc", plan.host_compiler)):
         put(c, f'#!/bin/sh\nexec ccache {shlex.quote(compiler)} "$@"\n', f"{plan.tools_dir}/{name}")
         c.run(shlex.join(["chmod", "+x", f"{plan.tools_dir}/{name}"]), in_stream=False)
+
+
+def write_distcc_files(c: Context, plan: Plan, home: str) -> None:
+    """With distcc-hosts: the ssh wrapper distcc runs, its config (the building machine's ~/.ssh: `home` is its
+    $HOME, the keys those that exist there), distcc's state directory, and no log of an earlier build."""
+    tools = plan.tools_dir
+    keys = [f"{home}/.ssh/{name}" for name in distcc.IDENTITIES]
+    listed = c.run(shlex.join(["ls", "-d", "--", *keys]), hide=True, warn=True, in_stream=False).stdout.splitlines()
+    put(c, distcc.ssh_config(home, [key for key in keys if key in listed]), f"{tools}/{distcc.SSH_CONFIG}")
+    put(c, distcc.ssh_wrapper(), f"{tools}/{distcc.SSH_WRAPPER}")
+    c.run(shlex.join(["chmod", "+x", f"{tools}/{distcc.SSH_WRAPPER}"]), in_stream=False)
+    c.run(shlex.join(["rm", "-rf", "--", f"{tools}/{distcc.STATE_DIR}", f"{tools}/{distcc.LOG_FILE}"]), in_stream=False)
+    c.run(shlex.join(["mkdir", "--", f"{tools}/{distcc.STATE_DIR}"]), in_stream=False)
 
 
 @contextlib.contextmanager

@@ -89,6 +89,8 @@ def wanted(settings: Settings, distro: Distro, host: Arch, need_kernel_image: bo
     if settings.llvm or settings.cc.startswith("clang"):
         suffix = settings.llvm if settings.llvm.startswith("-") else ""
         names += [f"clang{suffix}", f"lld{suffix}", f"llvm{suffix}"]
+    if settings.distcc_hosts:  # the client; helpers over SSH are reached with the machine's own OpenSSH
+        names += ["distcc", *(["openssh-client"] if any(h.kind == "ssh" for h in settings.distcc_hosts) else [])]
     if settings.udev:  # vng's init runs the host's udev in the guest only with it (else vngtasks' stand-ins)
         names.append("udev")
     if need_kernel_image:

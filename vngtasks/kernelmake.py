@@ -20,7 +20,7 @@ from typing import TextIO
 
 from invoke import Context, Result
 
-from . import kconfig, log, remotecache, render
+from . import distcc, kconfig, log, remotecache, render
 from .buildsteps import BUILD_TIMESTAMP, Plan, group, in_tree, put
 from .errors import FAILED, Failure
 
@@ -143,6 +143,7 @@ def forget_outputs_command(tree: str) -> str:
 class Compiled:
     seconds: float
     ccache: dict[str, int] | None  # hits and misses of this build; None without ccache
+    distcc: distcc.Outcome | None = None  # with distcc-hosts
 
 
 def compile_measured(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> Compiled:
@@ -153,7 +154,17 @@ def compile_measured(c: Context, plan: Plan, vng: str, env: dict[str, str]) -> C
     started = time.monotonic()
     compile_kernel(c, plan, vng, env)
     seconds = time.monotonic() - started
-    return Compiled(seconds, ccache_counts(c, env) if cached else None)
+    helpers = plan.settings.distcc_hosts
+    counts = ccache_counts(c, env) if cached else None
+    return Compiled(seconds, counts, distcc_outcome(c, env, helpers) if helpers else None)
+
+
+def distcc_outcome(c: Context, env: dict[str, str], helpers: tuple[distcc.Helper, ...]) -> distcc.Outcome:
+    """What the build's distcc log says, read where it was written (each answer bounded)."""
+    answers = {}
+    for name, argv in distcc.outcome_commands(env["DISTCC_LOG"]).items():
+        answers[name] = c.run(shlex.join(argv), hide=True, warn=True, in_stream=False).stdout[: distcc.ANSWER_BYTES]
+    return distcc.outcome(answers, helpers)
 
 
 def forget_ccache_counts(c: Context, env: dict[str, str]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import arches, remotecache, sanitizers, validate
+from . import arches, distcc, remotecache, sanitizers, validate
 from .arches import Arch
 from .validate import Given, InputError, Parser
 
@@ -109,6 +109,13 @@ SETTINGS: tuple[Setting, ...] = (
             "after a pipe; may hold a secret (never printed)", shown="none"),
     Setting("ccache_reshare", "false", _BUILDS, validate.boolean,
             "also write local ccache hits to ccache-remote, so a warm machine fills it (ccache's reshare)"),
+    Setting("distcc_hosts", "", _BUILDS, distcc.parse,
+            "helpers that compile the build's ccache misses with distcc: [USER]@HOST[/SLOTS][,lzo] over SSH (the "
+            "building machine's ssh, strict), localhost[/SLOTS]; space-separated; make's -j is their slots",
+            shown="none"),
+    Setting("distcc_tcp", "false", _BUILDS, validate.boolean,
+            "also take distcc-hosts entries reached over plain TCP (HOST[:PORT][/SLOTS]): anyone who reaches a "
+            "distccd there can run compilers on it"),
     Setting("debug", "", _NAMES_A_KERNEL, validate.debug,
             "sanitizer and debug options built in: kasan, ubsan, kcsan, lockdep, kmemleak, lkdtm (comma-separated; "
             "part of the cache key)"),
@@ -203,6 +210,8 @@ class Settings:
     ccache_max_size: str
     ccache_remote: str  # a URL that may hold a password: shown only through remotecache.shown
     ccache_reshare: bool
+    distcc_hosts: tuple[distcc.Helper, ...]
+    distcc_tcp: bool
     debug: tuple[str, ...]  # names of sanitizers.OPTIONS, in its order
     vmlinux_h: bool
     build_host: str
@@ -262,6 +271,12 @@ def _check_together(s: Settings) -> None:
         raise InputError("vmcore", f"not offered on {s.arch.name} (only {offered}: QEMU's vmcoreinfo device)")
     if s.ccache_remote and not s.kernel_compile_cache:
         raise InputError("ccache_remote", "needs kernel-compile-cache true: the remote is ccache's")
+    if s.distcc_hosts and not s.kernel_compile_cache:
+        raise InputError("distcc_hosts", "needs kernel-compile-cache true: distcc compiles ccache's misses")
+    tcp = next((helper.spec for helper in s.distcc_hosts if helper.kind == "tcp"), "")
+    if tcp and not s.distcc_tcp:
+        raise InputError("distcc_hosts", f"{tcp} is reached over plain TCP, where anyone who reaches its distccd runs "
+                                         "compilers: use [USER]@HOST for SSH, or set distcc-tcp true")  # fmt: skip
     if s.ccache_reshare and not s.ccache_remote:
         raise InputError("ccache_reshare", "needs ccache-remote: there is no remote to fill")
     for key in ("known_failures", "results_baseline"):
