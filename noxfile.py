@@ -9,9 +9,7 @@ from pathlib import Path
 
 import nox
 
-# uv makes a session's venv and installs into it in a few seconds (venv and pip: 13-19 s each, three per CI run);
-# without uv, venv. The tests run `python -m pip` (the test extras hold pip: uv's venvs have none).
-nox.options.default_venv_backend = "uv|venv"
+nox.options.default_venv_backend = "venv"  # not uv: it reads none of pip's settings (a machine's index or proxy)
 nox.options.reuse_existing_virtualenvs = True
 
 # Host packages only the tests need, on top of what `invoke deps` installs for users.
