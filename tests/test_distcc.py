@@ -20,6 +20,7 @@ from test_remote import start_sshd as start_sshd  # a fixture this module's test
 from vngtasks import arches, buildsteps, deps, distcc, settings
 from vngtasks.buildsteps import Machine
 from vngtasks.errors import Failure
+from vngtasks.settings import DEFAULTS
 from vngtasks.validate import Given, InputError
 
 GIVEN = Given(Path("/w"), arches.host())
@@ -287,3 +288,35 @@ def test_a_build_writes_the_wrapper_its_config_with_the_keys_that_exist_and_star
     assert (tools / distcc.SSH_WRAPPER).read_text() == distcc.ssh_wrapper()
     assert os.access(tools / distcc.SSH_WRAPPER, os.X_OK)
     assert list((tools / distcc.STATE_DIR).iterdir()) == [] and not (tools / distcc.LOG_FILE).exists()
+
+
+@pytest.mark.integration
+def test_on_a_build_host_distcc_runs_there_with_its_own_ssh(start_sshd, home: Path, tmp_path: Path, monkeypatch):
+    """The build host (sshd on loopback) compiles a probe through its own ccache and distcc; distcc reaches the helper
+    (another sshd) with the build host's $HOME/.ssh: its config, its key, its known_hosts."""
+    from test_remote import SHA, compile_one, keygen, loopback_route
+
+    from vngtasks import buildhost, buildhost_ssh, kernelmake
+
+    monkeypatch.setenv("HOME", str(home))
+    build = start_sshd()
+    build.trust(home)
+    there_ssh = build.remote_home / ".ssh"
+    there_ssh.mkdir(mode=0o700)
+    helper = start_sshd(keys=(keygen(there_ssh / "id_ed25519"),))  # takes the build host's key only
+    helper.trust(build.remote_home)
+    (there_ssh / "config").write_text(f"Host helper\n  HostName 127.0.0.1\n  Port {helper.port}\n  User root\n")
+    s = settings.effective(DEFAULTS, {"tag": SHA, "distcc_hosts": "@helper/1"}, workspace=tmp_path)
+    conn = buildhost_ssh.connect(loopback_route(build.port), accept_new=False)
+    try:
+        far = buildhost.survey(conn, loopback_route(build.port).target)
+        plan = buildsteps.plan_on(s, SHA, far, f"{build.remote_home}/work")
+        env = {**buildsteps.make_env(plan, far), "CCACHE_DIR": f"{build.remote_home}/ccache"}
+        buildsteps.write_tools(conn, plan)
+        buildsteps.write_distcc_files(conn, plan, far.home)
+        compile_one(conn, plan, env, f"int vngtasks_probe_{os.getpid()}_{time.time_ns()}(void) {{ return 2; }}\n")
+        found = kernelmake.distcc_outcome(conn, env, s.distcc_hosts)
+    finally:
+        conn.close()
+    assert (Path(plan.tree) / "probe.o").is_file() and accepted(helper) == 1
+    assert found.compiled == {"@helper/1": 1, "localhost": 0} and found.fallbacks == 0, found
