@@ -28,7 +28,7 @@ FAKE_WARNING = "WARNING: CPU: 0 PID: 1 at fake.c:1 test+0x0/0x10"
 # whatever installs or checks host packages (apt's and dpkg's locks; a foreign arch's packages), and act's jobs,
 # some of which install a foreign arch's packages too.
 HOST_PACKAGES = pytest.mark.xdist_group("host-packages")
-# The session's tiny kernel's work tree, which one test reads and another makes a new .config in.
+# The session's tiny kernel's work tree, which tests read, configure and build in (bisect, distcc, debug options).
 TINY_TREE = pytest.mark.xdist_group("tiny-tree")
 # A real kernel warning: LKDTM is built into the kernels the tests build (tests/data/ci-kernel.config).
 PROVOKE = "/sys/kernel/debug/provoke-crash/DIRECT"

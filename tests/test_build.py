@@ -97,31 +97,6 @@ def test_vngs_own_kconfig_base_is_made_by_the_steps_every_build_runs(tmp_path: P
 
 
 @TINY_TREE
-def test_a_changed_fragment_applies_to_the_next_build_in_the_same_work_tree(
-    workspace: Path, tiny_build: TinyBuild, remote
-):
-    """The work tree keeps the first build's .config: the next build's steps, with a fragment without
-    IKCONFIG (and a new version, so a new key), make its .config afresh there (the build's own configure, on
-    the session's built tree; the compile it would then run is the one every build runs)."""
-    url, sha = remote
-    (workspace / "ci").mkdir()
-    (workspace / "ci" / "kernel.config").write_text("# CONFIG_IKCONFIG is not set\n")
-    flags = {"tag": TAG, "kernel_url": url, "name": "ci", "kconfig_base": "tiny", "kconfig": "ci/kernel.config",
-             "version": "v3", "cache_dir": str(tiny_build.entry.parent.parent)}  # fmt: skip
-    s = settings.effective({}, flags, workspace=workspace)
-    c, machine = Context(), build.this_machine()
-    plan = build.local_plan(s, sha, machine)
-    tree = Path(plan.tree)
-    assert "CONFIG_IKCONFIG=y" in (tree / ".config").read_text().splitlines()  # the first build's
-    build.here(c, s, machine).bring_source(plan)
-    buildsteps.write_tools(c, plan)
-    variables = kernelmake.make_variables(kernelmake.vng_argv(plan, machine.vng))
-    kernelmake.configure(c, plan, variables, buildsteps.make_env(plan, machine))
-    config = (tree / ".config").read_text().splitlines()
-    assert "# CONFIG_IKCONFIG is not set" in config and "CONFIG_IKCONFIG_PROC=y" not in config
-
-
-@TINY_TREE
 def test_every_debug_option_survives_in_a_tiny_config(workspace: Path, tiny_build: TinyBuild, remote, capfd):
     """`debug` with every option that can go together on x86_64 (KCSAN excludes KASAN: it has its own line),
     configured on tiny by the build's own steps in the session's tree: no line of the debug fragment is

@@ -260,7 +260,7 @@ def test_a_dry_run_prints_the_commands_and_touches_nothing(cli, tmp_path: Path, 
     assert lines[1:4] == [
         f"git init -q {tree}",
         f"git -C {tree} fetch --depth 1 --no-tags -- file://{repo} refs/tags/v1",
-        f"git -C {tree} checkout -q --force --detach {commits['first']}",
+        f"git -C {tree} -c checkout.workers=0 checkout -q --force --detach {commits['first']}",
     ]
     assert lines[4].startswith(f"cd {tree} && make ") and lines[4].endswith(" tinyconfig")
     assert any(" --build " in line for line in lines) and "btf dump" in lines[-1]

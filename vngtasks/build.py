@@ -68,7 +68,7 @@ def build_entry(
         compiled = kernelmake.compile_measured(c, plan, site.machine.vng, env)
     kernelmake.warn_remote_errors(compiled, s.ccache_remote)
     if compiled.distcc:
-        distcc.warn_fallbacks(compiled.distcc, (compiled.ccache or {}).get("misses", 0))
+        distcc.warn_failures(compiled.distcc, (compiled.ccache or {}).get("misses", 0))
     with site.stage("vmlinux-h"):
         has_header = kernelmake.write_vmlinux_h(c, plan.tree) if s.vmlinux_h else False
     with site.stage("debug-info"):
@@ -153,9 +153,7 @@ def describe(
         "vmlinux_h": has_header,
         "compile_seconds": round(compiled.seconds, 1),
         "ccache": compiled.ccache,
-        "distcc": {"compiled": compiled.distcc.compiled, "fallbacks": compiled.distcc.fallbacks}
-        if compiled.distcc
-        else None,
+        "distcc": {"compiled": compiled.distcc.compiled, "failed": compiled.distcc.failed} if compiled.distcc else None,
         "ccache_remote": remotecache.shown(s.ccache_remote) or None,
         "reproducer": reproducer(s, plan.sha),
     }

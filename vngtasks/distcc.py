@@ -12,9 +12,9 @@ the helper for each compilation, as that user, through the wrapper `ssh_wrapper`
 TCP (`HOST[:PORT][/SLOTS][,lzo]`) only with distcc-tcp true, and a warning: a distccd on TCP runs compilers for
 whoever reaches its port. `localhost[/SLOTS]` compiles here.
 
-A compilation distcc cannot send (a helper gone, no distccd there) runs here instead (distcc's fallback); the
-build's distcc log (DISTCC_LOG, in its tools directory) is read afterwards, bounded, and its failures become one
-warning (`fallbacks`).
+A compilation that fails on a helper (a helper gone, no distccd there, a helper dying mid-compilation) is compiled
+again, on another helper or here (distcc's fallback); the build's distcc log (DISTCC_LOG, in its tools directory)
+is read afterwards, bounded, and those failures become one warning (`warn_failures`).
 """
 
 from __future__ import annotations
@@ -152,41 +152,44 @@ def ssh_config(home: str, identities: list[str]) -> str:
 @dataclass(frozen=True)
 class Outcome:
     """What distcc's log says of a build: compilations per host (as DISTCC_HOSTS names it, or localhost), how many
-    it could not send (run here instead), and the first error it or ssh logged."""
+    failed on a helper (each then compiled again: on another helper or here), and the first error about one."""
 
     compiled: dict[str, int]
-    fallbacks: int
+    failed: int
     first_error: str
 
 
 ANSWER_BYTES = 4 << 20  # of each answer of outcome_commands read back (a few bytes per compilation)
+# A compilation that failed on a helper, in distcc's words (it then tries another helper, or compiles here); the
+# kernel's compiler probes fail "on localhost" on purpose (a helper's spec has slots). And ssh's own complaints.
+_HELPER_FAILED = r"failed to distribute|server provided no answer|ERROR: compile .* on [^ ]+/[0-9]+[^ ]* failed"
+_PID = re.compile(r"distcc\[([0-9]{1,10})\] ")
 
 
 # Commands on the building machine that read its distcc log (large: some lines per compilation), each answer small.
 def outcome_commands(distcc_log: str) -> dict[str, list[str]]:
     return {
         "compiled": ["sed", "-n", "s/^distcc\\[[0-9]*\\] compile .* on \\([^ ]*\\) completed ok$/\\1/p", distcc_log],
-        "fallbacks": ["grep", "-c", "failed to distribute", distcc_log],
-        # ssh's own complaint, or distcc's about a helper (its spec has slots; the kernel's compiler probes fail
-        # "on localhost" on purpose).
-        "first_error": ["grep", "-m", "1", "-E", "^ssh: |ERROR: .* on [^ ]+/[0-9]+[^ ]* failed", distcc_log],
+        "failed": ["grep", "-E", f"^distcc\\[[0-9]+\\] .*({_HELPER_FAILED})|^ssh: ", distcc_log],
     }
 
 
 def outcome(answers: Mapping[str, str], helpers: tuple[Helper, ...]) -> Outcome:
-    """Outcome from the answers of outcome_commands (hostile text: only the hosts of the list are counted)."""
+    """Outcome from the answers of outcome_commands (hostile text: only the hosts of the list are counted; a failed
+    compilation is one distcc process, however many lines it logged)."""
     known = {helper.spec: 0 for helper in helpers} | {"localhost": 0}
     for line in answers.get("compiled", "").splitlines()[: 1 << 20]:
         if line in known:
             known[line] += 1
-    fallbacks = answers.get("fallbacks", "").strip()
-    error = log.printable(re.sub(r"^distcc\[[0-9]+\] ", "", answers.get("first_error", "").strip()))[:200]
-    return Outcome(known, int(fallbacks) if fallbacks.isdigit() and len(fallbacks) < 10 else 0, error)
+    lines = answers.get("failed", "").splitlines()[: 1 << 20]
+    failed = {found[1] for line in lines if (found := _PID.match(line))}
+    first = next((line for line in lines if line.startswith("ssh: ")), lines[0] if lines else "")
+    return Outcome(known, len(failed), log.printable(_PID.sub("", first, count=1).strip())[:200])
 
 
-def warn_fallbacks(found: Outcome, compilations: int) -> None:
-    """One warning for every compilation that ran here instead of on a helper."""
-    if found.fallbacks:
-        why = f": {found.first_error}" if found.first_error else ""
-        log.warn(f"distcc-hosts: {found.fallbacks} of {compilations} compilations ran on the building machine, "
-                 f"distcc could not send them to a helper{why}")  # fmt: skip
+def warn_failures(found: Outcome, compilations: int) -> None:
+    """One warning for all compilations that failed on a helper."""
+    if found.failed:
+        why = f" (first: {found.first_error})" if found.first_error else ""
+        log.warn(f"distcc-hosts: {found.failed} of {compilations} compilations failed on a helper and were compiled "
+                 f"again, on another helper or on the building machine{why}")  # fmt: skip
