@@ -23,7 +23,7 @@ from pathlib import Path
 import paramiko
 from invoke import Context
 
-from . import arches, build, cache, deps, files, log, untar
+from . import arches, build, cache, deps, files, log, untar, validate
 from .buildhost_ssh import (
     GIT_HOST,
     NO_CREDENTIALS,
@@ -47,8 +47,6 @@ ROOT = ".cache/vngtasks"  # under the build host's $HOME
 LOW_DISK_BYTES = 10 * 1024**3  # a kernel build with debug info needs several GiB
 DOWNLOAD_SECONDS = 3600  # the built kernel's stream home, whole: far above a few hundred MiB over a slow link
 DOWNLOAD_IDLE_SECONDS = 300  # the stream silent this long: it has stopped
-# Paths we hand to `cd` and make: invoke's `cd` escapes spaces only, so keep them plain.
-_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 _WRITTEN = re.compile(r"Writing objects: 100% \([0-9]+/[0-9]+\), ([0-9.]+) (bytes|KiB|MiB|GiB)")
 _UNITS = {"bytes": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
@@ -58,7 +56,7 @@ def survey(conn: BuildHost, host: Hop) -> Machine:
     probe = 'printf "%s\\n" "$HOME" "$(uname -m)" "$(nproc)" "$(command -v vng)" "$PATH" "${CCACHE_DIR:-}"'
     lines = conn.run(probe, hide=True, in_stream=False).stdout.split("\n")
     home, machine, jobs, vng, path, ccache_dir = (lines + [""] * 6)[:6]
-    if not _PLAIN_PATH.fullmatch(home):
+    if not validate.STRICT_PATH.fullmatch(home):  # we hand it to `cd` and make (invoke's `cd` escapes spaces only)
         raise failure(host, "survey", f"$HOME is {home!r}: vngtasks needs a plain absolute path there")
     try:
         arch = arches.lookup(machine)

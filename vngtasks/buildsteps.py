@@ -167,7 +167,7 @@ def fetch_argv(tree: str, url: str, want: str) -> list[str]:
 def checkout_argv(tree: str, sha: str) -> list[str]:
     # Parallel checkout, one worker per core: a kernel tree is 80,000 files, and writing them is mostly the
     # kernel's time (here, 2 cores: 54-58 s with one worker, 21-25 s with two).
-    return ["git", "-C", tree, "-c", "checkout.workers=0", "checkout", "-q", "--force", "--detach", sha]
+    return _git(tree, "-c", "checkout.workers=0", "checkout", "-q", "--force", "--detach", sha)
 
 
 def _progress() -> list[str]:

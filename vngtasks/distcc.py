@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import log
 from .errors import BAD_INPUT, Failure
-from .validate import Given, InputError
+from .validate import STRICT_PATH, Given, InputError
 
 MOST_HELPERS = 32
 MOST_SLOTS = 64  # a helper's
@@ -38,8 +38,6 @@ _OPTIONS = r"(?P<lzo>,lzo)?"
 _SSH = re.compile(rf"(?P<user>[a-z_][a-z0-9_.-]{{0,31}})?@(?P<host>{_HOSTNAME}){_SLOTS}{_OPTIONS}")
 _TCP = re.compile(rf"(?P<host>{_HOSTNAME})(?::(?P<port>[1-9][0-9]{{0,4}}))?{_SLOTS}{_OPTIONS}")
 _LOCAL = re.compile(rf"localhost{_SLOTS}")
-# Paths in the ssh config we write: ssh expands % and ~ in IdentityFile and UserKnownHostsFile, and splits on spaces.
-_SSH_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 EXPECTED = "[USER]@HOST[/SLOTS][,lzo] (SSH), HOST[:PORT][/SLOTS][,lzo] (TCP, with distcc-tcp) or localhost[/SLOTS]"
 
 # The ssh distcc runs (DISTCC_SSH): the building machine's OpenSSH, strict. Fixed words only: distcc adds
@@ -59,6 +57,9 @@ class Helper:
     host: str
     slots: int
     spec: str  # as DISTCC_HOSTS takes it, slots explicit
+
+    def __str__(self) -> str:
+        return self.spec
 
 
 def parse(key: str, value: str, given: Given) -> tuple[Helper, ...]:
@@ -142,7 +143,7 @@ def ssh_config(home: str, identities: list[str]) -> str:
     being $HOME as everywhere in vngtasks (ssh's own ~ is /etc/passwd's). `home` and `identities` are plain paths
     (nothing ssh's config parser reads more into), else a Failure."""
     for path in (home, *identities):
-        if not _SSH_PLAIN_PATH.fullmatch(path):
+        if not STRICT_PATH.fullmatch(path):
             raise Failure(f"distcc-hosts: {log.printable(path)!r}: ssh would read more into this path: only "
                           "letters, digits and . _ / + - are used", BAD_INPUT)  # fmt: skip
     lines = [f"Include {home}/.ssh/config", "Host *", f"  UserKnownHostsFile {home}/.ssh/known_hosts"]

@@ -36,6 +36,8 @@ _BUILD_HOST = re.compile(
 # vng pastes paths and QEMU options into a command line its shell parses (and virtme-run paths into
 # virtiofsd's, and QEMU options): only characters no shell, `=`-splitting or QEMU `,` gives a meaning.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@%:~-]*")
+# Stricter, for paths a remote shell, invoke's `cd` or an ssh config reads (ssh expands % and ~ in its options).
+STRICT_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 _PLAIN_QEMU_OPT = re.compile(r"[A-Za-z0-9._/+@%:~=,-]+")
 PLAIN = "letters, digits and . _ / + @ % : ~ -"
 _SCP_LIKE = re.compile(r"[^/]+:")  # git's [user@]host:path

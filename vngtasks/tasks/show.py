@@ -22,8 +22,6 @@ def settings(c: Context):
             value = value.name
         elif isinstance(value, bool):
             value = str(value).lower()
-        elif field.name == "distcc_hosts":
-            value = " ".join(helper.spec for helper in value)
         elif isinstance(value, tuple):
             value = " ".join(str(v) for v in value)
         elif field.name == "build_host_key" and value:
