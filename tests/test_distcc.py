@@ -325,3 +325,20 @@ def test_on_a_build_host_distcc_runs_there_with_its_own_ssh(start_sshd, home: Pa
         conn.close()
     assert (Path(plan.tree) / "probe.o").is_file() and accepted(helper) == 1
     assert found.compiled == {"@helper/1": 1, "localhost": 0} and found.failed == 0, found
+
+
+@pytest.mark.unit
+def test_tcp_helpers_are_warned_of_at_every_build_and_a_build_host_must_have_distcc(tmp_path, capsys):
+    """README: TCP only with a warning at every build (build_entry calls warn_tcp); a build host's check names
+    distcc and openssh-client when they are missing there (its build packages)."""
+    from vngtasks import buildhost
+
+    distcc.warn_tcp(parsed("@h1 10.0.0.7/2"))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("vngtasks: warning: distcc-hosts: 10.0.0.7/2 over plain TCP")
+    distcc.warn_tcp(parsed("@h1 localhost"))
+    assert capsys.readouterr().err == ""
+    s = settings.effective({}, {"cache_dir": str(tmp_path), "distcc_hosts": "@h1"}, workspace=tmp_path)
+    packages = buildhost.build_packages(s, deps.Distro.of('ID=debian\nVERSION_ID="12"\n'), arches.host())
+    assert {"distcc", "openssh-client"} <= set(packages)
+    assert str(s.distcc_hosts[0]) == "@h1/4"  # as `invoke settings` prints it
