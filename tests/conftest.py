@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from linux_remote import CCACHE_DIR, FOREIGN_CACHE, KCONFIG, TAG, tagged_commit, without_rustup
+from linux_remote import CCACHE_DIR, FOREIGN_CACHE, KCONFIG, MOUNT_DEBUGFS, PROVOKE, TAG, tagged_commit, without_rustup
 
 from vngtasks.guestroot import ROOTS
 
@@ -31,8 +31,7 @@ HOST_PACKAGES = pytest.mark.xdist_group("host-packages")
 # The session's tiny kernel's work tree, which tests read, configure and build in (bisect, distcc, debug options).
 TINY_TREE = pytest.mark.xdist_group("tiny-tree")
 # A real kernel warning: LKDTM is built into the kernels the tests build (tests/data/ci-kernel.config).
-PROVOKE = "/sys/kernel/debug/provoke-crash/DIRECT"
-WARN_WORKLOAD = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debug; echo WARNING > {PROVOKE}"
+WARN_WORKLOAD = f"{MOUNT_DEBUGFS}; echo WARNING > {PROVOKE}"
 
 
 def copy_checkout(dest: Path) -> None:

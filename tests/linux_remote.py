@@ -21,6 +21,12 @@ TAG = "v6.12"
 # between runs on a machine): one .config, so one set of ccache objects that all of them hit.
 KCONFIG = Path(__file__).parent / "data" / "ci-kernel.config"
 CCACHE_DIR = LINUX_REMOTE_HOME / "ccache"
+# LKDTM is in that fragment: a real kernel crash on demand (echo WARNING > PROVOKE), debugfs mounted first where the
+# guest's init has not (under a workload's `set -e` a second mount would fail).
+PROVOKE = "/sys/kernel/debug/provoke-crash/DIRECT"
+MOUNT_DEBUGFS = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debug"
+# LKDTM's WARNING, BUG and EXCEPTION, once each: the last two kill the shell that writes them, so each has its own.
+PROVOKE_THREE = "; ".join(f"sh -c 'echo {crash} > {PROVOKE}' || true" for crash in ("WARNING", "BUG", "EXCEPTION"))
 # The foreign arches' guest roots and Debian kernels, kept as the ccache is: made once per package version.
 FOREIGN_CACHE = LINUX_REMOTE_HOME / "foreign"
 _DEBIAN_BLOCK = "\n#\n# Debian packaging:"

@@ -29,6 +29,31 @@ def test_probe_firmware_exits_as_expected_under_tcg(arch: arches.Arch, tmp_path:
     assert done.returncode == arch.probe_status, done.stderr
 
 
+@pytest.mark.integration  # runs QEMU: a host package
+@pytest.mark.parametrize(("cpu", "xsave"), [("max", True), (arches.host().tcg_cpu, False)])
+def test_the_x86_probe_runs_xsave_and_xrstor_where_the_cpu_has_them(tmp_path: Path, cpu: str, xsave: bool) -> None:
+    """What a kernel's FPU setup runs first, and what a KVM that runs plain real mode but not a kernel fails at
+    (kvm-pvm: "KVM internal error" at XRSTOR): QEMU's log of the instructions it ran says they ran."""
+    arch = arches.host()
+    if arch.name != "x86_64":
+        pytest.skip("the x86 probe")
+    firmware, ran = tmp_path / "probe.bin", tmp_path / "in_asm.log"
+    firmware.write_bytes(accel.probe_firmware(arch))
+    argv = [arch.qemu_binary, "-accel", "tcg", "-machine", arch.tcg_machine, "-cpu", cpu, "-m", "16", "-nodefaults"]
+    argv += ["-display", "none", "-bios", str(firmware), *arch.probe_qemu_args, "-d", "in_asm", "-D", str(ran)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == arch.probe_status, done.stderr
+    instructions = [line.split()[-2] for line in ran.read_text().splitlines() if line.startswith("0x")]
+    assert ("xsave" in instructions, "xrstor" in instructions) == (xsave, xsave), instructions
+
+
+def test_a_kvm_error_is_qemus_line_printable() -> None:
+    printed = "RAX=0\nKVM internal error. Suberror: 3\x1b[2J\nemulation failure\n"
+    assert accel.kvm_error(printed) == "KVM internal error. Suberror: 3?[2J"
+    assert accel.kvm_error("error: kvm run failed Bad address\n") == "error: kvm run failed Bad address"
+    assert accel.kvm_error("qemu-system-x86_64: terminating on signal 15\n") == ""
+
+
 def test_no_device_means_no_kvm(tmp_path: Path) -> None:
     missing = tmp_path / "kvm"
     assert accel.kvm_problem(arches.host(), missing) == f"{missing}: No such file or directory"

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_WARNING, PROVOKE, ROOT, WARN_WORKLOAD, assert_at_its_line_of_lkdtm, user_environment
+from conftest import FAKE_WARNING, ROOT, WARN_WORKLOAD, assert_at_its_line_of_lkdtm, user_environment
+from linux_remote import MOUNT_DEBUGFS, PROVOKE, PROVOKE_THREE
 
 from vngtasks import kernels
 
@@ -149,7 +150,7 @@ def test_a_panic_with_vmcore_on_failure_leaves_a_dump_drgn_opens(cli, home: Path
     # /var/lib: the guest sees it (through vng's /var overlay; /var/tmp is a tmpfs of virtme-ng's init).
     Path("/var/lib/vngtasks-tests").mkdir(parents=True, exist_ok=True)
     short = Path(tempfile.mkdtemp(prefix="vmc-", dir="/var/lib/vngtasks-tests"))
-    panic = f"test -e {PROVOKE} || mount -t debugfs debugfs /sys/kernel/debug; uname -r; echo PANIC > {PROVOKE}"
+    panic = f"{MOUNT_DEBUGFS}; uname -r; echo PANIC > {PROVOKE}"
     args = ("--vmcore", "on-failure", "--memory", "256M", "--cache-dir", str(short), "--log-dir", "logs")
     try:
         done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, *args, "--", panic)
@@ -198,9 +199,7 @@ def lkdtm_warning(lines: list[str]) -> list[str]:
 def test_a_kernel_warning_fails_a_passing_workload(cli, workspace: Path, tiny_build, kernel_tree):
     """LKDTM's WARNING (twice), BUG and EXCEPTION, after a program wrote a line like a WARNING to /dev/kmsg: only
     the kernel's are splats, and crashes: three, titled by the lkdtm functions, the WARNING counted twice."""
-    # BUG and EXCEPTION kill the shell that writes them: bash -e would end the workload there.
-    provoke = [f"sh -c 'echo {crash} > {PROVOKE}' || true" for crash in ("WARNING", "BUG", "EXCEPTION")]
-    workload = "; ".join([f"echo '{FAKE_WARNING}' > /dev/kmsg", WARN_WORKLOAD, *provoke, "true"])
+    workload = "; ".join([f"echo '{FAKE_WARNING}' > /dev/kmsg", WARN_WORKLOAD, PROVOKE_THREE, "true"])
     done = cli("boot", "--kernel", str(tiny_build.entry), *QUIET, "--", workload)
     assert done.returncode == 123, done.stderr
     assert "splat-check" in done.stderr and lkdtm_warning(done.stderr.splitlines()), done.stderr

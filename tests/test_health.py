@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,8 @@ def test_a_run_is_judged_on_its_own_console_never_another_runs(tmp_path: Path) -
     ("requested", "used", "result", "retry"),
     [
         ("auto", "kvm", "boot-timeout", True),
+        ("auto", "kvm", "kvm-error", True),  # QEMU said KVM stopped the guest
+        ("kvm", "kvm", "kvm-error", False),
         ("kvm", "kvm", "boot-timeout", False),  # asked for KVM: no silent switch
         ("auto", "tcg", "boot-timeout", False),  # TCG already
         ("auto", "kvm", "panic", False),  # booted far enough to panic: not the accelerator
@@ -293,6 +296,33 @@ def test_run_retries_a_stuck_kvm_boot_once_with_tcg(tmp_path: Path, monkeypatch,
     assert tried == ["kvm", "tcg"]
     assert "retrying once with TCG" in capsys.readouterr().err
     assert json.loads((s.log_dir / runrecord.RUN_JSON).read_text())["accel"] == "tcg"
+
+
+def test_a_guest_kvm_stopped_sends_this_host_boots_later_runs_to_tcg_at_once(tmp_path: Path, monkeypatch, capsys):
+    """The probe guest ran under KVM, the kernel did not (QEMU: "KVM internal error"): the run retries under TCG,
+    and the host's probe answer says KVM is unusable, so the next run does not try KVM (nor probe) again."""
+    from vngtasks import accel, arches, hostprobe
+
+    s = make(tmp_path)
+    host = vm.Host(arch=arches.host(), memory_mib=4096, vng="vng", environ={})
+    tried: list[str] = []
+
+    def fake_attempt(settings, kernel, workload, host, accel_name, *probed):
+        tried.append(accel_name)
+        stopped = replace(outcome(NO_STATUS, "kvm-error", "kvm"), kvm_error="KVM internal error. Suberror: 1")
+        return attempted(stopped if accel_name == "kvm" else outcome(0), [], None)
+
+    monkeypatch.setattr(vm.Host, "current", classmethod(lambda cls: host))
+    monkeypatch.setattr(accel, "qemu_binary", lambda arch: "qemu")
+    monkeypatch.setattr(accel, "kvm_problem", lambda arch: None)  # the probe guest ran
+    monkeypatch.setattr(hostprobe, "_boot_id", lambda: "one-boot")
+    monkeypatch.setattr(vm, "attempt", fake_attempt)
+    assert vm.run(s, Path("/boot/vmlinuz"), "true") == 0
+    assert tried == ["kvm", "tcg"] and "kvm-error under KVM picked by accel=auto: retrying" in capsys.readouterr().err
+    assert vm.run(s, Path("/boot/vmlinuz"), "true") == 0
+    assert tried == ["kvm", "tcg", "tcg"]
+    said = "KVM unusable (a guest stopped under KVM after the probe guest ran: KVM internal error. Suberror: 1)"
+    assert said in capsys.readouterr().err
 
 
 def test_guest_files_are_read_only_when_regular_never_through_links_and_capped(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,37 @@ def test_vngs_own_error_is_the_message_when_it_fails_before_the_kernel(tmp_path:
     err = capsys.readouterr().err
     said = "vng failed (exit 1) before the guest kernel printed anything: FileNotFoundError: [Errno 2] No such file"
     assert said in err and "the kernel printed nothing" not in err
+
+
+def test_a_guest_kvm_stopped_ends_the_run_at_once_not_at_boot_timeout(tmp_path: Path, capsys) -> None:
+    """As QEMU does on a host whose KVM ran the probe guest but cannot run the kernel (kvm-pvm emulating XRSTOR):
+    it prints its KVM error and register dump, pauses the guest and lives on. Seen, the VM is stopped at once."""
+    vng = fake_vng(tmp_path, """\
+        echo 'KVM internal error. Suberror: 1' >&2
+        echo 'extra data[0]: 0x0000000000000001' >&2
+        echo 'emulation failure' >&2
+        exec sleep 600
+    """)  # fmt: skip
+    vm = replace(vm_run(tmp_path), accel="kvm", boot_timeout=30)
+    with reaper.Guard(reaper.Leftovers(vm.shared.parent)) as guard:
+        outcome = supervise.supervise(vm, [vng], dict(os.environ), Marks(probe=0.0), guard)
+    # Not "boot-timeout" (its 30 s would have ended the run too).
+    assert (outcome.status, outcome.result) == (NO_STATUS, "kvm-error")
+    assert outcome.kvm_error == "KVM internal error. Suberror: 1"
+    said = "kvm-error: KVM stopped the guest before its workload started (KVM internal error. Suberror: 1); VM stopped"
+    assert said in capsys.readouterr().err
+
+
+def test_a_kvm_error_line_is_read_under_kvm_only_and_before_the_workload_only(tmp_path: Path) -> None:
+    """The workload's stderr reaches vng's: a workload printing QEMU's words cannot stop its own run."""
+    said = "KVM internal error. Suberror: 1\n"
+    console = supervise.ConsoleWatch(tmp_path / "console.log")
+    booting, running = Marks(probe=0.0, vng=0.0), Marks(probe=0.0, vng=0.0, started=1.0)
+    tcg = vm_run(tmp_path)
+    kvm = replace(tcg, accel="kvm")
+    assert supervise.overdue(kvm, booting, console, 2.0, lambda: said) == "kvm-error"
+    assert supervise.overdue(kvm, running, console, 2.0, lambda: said) is None
+    assert supervise.overdue(tcg, booting, console, 2.0, lambda: said) is None
 
 
 GUARDED = """\

@@ -18,9 +18,13 @@ from pathlib import Path
 from . import render
 from .arches import Arch
 from .errors import MISSING_TOOL, NO_STATUS, Failure
+from .log import printable
 
 PROBE_SECONDS = 5.0
 KVM_DEVICE = Path("/dev/kvm")
+# What QEMU prints when KVM cannot go on running a guest (accel/kvm/kvm-all.c, target/i386/kvm/kvm.c). QEMU then
+# pauses the guest and lives on: a boot would wait for boot-timeout, a probe for PROBE_SECONDS.
+KVM_ERRORS = ("KVM internal error.", "error: kvm run failed", "KVM: entry failed")
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,20 @@ def kvm_problem(arch: Arch, device: Path = KVM_DEVICE) -> str | None:
         argv[0] = qemu_binary(arch)
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_SECONDS)
-        except subprocess.TimeoutExpired:
-            return f"a probe guest did not finish within {PROBE_SECONDS:g} s"
+        except subprocess.TimeoutExpired as stuck:
+            stderr = stuck.stderr or b""  # bytes, though asked for text: what it read before the timeout
+            said = kvm_error(stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr)
+            return f"a probe guest did not finish within {PROBE_SECONDS:g} s" + (f" ({said})" if said else "")
     if done.returncode == arch.probe_status:
         return None
     detail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
     return f"a probe guest failed: {detail}"
+
+
+def kvm_error(qemu_said: str) -> str:
+    """QEMU's line saying KVM stopped the guest, if its stderr has one ("" if not), printable."""
+    lines = (printable(line).strip() for line in qemu_said.splitlines())
+    return next((line for line in lines if line.startswith(KVM_ERRORS)), "")
 
 
 def device_problem(device: Path = KVM_DEVICE) -> str | None:

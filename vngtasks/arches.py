@@ -111,10 +111,29 @@ ARCHES: tuple[Arch, ...] = (
             *_VMCOREINFO_KCONFIG,
         ),
         vmcoreinfo=True,
-        # Real mode at the reset vector: mov al,0x41; out 0xf4,al; hlt; jmp $-1.
-        # isa-debug-exit turns the write into exit status (0x41 << 1) | 1 = 131.
-        probe_code="b041e6f4f4ebfd",
-        probe_offset=0xFFF0,
+        # Real mode, from the reset vector (0xFFF0: a jump back to 0xFF80). Where the CPU has XSAVE, it runs
+        # XSETBV, XSAVE and XRSTOR first, as every kernel's FPU setup does: a KVM that runs plain real mode but
+        # cannot run a kernel (kvm-pvm on a 6.18 host: "KVM internal error" at XRSTOR, 4 min into a boot) fails
+        # here. Then the exit: isa-debug-exit turns the write into exit status (0x41 << 1) | 1 = 131.
+        probe_code="".join(
+            (
+                "66b801000000",  # mov eax, 1
+                "0fa2",  # cpuid
+                "660fbae11a",  # bt ecx, 26: XSAVE?
+                "7335",  # jnc exit
+                "0f20e0660d000004000f22e0",  # mov eax, cr4; or eax, 1 << 18 (OSXSAVE); mov cr4, eax
+                "6631c966b8030000006631d2",  # xor ecx, ecx; mov eax, 3 (x87, SSE); xor edx, edx
+                "0f01d1",  # xsetbv
+                "31c08ed8",  # xor ax, ax; mov ds, ax
+                "66b8ffffffff66baffffffff",  # mov eax, -1; mov edx, -1: every component
+                "0fae260010",  # xsave [0x1000]
+                "0fae2e0010",  # xrstor [0x1000]
+                "b041e6f4f4ebfd",  # exit: mov al, 0x41; out 0xf4, al; hlt; jmp $-1
+                "00" * 37,
+                "eb8e",  # at 0xFFF0, the reset vector: jmp 0xFF80
+            )
+        ),
+        probe_offset=0xFF80,
         probe_size=0x10000,
         probe_status=131,
         probe_qemu_args=("-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"),

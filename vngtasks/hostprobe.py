@@ -129,6 +129,10 @@ class HostProbes:
         answer = self.answers[key]
         return answer if isinstance(answer, str) else None
 
+    def kvm_failed(self, arch: Arch, error: str) -> None:
+        """A real guest failed under KVM after the probe guest ran: KVM is unusable for this host boot."""
+        self._remember(f"kvm-{arch.name}", f"a guest stopped under KVM after the probe guest ran: {error}")
+
     def known_kvm_problem(self, arch: Arch) -> str | None:
         """The kept answer for KVM, else whether /dev/kvm opens, without starting a probe guest (a dry run)."""
         key = f"kvm-{arch.name}"

@@ -117,6 +117,7 @@ def ended(outcome: Outcome, splats: list[str]) -> str:
         "run-timeout": "run-timeout expired",
         "no-status": "the VM ended without the workload's status",
         "boot-timeout": "boot-timeout expired",
+        "kvm-error": "KVM stopped the guest",
     }.get(outcome.result, "")
     return f"{said}: {splats[0]}" if said and splats else said
 

@@ -21,13 +21,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from typing import IO
 
 from . import log, vmcore
+from .accel import kvm_error
 from .errors import MISSING_TOOL, NO_STATUS, STOPPING_SIGNALS, TIMEOUT, Failure
 from .files import read_regular
 from .health import (
@@ -77,6 +78,7 @@ class Outcome:
     release: str = ""  # the guest's `uname -r`, when it got that far
     phases: tuple[tuple[str, float], ...] = ()  # where the time went (see Marks.phases), as far as known
     vmcore: Path | None = None  # the guest's memory, dumped before the VM was stopped (vmcore.dump)
+    kvm_error: str = ""  # QEMU's line, when KVM stopped the guest (result "kvm-error")
 
 
 @dataclass
@@ -139,11 +141,11 @@ def supervise(
             time.sleep(POLL_SECONDS)
             now = time.monotonic()
             note_progress(vm, marks, now)
-            why = overdue(vm, marks, console, now)
+            why = overdue(vm, marks, console, now, relays.stderr_tail)
             if why is not None:
                 dumped = dump_before_stopping(vm, why)
                 finish(process, relays)
-                return dataclasses.replace(stopped(vm, marks, why, now), vmcore=dumped)
+                return dataclasses.replace(stopped(vm, marks, why, now, relays.stderr_tail()), vmcore=dumped)
             if marks.status is not None and now - marks.status > SHUTDOWN_GRACE_SECONDS:
                 log.info(f"the guest did not power off within {SHUTDOWN_GRACE_SECONDS:g} s of its status: VM stopped")
                 break
@@ -201,10 +203,15 @@ def note_progress(vm: VmRun, marks: Marks, now: float) -> None:
         marks.status = now if marks.reported is not None else None
 
 
-def overdue(vm: VmRun, marks: Marks, console: ConsoleWatch, now: float) -> str | None:
-    """Why the VM must be stopped now, if it must: "panic", "boot-timeout" or "run-timeout"."""
+def overdue(
+    vm: VmRun, marks: Marks, console: ConsoleWatch, now: float, vng_said: Callable[[], str] = str
+) -> str | None:
+    """Why the VM must be stopped now, if it must: "panic", "kvm-error" (KVM stopped the guest before its workload
+    started: `vng_said` gives the end of vng's stderr, QEMU's included), "boot-timeout" or "run-timeout"."""
     if console.panicked_for(now) > PANIC_GRACE_SECONDS:
         return "panic"
+    if vm.accel == "kvm" and marks.started is None and kvm_error(vng_said()):
+        return "kvm-error"
     if marks.started is None and vm.boot_timeout and now - marks.vng > vm.boot_timeout:
         return "boot-timeout"
     if marks.started is not None and marks.status is None and vm.run_timeout and now - marks.started > vm.run_timeout:
@@ -220,8 +227,13 @@ def dump_before_stopping(vm: VmRun, why: str) -> Path | None:
     return vmcore.dump(vm.qmp_socket, vm.dump_dir)
 
 
-def stopped(vm: VmRun, marks: Marks, why: str, now: float) -> Outcome:
-    """The outcome of a VM that `overdue` had stopped."""
+def stopped(vm: VmRun, marks: Marks, why: str, now: float, vng_said: str = "") -> Outcome:
+    """The outcome of a VM that `overdue` had stopped; `vng_said`: the end of vng's stderr."""
+    if why == "kvm-error":
+        error = kvm_error(vng_said)
+        outcome = failed(vm, why, f"kvm-error: KVM stopped the guest before its workload started ({error}); VM "
+                                  "stopped", None, tail=False)  # fmt: skip
+        return dataclasses.replace(outcome, kvm_error=error)
     if why == "run-timeout" and marks.started is not None:
         log.warn(f"run-timeout: the workload ran over {vm.run_timeout} s; VM stopped")
         return Outcome(vm.accel, TIMEOUT, why, marks.boot_seconds, now - marks.started)

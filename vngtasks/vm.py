@@ -314,8 +314,10 @@ def run_recorded(settings: Settings, kernel: Path, workload: str) -> Record:
     if not host_side.native_init:
         log.info(f"virtme-ng-init is not built for {settings.arch.name}: the guest uses vng's shell init instead")
     attempted = attempt(settings, kernel, workload, host, choice.accel, host_side, root)
+    if attempted.outcome.kvm_error:  # this host's later boots go to TCG at once
+        probes.kvm_failed(settings.arch, attempted.outcome.kvm_error)
     if retry_with_tcg(settings.accel, choice.accel, attempted.outcome):
-        log.warn("boot-timeout under KVM picked by accel=auto: retrying once with TCG")
+        log.warn(f"{attempted.outcome.result} under KVM picked by accel=auto: retrying once with TCG")
         if attempted.outcome.vmcore is not None:  # that attempt's dump is not this run's
             attempted.outcome.vmcore.unlink(missing_ok=True)
         retried = dataclasses.replace(host_side, probe_seconds=0.0)
@@ -369,8 +371,8 @@ def new_boot(settings: Settings, kernel: Path, accel_name: str, host_side: HostS
 
 
 def retry_with_tcg(requested: str, used: str, outcome: Outcome) -> bool:
-    """A KVM that auto chose but that never booted the guest gets one TCG retry."""
-    return requested == "auto" and used == "kvm" and outcome.result == "boot-timeout"
+    """A KVM that auto chose but that never booted the guest (or stopped it) gets one TCG retry."""
+    return requested == "auto" and used == "kvm" and outcome.result in ("boot-timeout", "kvm-error")
 
 
 def attempt(
