@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,6 +53,41 @@ def test_a_kvm_error_is_qemus_line_printable() -> None:
     assert accel.kvm_error(printed) == "KVM internal error. Suberror: 3?[2J"
     assert accel.kvm_error("error: kvm run failed Bad address\n") == "error: kvm run failed Bad address"
     assert accel.kvm_error("qemu-system-x86_64: terminating on signal 15\n") == ""
+
+
+def fake_qemu(tmp_path: Path, monkeypatch, body: str) -> Path:
+    """This host's QEMU binary name, first on PATH, as a shell script; /dev/kvm as a file that opens."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / arches.host().qemu_binary
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    device = tmp_path / "kvm"
+    device.touch()
+    return device
+
+
+PAUSED = 'echo "KVM internal error. Suberror: 1" >&2; echo "emulation failure" >&2; echo $$ > "$0.pid"; exec sleep 60'
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (f"exit {arches.host().probe_status}", None),
+        ("echo 'failed to set MSR 0x48f' >&2; exit 1", "a probe guest failed: failed to set MSR 0x48f"),
+        # As QEMU on kvm-pvm: the error, then the guest paused and QEMU alive (killed, not waited for).
+        (PAUSED, "a probe guest stopped under KVM: KVM internal error. Suberror: 1"),
+        ("exec sleep 60", "a probe guest did not finish within 0.5 s"),
+    ],
+)
+def test_the_probes_verdict_is_its_exit_or_qemus_kvm_error(tmp_path: Path, monkeypatch, body: str, problem) -> None:
+    device = fake_qemu(tmp_path, monkeypatch, body + "\n")
+    monkeypatch.setattr(accel, "PROBE_SECONDS", 0.5)
+    assert accel.kvm_problem(arches.host(), device) == problem
+    pid_file = tmp_path / "bin" / f"{arches.host().qemu_binary}.pid"
+    if pid_file.exists():  # the paused QEMU was killed
+        assert not Path(f"/proc/{pid_file.read_text().strip()}").exists()
 
 
 def test_no_device_means_no_kvm(tmp_path: Path) -> None:

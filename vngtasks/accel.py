@@ -8,9 +8,11 @@ table answers in well under a second when KVM works; we give it PROBE_SECONDS.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from .errors import MISSING_TOOL, NO_STATUS, Failure
 from .log import printable
 
 PROBE_SECONDS = 5.0
+PROBE_STDERR_BYTES = 16 * 1024
 KVM_DEVICE = Path("/dev/kvm")
 # What QEMU prints when KVM cannot go on running a guest (accel/kvm/kvm-all.c, target/i386/kvm/kvm.c). QEMU then
 # pauses the guest and lives on: a boot would wait for boot-timeout, a probe for PROBE_SECONDS.
@@ -77,16 +80,43 @@ def kvm_problem(arch: Arch, device: Path = KVM_DEVICE) -> str | None:
         firmware.write_bytes(probe_firmware(arch))
         argv = render.argv("kvm-probe.argv.j2", arch=arch, firmware=firmware)
         argv[0] = qemu_binary(arch)
-        try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=PROBE_SECONDS)
-        except subprocess.TimeoutExpired as stuck:
-            stderr = stuck.stderr or b""  # bytes, though asked for text: what it read before the timeout
-            said = kvm_error(stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr)
-            return f"a probe guest did not finish within {PROBE_SECONDS:g} s" + (f" ({said})" if said else "")
-    if done.returncode == arch.probe_status:
+        with subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        ) as probe:
+            status, said = watch_probe(probe)
+    if status == arch.probe_status:
         return None
-    detail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+    if kvm_error(said):
+        return f"a probe guest stopped under KVM: {kvm_error(said)}"
+    if status is None:
+        return f"a probe guest did not finish within {PROBE_SECONDS:g} s"
+    detail = (printable(said).strip().splitlines() or [f"exit status {status}"])[0]
     return f"a probe guest failed: {detail}"
+
+
+def watch_probe(probe: subprocess.Popen[bytes]) -> tuple[int | None, str]:
+    """The probe guest's exit status and the start of its stderr, once it exits, or says KVM stopped it (QEMU then
+    pauses it and lives on), or PROBE_SECONDS pass; a probe that has not exited is killed (status None)."""
+    assert probe.stderr is not None
+    deadline = time.monotonic() + PROBE_SECONDS
+    said = b""
+    closed = False
+    while probe.poll() is None and (left := deadline - time.monotonic()) > 0:
+        if kvm_error(said.decode(errors="replace")):
+            break
+        if closed:  # it closed its stderr: wait for its exit
+            time.sleep(min(left, 0.05))
+            continue
+        ready, _, _ = select.select([probe.stderr], [], [], min(left, 0.05))
+        chunk = os.read(probe.stderr.fileno(), 4096) if ready else b""
+        closed = ready and not chunk
+        said = (said + chunk)[:PROBE_STDERR_BYTES]
+    status = probe.poll()
+    if status is None:
+        probe.kill()
+        probe.wait()
+    said = (said + probe.stderr.read(PROBE_STDERR_BYTES))[:PROBE_STDERR_BYTES]
+    return status, said.decode(errors="replace")
 
 
 def kvm_error(qemu_said: str) -> str:
