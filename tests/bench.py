@@ -8,8 +8,10 @@ against its steps' builds and boots, `--remote` a remote build against a local o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -200,6 +202,9 @@ def arch_boots(host_seconds: float) -> None:
     seconds = {arches.host().name: host_seconds}
     for arch in arches.ARCHES:
         if arch != arches.host() and arch.debian_userland:
+            if shutil.which(arch.qemu_binary) is None:
+                print(f"{arch.name}: not booted: {arch.qemu_binary} is not installed (invoke deps --arch {arch.name})")
+                continue
             root, kernel = guestroot.ensure_root_and_kernel(FOREIGN_CACHE, arch)
             seconds[arch.name] = boot_ratio(kernel, f"Debian's {arch.name} kernel", pairs=2, arch=arch, root=root)
     print("boot under TCG here, Debian's kernel, `invoke boot -- true` (median s):")
@@ -209,10 +214,14 @@ def arch_boots(host_seconds: float) -> None:
 
 
 def tiny_kernel() -> Path:
-    """The tests' tiny v6.12 (kconfig-base tiny, their fragment), built or found in a bench cache."""
+    """The tests' tiny v6.12 (kconfig-base tiny, their fragment), built or found in a bench cache: the fragment's
+    hash is its cache version (a cache key holds no fragment), so a changed fragment is built again."""
     cache_dir = LINUX_REMOTE_HOME / "bench-cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    argv = build_argv(TAG, f"file://{linux_remote()}", cache_dir, cache_dir, "--kconfig-base", "tiny")
+    version = "k" + hashlib.sha256(KCONFIG.read_bytes()).hexdigest()[:12]
+    argv = build_argv(
+        TAG, f"file://{linux_remote()}", cache_dir, cache_dir, "--kconfig-base", "tiny", "--version", version
+    )
     done = subprocess.run(
         argv, cwd=cache_dir, env=make_env(CCACHE_DIR=str(CCACHE_DIR)), check=True, capture_output=True, text=True
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import junitparser
 import pytest
 
-from vngtasks import runrecord, supervise
+from vngtasks import arches, runrecord, supervise, vm
 from vngtasks.errors import FAILED, SPLAT
 from vngtasks.report import junit, known, results
 from vngtasks.settings import DEFAULTS, effective
@@ -157,6 +157,16 @@ def test_known_failures_in_actions_are_notices_and_new_ones_errors(tmp_path: Pat
         f"::notice title=known test failure::{NSLEEP}: CLOCK_MONOTONIC: latency 6000000 ns over the limit "
         f"(known-failures line 1 ({NSLEEP}))",
     ]
+
+
+@pytest.mark.parametrize(("given", "enabled"), [("kunit", True), ("ktap", False), ("", False)])
+def test_kunit_results_run_kunits_suites_at_boot_in_a_kernel_whose_kunit_is_off_by_default(given, enabled) -> None:
+    """The tests' kernels are built so (tests/data/ci-kernel.config): KUnit's suites run only when asked."""
+    s = effective(DEFAULTS, {"results": given, "append": "kunit.enable=0"}, workspace=Path("/work/project"))
+    boot = vm.Boot(s, Path("/boot/vmlinuz-6.12.0"), "tcg", Path("/cache/runs/1"), False, True, None)
+    argv = vm.vng_argv(boot, vm.Host(arch=arches.host(), memory_mib=4096, vng="vng", environ={}))
+    appended = [arg for arg in argv if arg.startswith("--append=kunit.enable=")]
+    assert appended == ["--append=kunit.enable=0", "--append=kunit.enable=1"][: 2 if enabled else 1]  # ours last: wins
 
 
 def test_a_splat_still_fails_runs_whose_tests_passed(tmp_path: Path) -> None:

@@ -231,6 +231,7 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         workdir=s.workspace,
         qemu_opts=qemu_options(s, boot.accel, boot.console_log, boot.qmp_socket),
         panic_waits=boot.qmp_socket is not None,
+        kunit=s.results == results.KUNIT,
         guest_script=boot.guest_script,
         force_9p=boot.force_9p,
         native_init=boot.native_init,
