@@ -86,8 +86,8 @@ def kvm_problem(arch: Arch, device: Path = KVM_DEVICE) -> str | None:
             status, said = watch_probe(probe)
     if status == arch.probe_status:
         return None
-    if kvm_error(said):
-        return f"a probe guest stopped under KVM: {kvm_error(said)}"
+    if error := kvm_error(said):
+        return f"a probe guest stopped under KVM: {error}"
     if status is None:
         return f"a probe guest did not finish within {PROBE_SECONDS:g} s"
     detail = (printable(said).strip().splitlines() or [f"exit status {status}"])[0]
