@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from linux_remote import CCACHE_DIR, FOREIGN_CACHE, KCONFIG, MOUNT_DEBUGFS, PROVOKE, TAG, tagged_commit, without_rustup
+from linux_remote import (
+    CCACHE_DIR,
+    DEBUG,
+    DEBUG_KCONFIG,
+    FOREIGN_CACHE,
+    KCONFIG,
+    MOUNT_DEBUGFS,
+    PROVOKE,
+    TAG,
+    tagged_commit,
+    without_rustup,
+)
 
 from vngtasks.guestroot import ROOTS
 
@@ -45,17 +56,24 @@ def copy_checkout(dest: Path) -> None:
             shutil.copy2(ROOT / name, dest / name)
 
 
-def assert_at_its_line_of_lkdtm(crash: dict, kernel_tree: tuple[Path, str]) -> None:
+def assert_at_its_line_of_lkdtm(crash: dict, kernel_tree: tuple[Path, str], file: str = "bugs.c") -> None:
     """A crash of crashes.json provoked through LKDTM: its top frame symbolized to a line of its lkdtm function's
-    body in drivers/misc/lkdtm/bugs.c, as the tests' v6.12 has it."""
+    body in drivers/misc/lkdtm/FILE, as the tests' v6.12 has it."""
+    function = crash["frames"][0]["function"]
+    assert_in_its_function(crash, kernel_tree, f"drivers/misc/lkdtm/{file}", f"static void {function}(void)")
+
+
+def assert_in_its_function(crash: dict, kernel_tree: tuple[Path, str], path: str, signature: str) -> None:
+    """The crash's top frame symbolized to a line of the body of the function `signature` (its line, as the tests'
+    v6.12 has it) in `path`."""
     repo, sha = kernel_tree
-    source = subprocess.run(["git", "-C", repo, "show", f"{sha}:drivers/misc/lkdtm/bugs.c"], capture_output=True,
-                            text=True, check=True).stdout  # fmt: skip
+    source = subprocess.run(["git", "-C", repo, "show", f"{sha}:{path}"], capture_output=True, text=True,
+                            check=True).stdout  # fmt: skip
     top = crash["frames"][0]
     lines = source.splitlines()
-    start = next(i for i, line in enumerate(lines, 1) if line == f"static void {top['function']}(void)")
+    start = next(i for i, line in enumerate(lines, 1) if line == signature)
     end = next(i for i, line in enumerate(lines[start:], start + 1) if line == "}")
-    assert (top["file"], top["line"] in range(start + 1, end)) == ("drivers/misc/lkdtm/bugs.c", True), (crash, start)
+    assert (top["file"], top["line"] in range(start + 1, end)) == (path, True), (crash, start)
 
 
 def path_for_tests(path: str) -> str:
@@ -158,9 +176,9 @@ class TinyBuild:
     workspace: Path  # holds ci/kernel.config
 
 
-def tiny_flags(url: str) -> tuple[str, ...]:
+def tiny_flags(url: str, kconfig: str = "ci/kernel.config") -> tuple[str, ...]:
     """What names the tests' tiny kernel: v6.12 of `url`, kconfig-base tiny, the fragment at ci/kernel.config."""
-    base = ("--kconfig-base", "tiny", "--kconfig", "ci/kernel.config")
+    base = ("--kconfig-base", "tiny", "--kconfig", kconfig)
     return ("--tag", TAG, "--kernel-url", url, "--name", "ci", *base)
 
 
@@ -264,6 +282,38 @@ def arm64_build(
             record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr, "seconds": seconds}))
         built = json.loads(record.read_text())
     print(f"arm64 cross build: {built['seconds']} s")
+    done = subprocess.CompletedProcess(["invoke", "build", *args], 0, built["stdout"], built["stderr"])
+    return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
+
+
+@pytest.fixture(scope="session")
+def debug_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str], worker_id: str) -> TinyBuild:
+    """The tests' one debug kernel, built once per test run like the tiny one, into its cache-dir: tiny with the
+    tests' fragment, modules and kmemleak's sample module (tests/data/ci-debug-kernel.config), `debug
+    kasan,kmemleak,lkdtm`. Every crash test that needs a sanitizer boots it. Its objects are none of the tiny
+    kernel's (KASAN instruments every file): a cold compile of its own, then the tests' ccache; not through the tests'
+    ccache remote, which holds the tiny kernel's."""
+    url, _ = remote
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root = shared / "tiny"
+    args = (*tiny_flags(url, "ci/debug-kernel.config"), "--debug", DEBUG, "--cache-dir", str(root / "cache"))
+    with open(shared / "debug.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = root / "debug.json"
+        if not record.exists():
+            (root / "home").mkdir(parents=True, exist_ok=True)
+            (root / "workspace" / "ci").mkdir(parents=True, exist_ok=True)
+            fragment = KCONFIG.read_text() + DEBUG_KCONFIG.read_text()
+            (root / "workspace" / "ci" / "debug-kernel.config").write_text(fragment)
+            started = time.monotonic()
+            done = run_invoke(
+                ("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            seconds = round(time.monotonic() - started)
+            record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr, "seconds": seconds}))
+        built = json.loads(record.read_text())
+    print(f"debug kernel build: {built['seconds']} s")
     done = subprocess.CompletedProcess(["invoke", "build", *args], 0, built["stdout"], built["stderr"])
     return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
 

@@ -20,6 +20,8 @@ TAG = "v6.12"
 # Every kernel-building test and bench builds with this one fragment, with this one ccache (kept
 # between runs on a machine): one .config, so one set of ccache objects that all of them hit.
 KCONFIG = Path(__file__).parent / "data" / "ci-kernel.config"
+DEBUG_KCONFIG = Path(__file__).parent / "data" / "ci-debug-kernel.config"  # what the debug kernel adds to KCONFIG
+DEBUG = "kasan,kmemleak,lkdtm"  # the debug kernel's `debug`
 CCACHE_DIR = LINUX_REMOTE_HOME / "ccache"
 # LKDTM is in that fragment: a real kernel crash on demand (echo WARNING > PROVOKE), debugfs mounted first where the
 # guest's init has not (under a workload's `set -e` a second mount would fail).

@@ -184,7 +184,7 @@ def test_frames_are_symbolized_with_the_entrys_debug_info_inlined_frames_include
     (entry / "System.map").write_text(nm)
     subprocess.run(["zstd", "-q", "--rm", entry / "vmlinux", "-o", entry / "vmlinux.zst"], check=True)
     (entry / "metadata.json").write_text(json.dumps({"tree": str(tree)}))
-    outer = _offset_of_store(entry, "outer", 1)
+    outer = _offset_of_store(entry, "outer", value=1)
     main_call = _offset_after_call(entry, "main")
     report = [
         "WARNING: CPU: 0 PID: 1 at drivers/x/p.c:5 outer+0x0/0x20",
@@ -206,6 +206,62 @@ def test_frames_are_symbolized_with_the_entrys_debug_info_inlined_frames_include
     assert found.found[0].where == "drivers/x/p.c:5"
 
 
+MODULE = """\
+static volatile int sink;
+
+__attribute__((noinline)) void helper(int n)
+{
+\tsink = n;  /* line 5 */
+}
+
+__attribute__((section(".init.text"), noinline)) int m_init(void)
+{
+\thelper(4);  /* line 10 */
+\treturn sink;
+}
+"""
+
+
+@pytest.mark.integration
+def test_a_modules_frames_are_symbolized_with_its_ko_in_the_entry(tmp_path: Path):
+    """A module as an entry keeps it (its .ko where modules.order names it; `-` in a file name is `_` in a trace),
+    here an object built with -g whose init function is in .init.text as a module's is: each frame at its line of
+    its own section. A module the entry has not, or whose .ko is a link, stays as printed."""
+    tree = tmp_path / "tree"
+    (tree / "drivers" / "x").mkdir(parents=True)
+    (tree / "drivers" / "x" / "p.c").write_text(PROGRAM)
+    (tree / "drivers" / "x" / "m.c").write_text(MODULE)
+    entry = tmp_path / "entry"
+    (entry / "drivers" / "x").mkdir(parents=True)
+    subprocess.run(["gcc", "-g", "-O2", "-o", entry / "vmlinux", "drivers/x/p.c"], cwd=tree, check=True)
+    subprocess.run(["zstd", "-q", "--rm", entry / "vmlinux", "-o", entry / "vmlinux.zst"], check=True)
+    module = "drivers/x/m-mod.ko"
+    subprocess.run(["gcc", "-g", "-O2", "-c", "-o", entry / module, "drivers/x/m.c"], cwd=tree, check=True)
+    (entry / "drivers" / "x" / "linked.ko").symlink_to(entry / module)
+    (entry / "modules.order").write_text("drivers/x/m-mod.o\ndrivers/x/linked.o\n")
+    (entry / "System.map").write_text("")
+    (entry / "metadata.json").write_text(json.dumps({"tree": str(tree)}))
+    store = _offset_of_store(entry, "helper", module)
+    call = _offset_after_call(entry, "m_init", module)
+    report = [
+        "WARNING: CPU: 0 PID: 1 at drivers/x/m.c:5 helper+0x0/0x10 [m_mod]",
+        f"RIP: 0010:helper+{store:#x}/0x10 [m_mod]",
+        "Call Trace:",
+        f" m_init+{call:#x}/0x20 [m_mod]",
+        f" m_init+{call:#x}/0x20 [linked]",
+        f" m_init+{call:#x}/0x20 [absent]",
+    ]
+    found = crashes.find(report)
+    symbolize.symbolize(found, entry, arches.host(), arches.host())
+    places = [(f.function, f.module, f.file, f.line) for f in found.found[0].frames]
+    assert places == [
+        ("helper", "m_mod", "drivers/x/m.c", 5),
+        ("m_init", "m_mod", "drivers/x/m.c", 10),
+        ("m_init", "linked", None, None),
+        ("m_init", "absent", None, None),
+    ]
+
+
 def test_without_debug_info_frames_stay_as_printed_and_the_report_says_why(tmp_path: Path):
     found = crashes.find(["WARNING: CPU: 0 PID: 1 at a.c:1 f+0x1/0x2", "RIP: 0010:f+0x1/0x2"])
     symbolize.symbolize(found, tmp_path / "vmlinuz-6.1.0-57-amd64", arches.host(), arches.host())
@@ -213,12 +269,13 @@ def test_without_debug_info_frames_stay_as_printed_and_the_report_says_why(tmp_p
     assert found.json()["crashes"][0]["frames"][0]["file"] is None
 
 
-def _function_lines(entry: Path, function: str) -> list[tuple[int, str]]:
-    """(offset, instruction) of `function` in the program, from objdump."""
-    vmlinux = entry / "unpacked"
-    subprocess.run(["zstd", "-q", "-d", "-f", entry / "vmlinux.zst", "-o", vmlinux], check=True)
+def _function_lines(entry: Path, function: str, module: str = "") -> list[tuple[int, str]]:
+    """(offset, instruction) of `function` in the program (or in the entry's `module`), from objdump."""
+    binary = entry / "unpacked" if not module else entry / module
+    if not module:
+        subprocess.run(["zstd", "-q", "-d", "-f", entry / "vmlinux.zst", "-o", binary], check=True)
     dump = subprocess.run(
-        ["objdump", "-d", "--no-show-raw-insn", f"--disassemble={function}", vmlinux],
+        ["objdump", "-d", "--no-show-raw-insn", f"--disassemble={function}", binary],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     rows = [line.split(":", 1) for line in dump.splitlines() if line.startswith("  ") and ":" in line]
@@ -226,16 +283,17 @@ def _function_lines(entry: Path, function: str) -> list[tuple[int, str]]:
     return [(int(address, 16) - start, text.strip()) for address, text in rows]
 
 
-def _offset_of_store(entry: Path, function: str, value: int) -> int:
-    """The offset of the instruction storing `value` to `sink` in `function`."""
-    return next(
-        offset for offset, text in _function_lines(entry, function) if text.startswith("mov") and f"${value:#x}" in text
-    )
+def _offset_of_store(entry: Path, function: str, module: str = "", value: int | None = None) -> int:
+    """The offset of the instruction storing to `sink` (a static: %rip-relative) in `function` (`value`, when
+    given)."""
+    lines = _function_lines(entry, function, module)
+    stored = f"${value:#x}," if value is not None else ""
+    return next(offset for offset, text in lines if text.startswith("mov") and stored in text and "(%rip)" in text)
 
 
-def _offset_after_call(entry: Path, function: str) -> int:
+def _offset_after_call(entry: Path, function: str, module: str = "") -> int:
     """The return address of `function`'s call: the offset just after it."""
-    lines = _function_lines(entry, function)
+    lines = _function_lines(entry, function, module)
     index = next(i for i, (_, text) in enumerate(lines) if text.startswith("call"))
     return lines[index + 1][0]
 
@@ -252,6 +310,7 @@ def _offset_after_call(entry: Path, function: str) -> int:
         ),
         ("/var/lib/t/work/linux/include/linux/list.h", "", "include/linux/list.h"),
         ("/elsewhere/kernel/fork.c", "/w/ci/linux", "/elsewhere/kernel/fork.c"),
+        ("./include/linux/slab.h", "/w/ci/linux", "include/linux/slab.h"),  # a module's
     ],
 )
 def test_a_symbolized_file_is_named_as_the_kernel_tree_names_it(file: str, tree: str, expected: str):
@@ -269,3 +328,22 @@ def test_an_annotation_points_at_the_line_when_the_workspace_is_a_kernel_tree_ho
     at_line, plain = capsys.readouterr().out.splitlines()
     assert at_line.startswith("::error file=drivers/x/p.c,line=7,title=kernel warning::WARNING in f (drivers/x/p.c:7)")
     assert plain.startswith("::error title=kernel warning::")
+
+
+def test_kasans_report_and_kmemleaks_leaks_start_their_traces_below_the_machinery():
+    """A real KASAN report and two of kmemleak's leaks (a debug kernel's console: LKDTM's READ_AFTER_FREE, then
+    kmemleak's sample module loaded; its lines each start `kmemleak: `): frames from the crash's own function
+    (not dump_stack_lvl, print_report, kasan_report; not the allocator), the leaks one crash counted twice, its
+    report ended by kmemleak's count of new leaks."""
+    text = (DATA / "kasan-then-kmemleak-x86_64.txt").read_text() + "[   39.6] after_the_scan+0x1/0x2\n"
+    kasan, leak = found(text).found
+    assert (kasan.title, kasan.kind, kasan.count) == ("KASAN: slab-use-after-free Read in lkdtm_READ_AFTER_FREE",
+                                                      "kasan", 1)  # fmt: skip
+    assert [frame.function for frame in kasan.frames[:2]] == ["lkdtm_READ_AFTER_FREE", "lkdtm_do_action"]
+    assert (leak.title, leak.kind, leak.count) == ("memory leak in kmemleak_test_init", "kmemleak", 2)
+    top = leak.frames[0]
+    assert (top.function, top.offset, top.module) == ("kmemleak_test_init", "0x57/0x569", "kmemleak_test")
+    assert leak.frames[-1].function == "entry_SYSCALL_64_after_hwframe"
+    (last,) = found(text[text.index("[   39.166473]") :]).found  # the last leak: its report ends at the count
+    assert last.report[-1].startswith("kmemleak: 14 new suspected memory leaks")
+    assert "after_the_scan" not in [frame.function for frame in last.frames]

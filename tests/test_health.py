@@ -27,6 +27,7 @@ BOOT_LOG = [
     "[   93.000000] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:",
     "[   94.000000] Oops: 0002 [#1] PREEMPT SMP NOPTI",
     "[   95.000000] UBSAN: shift-out-of-bounds in lib/foo.c:3:4",
+    "[   96.000000] kmemleak: unreferenced object 0xffff888003a1c0c0 (size 32):",
 ]
 
 

@@ -196,10 +196,10 @@ def prepare_modules(entry_dir: Path) -> None:
     if order is None:
         return
     text = order.decode(errors="replace")
-    if refused := buildsteps.refused_module_lines(text):
+    if refused := files.refused_module_lines(text):
         raise Failure(f"modules.order: {refused[0]!r} is not a module of the tree", FAILED)
     moddir = entry_dir / ".virtme_mods" / "lib" / "modules" / FAKE_RELEASE
-    for name in buildsteps.module_files(text):
+    for name in files.module_files(text):
         source = entry_dir / name
         if not source.exists() and name.startswith("kernel/"):  # before Linux 6.2: kernel/drivers/...
             name = name.removeprefix("kernel/")

@@ -15,7 +15,6 @@ import shlex
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from invoke import Context
 from invoke.exceptions import UnexpectedExit
@@ -23,6 +22,7 @@ from invoke.exceptions import UnexpectedExit
 from . import distcc, log, remotecache
 from .arches import Arch
 from .errors import FAILED, Failure, no_space
+from .files import module_files
 from .settings import Settings
 
 # Fixed build identity: the same sources give the same objects, so ccache hits across trees.
@@ -260,23 +260,6 @@ def kept_paths(c: Context, tree: str, arch: Arch) -> list[str]:
     listing = c.run(f"cd {shlex.quote(tree)} && ls -d -- {shlex.join(wanted)} 2>/dev/null", hide=True, warn=True,
                     in_stream=False)  # fmt: skip
     return sorted(set(listing.stdout.splitlines()))
-
-
-def module_files(modules_order: str) -> list[str]:
-    """The `.ko` files a modules.order names (`drivers/x/y.o` since Linux 6.2, `y.ko` before), tree-relative;
-    a line that is none (absolute, climbing out with `..`, not a module) is left out (see refused_module_lines)."""
-    return [str(PurePosixPath(line.strip()).with_suffix(".ko")) for line in modules_order.splitlines()
-            if _module_line(line)]  # fmt: skip
-
-
-def refused_module_lines(modules_order: str) -> list[str]:
-    """The lines of a modules.order that name no tree-relative module (a build host may have sent it)."""
-    return [line for line in modules_order.splitlines() if line.strip() and not _module_line(line)]
-
-
-def _module_line(line: str) -> bool:
-    path = PurePosixPath(line.strip())
-    return path.suffix in (".o", ".ko") and not path.is_absolute() and ".." not in path.parts and bool(path.stem)
 
 
 def copy_tree_files(c: Context, tree: str, paths: list[str], dest: str) -> None:

@@ -9,7 +9,7 @@ import contextlib
 import json
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from stat import S_ISDIR, S_ISREG
 
 
@@ -200,3 +200,20 @@ def kept_list(path: Path, limit: int, wanted: object, field: str) -> list | None
 def typed(value: object, kind: type | tuple[type, ...]) -> bool:
     """isinstance, where a bool (an int to Python) is only ever a bool."""
     return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+
+
+def module_files(modules_order: str) -> list[str]:
+    """The `.ko` files a modules.order names (`drivers/x/y.o` since Linux 6.2, `y.ko` before), tree-relative;
+    a line that is none (absolute, climbing out with `..`, not a module) is left out (see refused_module_lines)."""
+    return [str(PurePosixPath(line.strip()).with_suffix(".ko")) for line in modules_order.splitlines()
+            if _module_line(line)]  # fmt: skip
+
+
+def refused_module_lines(modules_order: str) -> list[str]:
+    """The lines of a modules.order that name no tree-relative module (a build host may have sent it)."""
+    return [line for line in modules_order.splitlines() if line.strip() and not _module_line(line)]
+
+
+def _module_line(line: str) -> bool:
+    path = PurePosixPath(line.strip())
+    return path.suffix in (".o", ".ko") and not path.is_absolute() and ".." not in path.parts and bool(path.stem)

@@ -26,10 +26,10 @@ GUEST_DMESG_BYTES = 16 * 1024 * 1024
 CONSOLE_BYTES = 64 * 1024 * 1024  # the most of a console kept and judged (its end)
 TAIL_LINES = 50  # console lines shown when the VM failed
 PANIC = re.compile(r"Kernel panic - not syncing")
-# Kernel splats: warnings, BUGs, sanitizers, lockdep, hung tasks, RCU stalls, oopses.
+# Kernel splats: warnings, BUGs, sanitizers, lockdep, hung tasks, RCU stalls, oopses, kmemleak's leaks.
 SPLAT_PATTERN = re.compile(
     r"WARNING:|BUG:|KASAN:|UBSAN:|possible circular locking|blocked for more than"
-    r"|rcu: INFO: rcu_\w+ detected stalls|detected stalls on CPUs/tasks|\bOops\b"
+    r"|rcu: INFO: rcu_\w+ detected stalls|detected stalls on CPUs/tasks|\bOops\b|unreferenced object 0x"
 )
 _TIMESTAMP = re.compile(r"^\[\s*[0-9]+\.[0-9]+\]\s?")
 # The guest's dmesg tells each record's facility (the kernel's is 0, `kern`): util-linux's `dmesg -x` starts a

@@ -20,6 +20,12 @@ unset _vngtasks_line
 # second bash to start under emulation; $0 stays this script's.
 (set -eo pipefail; . "$_vngtasks_dir/workload.sh")
 _vngtasks_status=$?
+# A kernel with kmemleak on: its leaks, printed by the kernel (verbose), become crash reports. kmemleak reports an
+# object at least 5 s old that two scans in a row found unreferenced and unchanged: a wait, then two scans.
+if [ -w /sys/kernel/debug/kmemleak ]; then
+    { echo 1 > /sys/module/kmemleak/parameters/verbose && sleep 5 && echo scan > /sys/kernel/debug/kmemleak &&
+        echo scan > /sys/kernel/debug/kmemleak; } 2>/dev/null
+fi
 # Each record with its facility, which tells the kernel's lines from what programs wrote: util-linux's -x names
 # it (its -r loses it), busybox's -r keeps it in the priority.
 { dmesg -x 2>/dev/null || dmesg -r; } > "$_vngtasks_dir/dmesg" 2>&1 || true

@@ -33,19 +33,19 @@ _HEX_OR_NUMBER = re.compile(r"\S*(?:0x[0-9a-fA-F]+|\b[0-9]+\b)\S*")
 _TIMESTAMP = re.compile(r"^\[\s*[0-9]+\.[0-9]+\](?:\[\s*[TC][0-9]+\])?\s?")  # and printk's caller id
 # A frame as a stack trace prints it: `func+0x1d/0x30`, maybe `[module]`; a `? ` frame is a guess and skipped.
 _OFFSET = r"(?P<offset>0x[0-9a-f]+/0x[0-9a-f]+)"
-_FRAME = re.compile(rf"^\s*(?:\[<[0-9a-f]+>\]\s*)?(?P<function>{_FUNCTION})\+{_OFFSET}")
+_FRAME = re.compile(rf"^(?:kmemleak:)?\s*(?:\[<[0-9a-f]+>\]\s*)?(?P<function>{_FUNCTION})\+{_OFFSET}")  # kmemleak's too
 # The faulting instruction: x86's RIP, arm64's and riscv's pc, powerpc's NIP, s390's PSW.
 _AT_FAULT = re.compile(
     rf"(?:^RIP: [0-9a-f]{{4}}:|^pc : |^epc : |^NIP \[[0-9a-f]+\] |^Krnl PSW .*\()(?P<function>{_FUNCTION})\+{_OFFSET}"
 )
-_END = re.compile(r"^---\[ end (?:trace|Kernel panic)")
+_END = re.compile(r"^---\[ end (?:trace|Kernel panic)|^kmemleak: [0-9]+ new suspected memory leaks")
 # The reporting machinery's own frames: the function a crash is in is below them.
 _MACHINERY = re.compile(
     r"^(?:dump_stack\w*|show_stack|__warn\w*|warn_slowpath\w*|report_bug|handle_bug|exc_\w+|asm_exc_\w+|do_trap\w*"
     r"|do_error_trap|die\w*|bug_handler|__report_bug|print_report|kasan_\w+|__kasan_\w+|__asan_\w+|ubsan_\w+"
     r"|__ubsan_\w+|kcsan_\w+|lock_acquire\w*|__lock_acquire|check_\w+|validate_chain|print_\w+|panic|vpanic"
-    r"|schedule\w*|__schedule|io_schedule\w*|rcu_\w+|__rcu_\w+|kmemleak_\w+|kmalloc\w*|__kmalloc\w*"
-    r"|kmem_cache_alloc\w*|__kmem_cache_alloc\w*|slab_\w+|__slab_\w+)$"
+    r"|schedule\w*|__schedule|io_schedule\w*|rcu_\w+|__rcu_\w+|kmemleak_(?:alloc|vmalloc)\w*|kmalloc\w*|__kmalloc\w*"
+    r"|kmem_cache_alloc\w*|__kmem_cache_alloc\w*|slab_\w+|__slab_\w+|_?_?k?vmalloc\w*|pcpu_alloc\w*|__alloc_percpu\w*)$"
 )
 
 
@@ -255,7 +255,7 @@ def _new(current: Kind, starting: Kind) -> bool:
 
 
 def _crash(kind: Kind, match: re.Match[str], report: list[str]) -> Crash:
-    frames = _frames(report)
+    frames = below_the_machinery(_frames(report))
     fields = {name: value for name, value in match.groupdict().items() if value}
     for name, pattern in DETAILS.items():
         found = next((hit for hit in map(pattern.search, report) if hit), None)
@@ -277,6 +277,14 @@ def _frames(report: list[str]) -> list[Frame]:
             module = re.search(r"\[(\w{1,64})\]\s*$", line)
             frames.append(Frame(found["function"], found["offset"], module[1] if module else "", at_fault=bool(fault)))
     return frames
+
+
+def below_the_machinery(frames: list[Frame]) -> list[Frame]:
+    """The trace from the first frame that is not the reporting machinery's (KASAN's report starts with
+    dump_stack_lvl, print_report, kasan_report; kmemleak's with the allocator, and once symbolized with the
+    allocator's functions inlined in the caller): the top frame is the crash's."""
+    crashing = (i for i, frame in enumerate(frames) if frame.at_fault or not _MACHINERY.match(_bare(frame.function)))
+    return frames[next(crashing, 0) :]
 
 
 def _pointed_at(report: list[str], frames: list[Frame]) -> str:

@@ -4,7 +4,9 @@ An entry built with CONFIG_DEBUG_INFO keeps its vmlinux compressed (`vmlinux.zst
 beside its System.map. A frame `func+0x1d/0x30` is the address of `func` in System.map plus 0x1d (a trace's
 frames are return addresses: one byte back, the call's own line); binutils' addr2line of the kernel's arch
 (`addr2line` for this machine's, `aarch64-linux-gnu-addr2line` for a cross build, else `llvm-addr2line`) names
-the line and the functions inlined there. Module frames (`[module]`) are left as printed.
+the line and the functions inlined there. A module's frame (`func+0x1d/0x30 [mod]`) is read the same way from the
+entry's copy of that module (`mod.ko`, found through modules.order): `func`'s section and place in it from the
+arch's objdump's symbol table, then addr2line with that section (`-j`), as a `.ko` is not linked.
 
 The entry came from a cache the workload's repository may write (GitHub's): what it holds is read bounded,
 never through a link, and what addr2line says of it is cleaned like anything else the guest sent.
@@ -20,17 +22,23 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..arches import Arch
-from ..files import read_regular
+from ..files import module_files, read_inside, read_regular
 from ..log import printable
-from .crashes import Crashes, Frame
+from .crashes import Crashes, Frame, below_the_machinery
 
 SYSTEM_MAP_BYTES = 64 * 1024 * 1024
+MODULES_ORDER_BYTES = 4 * 1024 * 1024
+MODULE_BYTES = 512 * 1024 * 1024  # the most of a module's .ko read (its debug info included)
 VMLINUX_BYTES = 4 * 1024 * 1024 * 1024  # the most a vmlinux.zst may decompress to
 ADDR2LINE_SECONDS = 60
 _SYMBOL = re.compile(r"^([0-9a-f]{8,16}) [tTwW] ([A-Za-z_][\w.]{0,200})$")
+# objdump -t: a function's place in its section, in a relocatable object (a module) relative to the section.
+_SECTION_SYMBOL = re.compile(
+    r"^([0-9a-f]{8,16}) [lgu! ][w ][C ][W ][Ii ][dD ]F (\.[\w.]{1,100})\t[0-9a-f]{8,16} ([A-Za-z_][\w.]{0,200})$"
+)  # only functions (F)
 _LOCATION = re.compile(r"^(?P<file>[^:]{1,500}):(?P<line>[0-9]{1,7})(?: \(discriminator [0-9]+\))?$")
 # The kernel tree's top-level directories: a file's path in the tree starts at one of them.
 _TOP_DIRS = (
@@ -49,7 +57,7 @@ def symbolize(crashes: Crashes, kernel: Path, arch: Arch, host: Arch) -> Crashes
     if packed is None or not packed.is_file() or packed.is_symlink():
         crashes.why = "no debug info: the kernel is not a vngtasks build with CONFIG_DEBUG_INFO (its vmlinux.zst)"
         return crashes
-    tool = addr2line_program(arch, host)
+    tool = binutils_program("addr2line", arch, host)
     if tool is None:
         crashes.why = f"no addr2line for {arch.name} here ({arch.cross_compile}addr2line or llvm-addr2line)"
         return crashes
@@ -60,16 +68,58 @@ def symbolize(crashes: Crashes, kernel: Path, arch: Arch, host: Arch) -> Crashes
         if not unpack(packed, vmlinux):
             crashes.why = f"{packed} did not decompress (zstd), or to more than {VMLINUX_BYTES // 2**30} GiB"
             return crashes
+        modules = Modules(entry, Path(temp), binutils_program("objdump", arch, host))
         for crash in crashes.found:
-            crash.frames = tuple(_decoded(crash.frames, symbols, tool, vmlinux, tree))
+            decoded = list(_decoded(crash.frames, symbols, tool, vmlinux, tree, modules))
+            crash.frames = tuple(below_the_machinery(decoded))
     crashes.symbolized, crashes.why = True, ""
     return crashes
 
 
-def addr2line_program(arch: Arch, host: Arch) -> str | None:
-    names = ["addr2line"] if arch == host else []
-    names += [f"{arch.cross_compile}addr2line", "llvm-addr2line"]
+def binutils_program(name: str, arch: Arch, host: Arch) -> str | None:
+    """binutils' `name` for the kernel's arch: this machine's own for its arch, else the cross one, else LLVM's."""
+    names = [name] if arch == host else []
+    names += [f"{arch.cross_compile}{name}", f"llvm-{name}"]
     return next((path for name in names if (path := shutil.which(name))), None)
+
+
+class Modules:
+    """The entry's modules, for their frames: each `.ko` copied out of the entry (read bounded, through no link)
+    once it is asked for, with its functions' sections and offsets."""
+
+    def __init__(self, entry: Path, temp: Path, objdump: str | None) -> None:
+        self.entry, self.temp, self.objdump = entry, temp, objdump
+        order = (read_regular(entry / "modules.order", MODULES_ORDER_BYTES) or b"").decode(errors="replace")
+        self.files = {PurePosixPath(name).stem.replace("-", "_"): name for name in module_files(order)}
+        self.loaded: dict[str, tuple[Path, dict[str, tuple[str, int]]] | None] = {}
+
+    def place(self, module: str, function: str) -> tuple[Path, str, int] | None:
+        """The module's copy, and the section and offset of `function` in it; None when unknown."""
+        if module not in self.loaded:
+            self.loaded[module] = self._load(module)
+        loaded = self.loaded[module]
+        if loaded is None or function not in loaded[1]:
+            return None
+        copy, functions = loaded
+        return copy, *functions[function]
+
+    def _load(self, module: str) -> tuple[Path, dict[str, tuple[str, int]]] | None:
+        name = self.files.get(module)
+        data = read_inside(self.entry, name, MODULE_BYTES) if name and self.objdump else None
+        if data is None or self.objdump is None:
+            return None
+        copy = self.temp / f"{module}.ko"
+        copy.write_bytes(data)
+        try:
+            table = subprocess.run([self.objdump, "-t", str(copy)], capture_output=True, text=True,
+                                   errors="replace", timeout=ADDR2LINE_SECONDS).stdout  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        functions: dict[str, tuple[str, int]] = {}
+        for found in map(_SECTION_SYMBOL.match, table.splitlines()[:1_000_000]):
+            if found:
+                functions[found[3]] = (found[2], int(found[1], 16))
+        return copy, functions
 
 
 def system_map(data: bytes) -> dict[str, list[int]]:
@@ -110,20 +160,25 @@ def unpack(packed: Path, out: Path) -> bool:
 
 
 def _decoded(
-    frames: tuple[Frame, ...], symbols: dict[str, list[int]], tool: str, vmlinux: Path, tree: str
+    frames: tuple[Frame, ...], symbols: dict[str, list[int]], tool: str, vmlinux: Path, tree: str, modules: Modules
 ) -> Iterator[Frame]:
     """Each frame with its file and line; a frame with functions inlined at its address becomes several, the
     innermost first (the last is the printed function itself)."""
-    addresses: dict[int, int] = {}  # frame index → address
+    addresses: dict[int, int] = {}  # frame index → address in vmlinux
+    found: dict[int, list[tuple[str, str, int]]] = {}  # frame index → its places
     for index, frame in enumerate(frames):
-        start = _unique(symbols.get(frame.function, []))
-        if start is None or frame.module:
-            continue
-        offset = int(frame.offset.split("/")[0], 16)
-        addresses[index] = start + offset - (0 if frame.at_fault else 1)
+        offset = int(frame.offset.split("/")[0], 16) - (0 if frame.at_fault else 1)
+        if frame.module:
+            place = modules.place(frame.module, frame.function)
+            if place is not None:
+                copy, section, start = place
+                found[index] = _addr2line(tool, copy, [start + offset], section).get(start + offset, [])
+        elif (start := _unique(symbols.get(frame.function, []))) is not None:
+            addresses[index] = start + offset
     lines = _addr2line(tool, vmlinux, list(addresses.values())) if addresses else {}
+    found.update({index: lines.get(address, []) for index, address in addresses.items()})
     for index, frame in enumerate(frames):
-        places = lines.get(addresses.get(index, -1), [])
+        places = found.get(index, [])
         if not places:
             yield frame
             continue
@@ -137,9 +192,13 @@ def _unique(addresses: list[int]) -> int | None:
     return addresses[0] if len(set(addresses)) == 1 else None
 
 
-def _addr2line(tool: str, vmlinux: Path, addresses: list[int]) -> dict[int, list[tuple[str, str, int]]]:
-    """addr2line -f -i -a: per address, the functions and places, the innermost inlined one first."""
-    argv = [tool, "-e", str(vmlinux), "-f", "-i", "-a", *(f"{a:#x}" for a in addresses)]
+def _addr2line(
+    tool: str, binary: Path, addresses: list[int], section: str = ""
+) -> dict[int, list[tuple[str, str, int]]]:
+    """addr2line -f -i -a: per address (in `section`, when given), the functions and places, the innermost inlined
+    one first."""
+    argv = [tool, "-e", str(binary), *(["-j", section] if section else []), "-f", "-i", "-a"]
+    argv += [f"{a:#x}" for a in addresses]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=ADDR2LINE_SECONDS)
     except (OSError, subprocess.TimeoutExpired):
@@ -166,6 +225,7 @@ def _in_tree(file: str, tree: str) -> str:
     through ccache (hash_dir off) that directory is the tree that compiled the object first, maybe another one:
     this build's tree is dropped, else a vngtasks work tree's (`…/linux/`, then a top-level directory of the
     kernel's); else the path stays as it is."""
+    file = file.removeprefix("./")  # a module's objects name their files relative to the tree
     if tree and file.startswith(tree.rstrip("/") + "/"):
         return file[len(tree.rstrip("/")) + 1 :]
     found = re.search(rf"/linux/(?=(?:{'|'.join(_TOP_DIRS)})/)", file)
