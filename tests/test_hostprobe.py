@@ -107,3 +107,35 @@ def test_virtme_ng_init_is_used_only_when_built_for_this_host(tmp_path: Path) ->
     assert not hostprobe.runs_here(tmp_path / "script", x86_64) and not hostprobe.runs_here(tmp_path / "none", x86_64)
     # The wheel installed here ships an x86-64 binary: on this x86_64 host it runs.
     assert hostprobe.virtme_ng_init_runs(arches.host()) is (arches.host().name == "x86_64")
+
+
+def test_boots_at_once_keep_each_other_s_answers_and_probe_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two boots of one matrix (or two invocations) read the file before either writes: neither's answer is lost
+    (KVM found broken by a guest must stay broken for the next boot), and one probe serves both."""
+    import threading
+    import time
+
+    from vngtasks import accel
+
+    calls: list[str] = []
+
+    def slow_probe(arch: arches.Arch) -> None:
+        calls.append("kvm")
+        time.sleep(0.2)
+
+    monkeypatch.setattr(accel, "kvm_problem", slow_probe)
+    monkeypatch.setattr(hostprobe, "vng_virtiofsd", lambda c: hostprobe.Virtiofsd("/v", True))
+    host = arches.host()
+    first, second = hostprobe.HostProbes(tmp_path), hostprobe.HostProbes(tmp_path)
+    first.kvm_failed(host, "KVM internal error")
+    assert second.force_9p("") is False
+    kept = json.loads((tmp_path / hostprobe.PROBES_FILE).read_text())
+    assert kept[f"kvm-{host.name}"].endswith("KVM internal error") and kept["virtiofsd"]["usable"] is True
+    (tmp_path / hostprobe.PROBES_FILE).unlink()
+    probes = [hostprobe.HostProbes(tmp_path) for _ in range(3)]
+    threads = [threading.Thread(target=p.kvm_problem, args=(host,)) for p in probes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == ["kvm"]

@@ -107,3 +107,91 @@ def test_a_cell_whose_kernel_does_not_build_is_no_kernel(tmp_path: Path, monkeyp
     assert matrix.conclude(tmp_path / "matrix.json", {"run": "true"}, [DONE, done]) == FAILED
     row = f"| v6.12 | {s.arch.name} | {s.kconfig_base} | bbbbbbbbbbbb | no-kernel ({FAILED}) |"
     assert row in capsys.readouterr().out
+
+
+class StandIns:
+    """`invoke matrix` with its kernel built and booted by stand-ins (provide.ensure_kernel, vm.run_recorded):
+    when each ran, on this host of 2 CPUs and 8G; the workload "exit 1" fails its cell."""
+
+    def __init__(self, tmp_path: Path, monkeypatch, barrier: int = 0) -> None:
+        import os
+        import threading
+        import time
+
+        from vngtasks import cache, provide, resolve, runrecord, vm
+
+        self.builds: list[tuple[float, float]] = []
+        self.boots: list[tuple[str, float, float]] = []
+        self.started = 0
+        self.hosts: list[object] = []
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(barrier, timeout=10) if barrier else None
+        self.tmp_path = tmp_path
+
+        def build(_c, s, resolved):
+            started = time.monotonic()
+            kernels = cache.KernelCache(cache.kernels_root(s))
+            key = cache.key_for(s, resolved.sha12)
+            if kernels.lookup(key) is None:
+                with kernels.create(key, {"name": s.name}) as temp:
+                    (temp / "bzImage").write_bytes(b"kernel " + resolved.sha.encode())
+            time.sleep(0.05)
+            with self.lock:
+                self.builds.append((started, time.monotonic()))
+            return kernels.lookup(key)
+
+        def boot(s, kernel, workload, *args, **kwargs):
+            started = time.monotonic()
+            with self.lock:
+                self.started += 1
+                first = self.started <= barrier
+            if self.barrier is not None and first:
+                self.barrier.wait()  # the first `barrier` boots: all at once, or this times out
+            time.sleep(0.2)
+            with self.lock:
+                self.boots.append((s.tag, started, time.monotonic()))
+                self.hosts.append(kwargs.get("host"))
+            outcome = vm.Outcome("tcg", 1 if "exit 1" in workload else 0, "workload", 0.1, 0.1)
+            return runrecord.Record(kernel, "6.12.0", s.arch.name, outcome, outcome.status, ())
+
+        def resolved(_c, s, **_kwargs):
+            return resolve.Resolved(s.tag.ljust(40, "0"), f"refs/tags/{s.tag}", "remote")
+
+        monkeypatch.setattr(provide, "ensure_kernel", build)
+        monkeypatch.setattr(vm, "run_recorded", boot)
+        monkeypatch.setattr(resolve, "resolve_kernel", resolved)
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(vm, "host_memory_mib", lambda: 8192)
+
+    def settings(self, tags: list[str], run: str) -> list:
+        from vngtasks import settings
+
+        flags = {"cache_dir": str(self.tmp_path / "c"), "log_dir": str(self.tmp_path / "logs"), "run": run,
+                 "kconfig_base": "tiny", "extra_rwdirs": ""}  # fmt: skip
+        arch = settings.effective({}, {}, workspace=self.tmp_path).arch.name
+        return [settings.effective({}, {**flags, **cell.given()}, workspace=self.tmp_path)
+                for cell in matrix.cells(tags, [arch], ["tiny"])]  # fmt: skip
+
+    def overlapping(self) -> int:
+        """The most boots that ran at one moment."""
+        return max(sum(1 for _, s, e in self.boots if s <= start < e) for _, start, _ in self.boots)
+
+
+def test_cells_boot_at_once_as_the_cpus_allow_while_builds_take_turns(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Four cells on 2 CPUs: two boots at once (each on 1 CPU and half the memory), never more; the builds one at a
+    time; a failing cell fails the run; the kept file holds every cell, so the re-run boots none."""
+    ran = StandIns(tmp_path, monkeypatch, barrier=2)
+    settings = ran.settings(["a1", "a2", "a3", "a4"], "true")
+    settings[2] = dataclasses.replace(settings[2], run="exit 1")
+    assert matrix.matrix(None, settings) == FAILED
+    assert ran.overlapping() == 2 and len(ran.boots) == 4
+    assert all(end <= start for (_, end), (start, _) in zip(ran.builds, ran.builds[1:], strict=False))
+    assert {(host.cpus, host.memory_mib) for host in ran.hosts} == {(1, 4096)}
+    report = json.loads((tmp_path / "logs" / "matrix.json").read_text())
+    assert [(c["tag"], c["result"]) for c in report["cells"]] == [("a1", "passed"), ("a2", "passed"),
+                                                                  ("a3", "failed"), ("a4", "passed")]  # fmt: skip
+    (kept,) = (tmp_path / "c" / "matrix").glob("*.json")
+    assert sorted(c["tag"] for c in json.loads(kept.read_text())["cells"]) == ["a1", "a2", "a3", "a4"]
+    assert capsys.readouterr().err.count("vngtasks: warning: matrix: a3 ") == 1
+    again = StandIns(tmp_path, monkeypatch)
+    assert matrix.matrix(None, settings) == FAILED and again.boots == [] and again.builds == []
