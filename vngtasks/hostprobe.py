@@ -14,10 +14,12 @@ re-probed when it cannot be read; a probe is cheap, the file only saves doing it
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from .arches import Arch
 from .files import write_atomically
 
 PROBES_FILE = "host-probes.json"
+LOCK_SUFFIX = ".lock"  # the file's lock beside it: its writers take turns
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # Where vng looks for virtiofsd, in its order (virtme/commands/run.py, VirtioFS._get_virtiofsd_path);
 # `None` stands for `virtiofsd` on the PATH, after the copy shipped with virtme-ng's guest tools.
@@ -124,9 +127,7 @@ class HostProbes:
         from . import accel
 
         key = f"kvm-{arch.name}"
-        if key not in self.answers or not isinstance(self.answers[key], str | None):
-            self._remember(key, accel.kvm_problem(arch))
-        answer = self.answers[key]
+        answer = self._answer(key, lambda known: isinstance(known, str | None), lambda: accel.kvm_problem(arch))
         return answer if isinstance(answer, str) else None
 
     def kvm_failed(self, arch: Arch, error: str) -> None:
@@ -145,19 +146,58 @@ class HostProbes:
 
     def force_9p(self, path_env: str) -> bool:
         """True when vng would wait for a virtiofsd that cannot start (or has none to try)."""
-        if not isinstance(self.answers.get("virtiofsd"), dict):
+
+        def probe() -> dict[str, object]:
             found = vng_virtiofsd(virtiofsd_candidates(guest_tools(), path_env))
-            self._remember("virtiofsd", {"path": found.path, "usable": found.usable})
-        answer = self.answers["virtiofsd"]
+            return {"path": found.path, "usable": found.usable}
+
+        answer = self._answer("virtiofsd", lambda known: isinstance(known, dict), probe)
         return not (isinstance(answer, dict) and answer.get("usable") is True)
 
+    def _answer(self, key: str, valid: Callable[[object], bool], probe: Callable[[], object]) -> object:
+        """The answer kept for `key` when `valid`, else probed and kept. The file's lock is held while probing: boots
+        at once (a matrix's, or invocations side by side) wait for one probe and take its answer."""
+        if key in self.answers and valid(self.answers[key]):
+            return self.answers[key]
+        with self._locked():
+            self._read_again()
+            if key not in self.answers or not valid(self.answers[key]):
+                self.answers[key] = probe()
+                self._write()
+        return self.answers[key]
+
     def _remember(self, key: str, value: object) -> None:
-        self.answers[key] = value
+        """`value` kept for `key`, over the file as it is now: what others wrote since this one read it stays."""
+        with self._locked():
+            self._read_again()
+            self.answers[key] = value
+            self._write()
+
+    def _read_again(self) -> None:
+        self.answers = {**self.answers, **self._load()}
+
+    def _write(self) -> None:
         if not self.write:
             return
         with contextlib.suppress(OSError):  # a cache we cannot write only costs a probe next time
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(self.path, json.dumps(self.answers, indent=2, sort_keys=True))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The file's lock (`host-probes.json.lock` beside it, flocked) held. None taken for a dry run, which writes
+        nothing, nor where cache-dir cannot be written (then, as ever, a probe may be done twice)."""
+        fd = None
+        if self.write:
+            with contextlib.suppress(OSError):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path.with_name(PROBES_FILE + LOCK_SUFFIX), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)
 
 
 def _boot_id() -> str:
