@@ -382,3 +382,32 @@ def test_a_damaged_entry_is_rebuilt_with_one_warning(tmp_path: Path, monkeypatch
     provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v1", "remote"))
     assert built == [key, key] and store.lookup(key).damage() is None
     assert capsys.readouterr().err.count(f"cache: {key} is damaged (System.map: 0 bytes, not 4): removed") == 1
+
+
+def test_a_hit_is_found_while_another_boot_uses_the_entry(tmp_path: Path, monkeypatch):
+    """A matrix boots one kernel for two refs of one commit: the second cell's look-up finds the entry while the
+    first cell's boot holds it in use (a shared lock), instead of waiting for that boot to end."""
+    import threading
+
+    from invoke import Context
+
+    from vngtasks import build, provide
+    from vngtasks.resolve import Resolved
+    from vngtasks.settings import DEFAULTS, effective
+
+    settings = effective(DEFAULTS, {"cache_dir": str(tmp_path / "c"), "name": "foo"}, workspace=tmp_path)
+    store = cache.KernelCache(cache.kernels_root(settings))
+    sha = "0123456789ab" + "0" * 28
+    key = cache.key_for(settings, sha[:12])
+    with store.create(key, {"name": "foo", "arch": settings.arch.name}) as temp:
+        (temp / "System.map").write_text("map\n")
+    monkeypatch.setattr(build, "build_here", lambda *args: pytest.fail("a hit is not built"))
+    found: list[cache.Entry] = []
+    looking = threading.Thread(
+        target=lambda: found.append(provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v1", "remote"))),
+        daemon=True,
+    )
+    with store.using(key):
+        looking.start()
+        looking.join(timeout=5)
+        assert found and found[0].key == key

@@ -150,6 +150,13 @@ class KernelCache:
                 raise Failure(f"cache: {key} was removed before it could be used", FAILED)
             yield entry
 
+    def sound(self, key: str) -> Entry | None:
+        """The entry of `key` when it is there and not damaged, looked at under its lock shared (a build of it is
+        waited for; boots using it are not); None: a build must look again, holding the build lock."""
+        with _flock(self.root / LOCKS / f"{_checked(key)}.lock", wait=True, shared=True):
+            entry = self.lookup(key)
+            return entry if entry is not None and entry.damage() is None else None
+
     @contextlib.contextmanager
     def create(self, key: str, metadata: dict) -> Iterator[Path]:
         """A temp directory to fill; on success it becomes the entry `key` in one rename."""

@@ -22,10 +22,14 @@ from .validate import make_directory
 
 
 def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.Entry:
-    """The cache entry of the resolved commit: found, or built once (others wait on the lock)."""
+    """The cache entry of the resolved commit: found (beside boots that use it), or built once (others wait on the
+    lock)."""
     make_directory("cache_dir", settings.cache_dir)
     kernels = cache.KernelCache(cache.kernels_root(settings))
     key = cache.key_for(settings, resolved.sha12)
+    if (sound := kernels.sound(key)) is not None:
+        log.info(f"cache: hit {key}")
+        return sound
     with kernels.lock(key):
         entry = kernels.lookup(key)
         if entry is not None and (damage := entry.damage()) is not None:
