@@ -234,3 +234,31 @@ def test_an_attempt_reads_what_the_guest_left_before_its_run_directory_goes(tmp_
     assert attempted.outcome.status == 3 and attempted.outcome.result == "workload"
     assert attempted.outcome.release == os.uname().release and attempted.dmesg is not None
     assert list(vm.runs_dir(settings).iterdir()) == []  # then all of it is gone
+
+
+def test_a_labeled_boot_s_every_line_begins_with_its_label(tmp_path: Path, capfd) -> None:
+    """A matrix's boots at once: what each VM relays (stdout, stderr, a last line without its break) and what is
+    said of it comes line by line, each line with the cell's label, so two VMs' lines never mix."""
+    from vngtasks import log
+
+    vng = fake_vng(tmp_path, """\
+        printf 'out one\\nout two\\n'
+        printf 'err one\\n' >&2
+        printf 'no break at the end'
+    """)  # fmt: skip
+    vm = vm_run(tmp_path)
+    with log.labeled("01-v6.12-x86_64-tiny"), reaper.Guard(reaper.Leftovers(vm.shared.parent)) as guard:
+        supervise.supervise(vm, [vng], dict(os.environ), Marks(probe=0.0), guard)
+    out, err = capfd.readouterr()
+    assert out.splitlines() == ["[01-v6.12-x86_64-tiny] out one", "[01-v6.12-x86_64-tiny] out two",
+                                "[01-v6.12-x86_64-tiny] no break at the end"]  # fmt: skip
+    assert err.splitlines()[0] == "[01-v6.12-x86_64-tiny] err one"
+    assert all(line.startswith("[01-v6.12-x86_64-tiny] ") for line in err.splitlines()), err
+
+
+def test_labeled_lines_are_cut_to_one_write_each() -> None:
+    pending = bytearray()
+    assert supervise.labeled_lines(pending, b"a\nb", b"[x] ") == [b"[x] a\n"] and pending == b"b"
+    assert supervise.labeled_lines(pending, b"c\n\n", b"[x] ") == [b"[x] bc\n", b"[x] \n"] and pending == b""
+    long = supervise.labeled_lines(pending, b"y" * (supervise.LABELED_LINE_BYTES + 5), b"[x] ")
+    assert [len(line) for line in long] == [4 + supervise.LABELED_LINE_BYTES + 1] and pending == b"yyyyy"

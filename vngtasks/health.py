@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def show_tail(console_log: Path) -> None:
         log.info(f"the guest console ({console_log}) is empty: the kernel printed nothing")
         return
     log.info(f"last {len(tail)} lines of the guest console ({console_log}):")
-    print("\n".join(tail), file=sys.stderr, flush=True)
+    log.lines(tail)
 
 
 def kernel_and_program_lines(dmesg: bytes) -> tuple[list[str], list[str]]:

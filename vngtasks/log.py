@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+
+_LABEL: ContextVar[str] = ContextVar("vngtasks_log_label", default="")  # see labeled()
 
 
 def in_actions() -> bool:
@@ -19,15 +24,43 @@ def show_and_summarize(text: str) -> None:
             out.write("\n" + text)
 
 
+@contextlib.contextmanager
+def labeled(label: str) -> Iterator[None]:
+    """Every line this thread writes in the block begins with `[label] `: the messages, and what the VM it boots
+    relays (supervise.py), of one of a matrix's boots at once."""
+    token = _LABEL.set(f"[{label}] ")
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+
+def label() -> str:
+    """What this thread's lines begin with: `[label] ` in a `labeled` block, else nothing."""
+    return _LABEL.get()
+
+
 def info(message: str) -> None:
-    print(f"vngtasks: {message}", file=sys.stderr, flush=True)
+    _line(f"vngtasks: {message}")
 
 
 def warn(message: str) -> None:
     if in_actions():
-        print(f"::warning::{command_data(message)}", file=sys.stderr, flush=True)
+        _line(f"::warning::{command_data(label() + message)}", labeled=False)  # the command begins the line
     else:
-        print(f"vngtasks: warning: {message}", file=sys.stderr, flush=True)
+        _line(f"vngtasks: warning: {message}")
+
+
+def lines(texts: Iterable[str]) -> None:
+    """Lines of text others sent (a console's end, a splat) on stderr, each labeled as messages are."""
+    for text in texts:
+        _line(text)
+
+
+def _line(text: str, labeled: bool = True) -> None:
+    """One line to stderr, in one write: lines that threads write at once do not mix."""
+    sys.stderr.write(f"{label() if labeled else ''}{text}\n")
+    sys.stderr.flush()
 
 
 def annotate(command: str, title: str, message: str, file: str = "", line: int | None = None) -> None:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import stat
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +129,7 @@ def judge(outcome: Outcome, splats: list[str]) -> int:
         log.warn(f"splat-check: the workload passed but the kernel logged {len(splats)} splat line(s):")
     else:
         log.warn(f"splat-check: the kernel logged {len(splats)} splat line(s) (status {outcome.status} kept):")
-    print("\n".join(splats[:TAIL_LINES]), file=sys.stderr, flush=True)
+    log.lines(splats[:TAIL_LINES])
     return SPLAT if outcome.status == 0 else outcome.status
 
 

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -48,9 +49,29 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 PANIC_GRACE_SECONDS = 5.0  # panic=-1 ends the VM at once; stop it ourselves after this
 
 
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG = 1  # the "parent" is the thread that started vng: a matrix's boot threads outlive their VMs
 VNG_STDERR_BYTES = 16 * 1024  # the end of vng's stderr kept: its own error, when it fails before the kernel runs
 STDOUT_COPY_BYTES = 16 * 1024 * 1024  # the start of the workload's stdout kept, when asked (test results)
+# A labeled line (log.labeled) longer than this is cut into several: each is one write, which another thread's
+# write to the same pipe cannot split (PIPE_BUF, 4096 bytes, with the label).
+LABELED_LINE_BYTES = 3968
+_STOP: ContextVar[threading.Event | None] = ContextVar("vngtasks_vm_stop", default=None)  # see stops_when()
+
+
+class Abandoned(BaseException):
+    """The VM was stopped because the whole run is stopping (see stops_when): nothing of it is reported.
+    A BaseException, as a stopping signal's: no `except Exception` on the way out may keep it."""
+
+
+@contextlib.contextmanager
+def stops_when(event: threading.Event) -> Iterator[None]:
+    """A VM this thread supervises in the block is stopped at its next poll once `event` is set, and Abandoned
+    raised: the main thread, which takes the stopping signals, so stops the VMs that other threads boot."""
+    token = _STOP.set(event)
+    try:
+        yield
+    finally:
+        _STOP.reset(token)
 
 
 @dataclass(frozen=True)
@@ -125,20 +146,25 @@ def supervise(
 ) -> Outcome:
     """Run vng until the VM ends, is over its time or panics; `marks` notes when each thing happened, `guard`
     (started before, closed after, by the caller) learns vng's session; `stdout`, when given, gets the start of
-    what the workload printed (at most STDOUT_COPY_BYTES), as it is relayed."""
+    what the workload printed (at most STDOUT_COPY_BYTES), as it is relayed. In a log.labeled block, every line
+    relayed is labeled too; in a stops_when block, the VM is stopped when asked (Abandoned)."""
     vm.console_log.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    label = log.label().encode()
+    stop = _STOP.get()
     with contextlib.ExitStack() as cleanup:
         with stopping_signals_held():  # a stop waits until vng is started and its cleanup is in place
-            process = start(argv, env, copy_stdout=stdout is not None)
-            relays = relay(process, stdout)
+            process = start(argv, env, copy_stdout=stdout is not None, labeled=bool(label))
+            relays = relay(process, stdout, label)
             cleanup.callback(finish, process, relays)
             guard.watch(process.pid)
         marks.vng = time.monotonic()
         console = ConsoleWatch(vm.console_log)
         while process.poll() is None:
             time.sleep(POLL_SECONDS)
+            if stop is not None and stop.is_set():
+                raise Abandoned()  # the cleanup above stops vng's session
             now = time.monotonic()
             note_progress(vm, marks, now)
             why = overdue(vm, marks, console, now, relays.stderr_tail)
@@ -171,8 +197,11 @@ def stopping_signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def start(argv: list[str], env: Mapping[str, str], copy_stdout: bool = False) -> subprocess.Popen[bytes]:
-    """vng in a session of its own (stopped as a whole), killed by the kernel should we die before it."""
+def start(
+    argv: list[str], env: Mapping[str, str], copy_stdout: bool = False, labeled: bool = False
+) -> subprocess.Popen[bytes]:
+    """vng in a session of its own (stopped as a whole), killed by the kernel should we (or the thread that starts
+    it) die before it; its stdout through a pipe too when `copy_stdout` or `labeled`."""
     parent = os.getpid()
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 
@@ -185,7 +214,7 @@ def start(argv: list[str], env: Mapping[str, str], copy_stdout: bool = False) ->
     try:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=in_child,
-            **relayed_streams(copy_stdout),
+            **relayed_streams(copy_stdout or labeled),
         )  # fmt: skip
     except FileNotFoundError:
         raise Failure(f"{argv[0]} not found: install virtme-ng (`invoke deps` does)", MISSING_TOOL) from None
@@ -298,21 +327,23 @@ class Relays:
         return bytes(self.tail).decode(errors="replace")
 
 
-def relay(process: subprocess.Popen[bytes], stdout: bytearray | None = None) -> Relays:
-    """Copy each piped stream to ours as it comes (the start of stdout into `stdout` too, when given); the
-    threads end when the session's writers do."""
+def relay(process: subprocess.Popen[bytes], stdout: bytearray | None = None, label: bytes = b"") -> Relays:
+    """Copy each piped stream to ours as it comes (the start of stdout into `stdout` too, when given), each line
+    beginning with `label` when one is given; the threads end when the session's writers do."""
     relays = Relays([], bytearray())
     for pipe, fd in ((process.stdout, 1), (process.stderr, 2)):
         if pipe is not None:
-            args = (pipe, fd, relays.tail, None) if fd == 2 else (pipe, fd, None, stdout)
+            args = (pipe, fd, relays.tail, None, label) if fd == 2 else (pipe, fd, None, stdout, label)
             thread = threading.Thread(target=_copy, args=args, daemon=True)
             thread.start()
             relays.threads.append(thread)
     return relays
 
 
-def _copy(source: IO[bytes], target: int, tail: bytearray | None, head: bytearray | None) -> None:
-    """`source` to `target`, keeping its last VNG_STDERR_BYTES in `tail`, its first STDOUT_COPY_BYTES in `head`."""
+def _copy(source: IO[bytes], target: int, tail: bytearray | None, head: bytearray | None, label: bytes = b"") -> None:
+    """`source` to `target`, keeping its last VNG_STDERR_BYTES in `tail`, its first STDOUT_COPY_BYTES in `head`;
+    with a `label`, line by line, each line beginning with it (the last one ended by a line break)."""
+    pending = bytearray()  # with a label: the start of a line not ended yet
     with source:
         while chunk := os.read(source.fileno(), 65536):
             if tail is not None:
@@ -320,9 +351,29 @@ def _copy(source: IO[bytes], target: int, tail: bytearray | None, head: bytearra
                 del tail[:-VNG_STDERR_BYTES]
             if head is not None and len(head) < STDOUT_COPY_BYTES:
                 head += chunk[: STDOUT_COPY_BYTES - len(head)]
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(target, view) :]
+            for piece in labeled_lines(pending, chunk, label) if label else [chunk]:
+                _write_all(target, piece)
+        if label and pending:
+            _write_all(target, label + bytes(pending) + b"\n")
+
+
+def labeled_lines(pending: bytearray, chunk: bytes, label: bytes) -> list[bytes]:
+    """The lines `chunk` ends (after what `pending` began), each beginning with `label`, one longer than
+    LABELED_LINE_BYTES cut there; what no line break ends yet stays in `pending`."""
+    pending += chunk
+    lines = []
+    while (end := pending.find(b"\n", 0, LABELED_LINE_BYTES)) != -1 or len(pending) >= LABELED_LINE_BYTES:
+        cut = end + 1 if end != -1 else LABELED_LINE_BYTES
+        line = bytes(pending[:cut])
+        del pending[:cut]
+        lines.append(label + line + (b"" if line.endswith(b"\n") else b"\n"))
+    return lines
+
+
+def _write_all(target: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(target, view) :]
 
 
 def _regular_file(fd: int) -> bool:
