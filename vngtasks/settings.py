@@ -67,9 +67,9 @@ SETTINGS: tuple[Setting, ...] = (
             shown="the host's"),
     Setting("accel", "auto", _BOOTS, validate.ACCEL,
             "auto, kvm or tcg (auto falls back to tcg when KVM does not work)"),
-    Setting("cpus", "", _BOOTS, validate.cpus, "guest CPUs, at least 1", shown="all host CPUs"),
+    Setting("cpus", "", _BOOTS, validate.cpus, "guest CPUs, at least 1", shown="all host CPUs (matrix: a boot's share)"),
     Setting("memory", "", _BOOTS, validate.memory_mib, "guest memory, e.g. 512M or 4G; no suffix means MiB",
-            shown="90% of host RAM (at most 4G under TCG)", field="memory_mib"),
+            shown="90% of host RAM, or of a matrix boot's share (at most 4G under TCG)", field="memory_mib"),
     Setting("network", "", _BOOTS, validate.NETWORK, "guest network: user, loop, bridge or bridge=NAME",
             shown="none"),
     Setting("verbose", "true", _BOOTS, validate.boolean, "stream the guest console"),
@@ -187,7 +187,7 @@ class Settings:
     kernel: Path | None
     arch: Arch
     accel: str
-    cpus: int
+    cpus: int | None  # None: the default, counted at boot (all host CPUs, or a matrix boot's share)
     memory_mib: int | None  # None: the default, sized when the accelerator is known
     network: str
     verbose: bool

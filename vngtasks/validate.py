@@ -151,10 +151,10 @@ def git_ref(key: str, value: str, given: Given) -> str:
     return value
 
 
-def cpus(key: str, value: str, given: Given) -> int:
-    """Empty: every host CPU."""
+def cpus(key: str, value: str, given: Given) -> int | None:
+    """A count, or None for the default (every host CPU, or a matrix's share of them: counted at boot)."""
     if value == "":
-        return os.cpu_count() or 1
+        return None
     return _count(key, value, minimum=1)
 
 

@@ -49,10 +49,16 @@ class Host:
     memory_mib: int
     vng: str
     environ: Mapping[str, str]
+    cpus: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
 
     @classmethod
     def current(cls) -> Host:
         return cls(arches.host(), host_memory_mib(), vng_program(), dict(os.environ))
+
+    def divided(self, boots: int) -> Host:
+        """This host as each of `boots` VMs at once sees it: its share of the CPUs (at least one) and of the memory,
+        which the default cpus and memory are sized from."""
+        return dataclasses.replace(self, cpus=max(1, self.cpus // boots), memory_mib=self.memory_mib // boots)
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ def vng_argv(boot: Boot, host: Host) -> list[str]:
         arch=s.arch,
         host_arch=host.arch,
         accel=boot.accel,
-        cpus=s.cpus,
+        cpus=host.cpus if s.cpus is None else s.cpus,
         memory_mib=memory_mib(s, boot.accel, host.memory_mib),
         network=s.network,
         verbose=s.verbose,
@@ -291,9 +297,10 @@ def run(settings: Settings, kernel: Path, workload: str) -> int:
     return run_recorded(settings, kernel, workload).status
 
 
-def run_recorded(settings: Settings, kernel: Path, workload: str) -> Record:
-    """Boot `kernel`, run `workload` with bash inside: the run as reported (its status, its test results)."""
-    host = Host.current()
+def run_recorded(settings: Settings, kernel: Path, workload: str, host: Host | None = None) -> Record:
+    """Boot `kernel`, run `workload` with bash inside: the run as reported (its status, its test results). `host`:
+    this machine as the VM may take it (a matrix's share, see Host.divided); None: all of it."""
+    host = host or Host.current()
     if settings.arch != host.arch and (why := guestroot.refused(settings.arch)):
         raise Failure(why, BAD_INPUT)
     github_dirs(host.environ)  # refused now, before anything is made, if vng could not share them
