@@ -50,6 +50,16 @@ def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.E
 
 
 @dataclass(frozen=True)
+class Built:
+    """The resolved commit's kernel found or built, timed."""
+
+    entry: cache.Entry | None  # None: the kernel did not build (`failure` says why)
+    seconds: float
+    cache_hit: bool
+    failure: str = ""
+
+
+@dataclass(frozen=True)
 class Ran:
     """One kernel built (or found) and booted, timed."""
 
@@ -60,9 +70,9 @@ class Ran:
     failure: str = ""
 
 
-def build_and_boot(c: Context, settings: Settings, resolved: Resolved, workload: str) -> Ran:
-    """The resolved commit's kernel (ensure_kernel) booted with `workload`; a build that fails is a Ran without a
-    record, bad input and a missing tool still raise."""
+def find_or_build(c: Context, settings: Settings, resolved: Resolved) -> Built:
+    """The resolved commit's kernel (ensure_kernel), timed; a build that fails is a Built without an entry, bad input
+    and a missing tool still raise."""
     kernels = cache.KernelCache(cache.kernels_root(settings))
     hit = kernels.lookup(cache.key_for(settings, resolved.sha12)) is not None
     started = time.monotonic()
@@ -71,11 +81,24 @@ def build_and_boot(c: Context, settings: Settings, resolved: Resolved, workload:
     except Failure as failure:
         if failure.code in (BAD_INPUT, MISSING_TOOL):
             raise
-        return Ran(None, time.monotonic() - started, 0.0, hit, str(failure))
-    built = time.monotonic()
-    with kernels.using(entry.key) as in_use:
-        record = vm.run_recorded(settings, in_use.path, workload)
-    return Ran(record, built - started, time.monotonic() - built, hit)
+        return Built(None, time.monotonic() - started, hit, str(failure))
+    return Built(entry, time.monotonic() - started, hit)
+
+
+def boot_built(settings: Settings, built: Built, workload: str, host: vm.Host | None = None) -> Ran:
+    """The kernel `built` booted with `workload`, held in use meanwhile (see vm.run_recorded for `host`)."""
+    if built.entry is None:
+        return Ran(None, built.seconds, 0.0, built.cache_hit, built.failure)
+    started = time.monotonic()
+    with cache.KernelCache(cache.kernels_root(settings)).using(built.entry.key) as in_use:
+        record = vm.run_recorded(settings, in_use.path, workload, host=host)
+    return Ran(record, built.seconds, time.monotonic() - started, built.cache_hit)
+
+
+def build_and_boot(c: Context, settings: Settings, resolved: Resolved, workload: str) -> Ran:
+    """The resolved commit's kernel found or built, then booted with `workload` (a kernel that did not build: a Ran
+    without a record)."""
+    return boot_built(settings, find_or_build(c, settings, resolved), workload)
 
 
 def planned(settings: Settings, resolved: Resolved) -> tuple[Path, list[str]]:
