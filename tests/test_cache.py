@@ -404,7 +404,9 @@ def test_a_hit_is_found_while_another_boot_uses_the_entry(tmp_path: Path, monkey
     monkeypatch.setattr(build, "build_here", lambda *args: pytest.fail("a hit is not built"))
     found: list[cache.Entry] = []
     looking = threading.Thread(
-        target=lambda: found.append(provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v1", "remote"))),
+        target=lambda: found.append(
+            provide.ensure_kernel(Context(), settings, Resolved(sha, "refs/tags/v1", "remote"))
+        ),
         daemon=True,
     )
     with store.using(key):

@@ -109,7 +109,9 @@ def test_virtme_ng_init_is_used_only_when_built_for_this_host(tmp_path: Path) ->
     assert hostprobe.virtme_ng_init_runs(arches.host()) is (arches.host().name == "x86_64")
 
 
-def test_boots_at_once_keep_each_other_s_answers_and_probe_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_boots_at_once_keep_each_other_s_answers_and_probe_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two boots of one matrix (or two invocations) read the file before either writes: neither's answer is lost
     (KVM found broken by a guest must stay broken for the next boot), and one probe serves both."""
     import threading

@@ -98,15 +98,19 @@ def test_a_cell_whose_kernel_does_not_build_is_no_kernel(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(provide, "ensure_kernel", fails)
     monkeypatch.setattr(vm, "run_recorded", no_boot)
+    monkeypatch.setattr(
+        resolve, "resolve_kernel", lambda *_a, **_k: resolve.Resolved("b" * 40, "refs/tags/v6.12", "tag")
+    )
     s = settings.effective({}, {"tag": "v6.12", "cache_dir": str(tmp_path / "c"), "log_dir": str(tmp_path / "logs"),
                                 "run": "true"}, workspace=tmp_path)  # fmt: skip
     cell = matrix.Cell("v6.12", s.arch.name, str(s.kconfig_base))
-    done = matrix.run_cell(None, s, resolve.Resolved("b" * 40, "refs/tags/v6.12", "tag"), 1, cell)
-    assert (done.result, done.status, done.release, done.boot_seconds) == (matrix.NO_KERNEL, FAILED, "", 0.0)
-    assert f"matrix: {cell.label}: no kernel: build: make failed (exit 2)" in capsys.readouterr().err
-    assert matrix.conclude(tmp_path / "matrix.json", {"run": "true"}, [DONE, done]) == FAILED
+    assert matrix.matrix(None, [s]) == FAILED
+    (done,) = json.loads((tmp_path / "logs" / matrix.RECORD).read_text())["cells"]
+    assert (done["result"], done["status"], done["release"], done["boot_seconds"]) == (matrix.NO_KERNEL, FAILED, "", 0)
+    out, err = capsys.readouterr()
+    assert f"matrix: {cell.label}: no kernel: build: make failed (exit 2)" in err
     row = f"| v6.12 | {s.arch.name} | {s.kconfig_base} | bbbbbbbbbbbb | no-kernel ({FAILED}) |"
-    assert row in capsys.readouterr().out
+    assert row in out
 
 
 class StandIns:
@@ -195,3 +199,52 @@ def test_cells_boot_at_once_as_the_cpus_allow_while_builds_take_turns(tmp_path: 
     assert capsys.readouterr().err.count("vngtasks: warning: matrix: a3 ") == 1
     again = StandIns(tmp_path, monkeypatch)
     assert matrix.matrix(None, settings) == FAILED and again.boots == [] and again.builds == []
+
+
+def test_a_stop_during_a_build_stops_the_boots_that_run_and_leaves_no_vm(tmp_path: Path, monkeypatch) -> None:
+    """A stopping signal reaches the main thread (here: while it builds the second cell): the first cell's VM, a
+    real process tree under supervise.py (a stand-in vng that sleeps), is stopped and gone before the task goes on
+    to exit; the stopped cell is not kept."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from vngtasks import provide, reaper, supervise, vm
+    from vngtasks.tasks._common import Stopped
+
+    ran = StandIns(tmp_path, monkeypatch)
+    vng = tmp_path / "vng"
+    vng.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/vng.pid\nexec sleep 600\n")
+    vng.chmod(0o755)
+    booting = threading.Event()
+
+    def boot(s, kernel, workload, host=None):
+        run_dir = tmp_path / "runs" / s.tag
+        (run_dir / "shared").mkdir(parents=True)
+        with reaper.Guard(reaper.Leftovers(run_dir)) as guard:
+            booting.set()
+            vm_run = supervise.VmRun("tcg", run_dir / "shared", run_dir / "console.log", 0, 0)
+            supervise.supervise(vm_run, [str(vng)], dict(os.environ), supervise.Marks(probe=0.0), guard)
+        raise AssertionError("the VM was stopped: its run is not reported")
+
+    built = provide.ensure_kernel
+
+    def build(c, s, resolved):
+        if s.tag == "b2":
+            assert booting.wait(10)
+            while not (tmp_path / "vng.pid").exists():
+                time.sleep(0.05)
+            raise Stopped(signal.SIGTERM)
+        return built(c, s, resolved)
+
+    monkeypatch.setattr(vm, "run_recorded", boot)
+    monkeypatch.setattr(provide, "ensure_kernel", build)
+    started = time.monotonic()
+    with pytest.raises(Stopped):
+        matrix.matrix(None, ran.settings(["b1", "b2"], "true"))
+    pid = int((tmp_path / "vng.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert time.monotonic() - started < 30
+    assert not list((tmp_path / "c" / "matrix").glob("*.json"))  # nothing finished, nothing kept

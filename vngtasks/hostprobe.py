@@ -190,7 +190,8 @@ class HostProbes:
         if self.write:
             with contextlib.suppress(OSError):
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path.with_name(PROBES_FILE + LOCK_SUFFIX), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                lock = self.path.with_name(PROBES_FILE + LOCK_SUFFIX)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)

@@ -15,12 +15,15 @@ import dataclasses
 import hashlib
 import json
 import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from invoke import Context
 
-from . import log, provide, resolve
+from . import log, provide, resolve, supervise, vm
 from .errors import BAD_INPUT, FAILED, Failure
 from .files import kept_list, typed, write_atomically
 from .log import printable
@@ -31,6 +34,7 @@ RECORD = "matrix.json"  # in log-dir
 KEPT_BYTES = 4 * 1024 * 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_CELLS = 64
+MIN_SHARE_MIB = 1024  # boots at once without a memory setting: fewer of them, rather than each VM with less than this
 # How a cell ended: "passed" (status 0), "failed" (the run's nonzero status), "no-kernel" (it did not build).
 PASSED, FAILED_RUN, NO_KERNEL = "passed", "failed", "no-kernel"
 
@@ -146,46 +150,160 @@ def checked_cell(cell: object) -> Done | None:
     return Done(**{**cell, **text, "crashes": tuple(printable(t) for t in cell["crashes"])})
 
 
-def run_cell(c: Context, settings: Settings, resolved: resolve.Resolved, number: int, cell: Cell) -> Done:
-    """One cell built (or found) and booted, its logs in its own directory of log-dir."""
-    log.info(f"matrix: cell {number}: {cell.label} ({resolved.sha12})")
-    s = dataclasses.replace(settings, log_dir=settings.log_dir / "matrix" / cell.directory(number))
-    make_directory("log_dir", s.log_dir)
-    ran = provide.build_and_boot(c, s, resolved, s.run)
-    build_s, boot_s = round(ran.build_seconds, 1), round(ran.boot_seconds, 1)
-    if ran.record is None:
-        log.warn(f"matrix: {cell.label}: no kernel: {ran.failure}")
-        return Done(*_place(cell), NO_KERNEL, FAILED, resolved.sha, "", build_s, 0.0, ran.cache_hit, (), None)
+@dataclass(frozen=True)
+class Todo:
+    """A cell to run: its number in the matrix, its settings (its own log-dir, see cell_settings), its commit."""
+
+    number: int
+    cell: Cell
+    settings: Settings
+    resolved: resolve.Resolved
+
+    @property
+    def label(self) -> str:
+        """What each line of its boot begins with (log.labeled): its directory's name."""
+        return self.cell.directory(self.number)
+
+
+def todo(order: list[Cell], settings: list[Settings], resolved: list[resolve.Resolved], done: set[str]) -> list[Todo]:
+    """The cells not done, numbered in the matrix, each with its own log-dir."""
+    numbered = enumerate(zip(order, settings, resolved, strict=True), 1)
+    return [Todo(n, cell, cell_settings(s, n, cell), r) for n, (cell, s, r) in numbered if cell.label not in done]
+
+
+def cell_settings(settings: Settings, number: int, cell: Cell) -> Settings:
+    """The cell's settings: its logs in its own directory of log-dir."""
+    return dataclasses.replace(settings, log_dir=settings.log_dir / "matrix" / cell.directory(number))
+
+
+def boot_cell(kept: Kept, pending: Todo, built: provide.Built, share: vm.Host) -> None:
+    """One cell booted (in a boot thread), its lines labeled; kept when it ends."""
+    with log.labeled(pending.label):
+        ran = provide.boot_built(pending.settings, built, pending.settings.run, share)
+    kept.add(booted(pending.cell, pending.resolved, ran))
+
+
+def without_kernel(cell: Cell, resolved: resolve.Resolved, built: provide.Built) -> Done:
+    log.warn(f"matrix: {cell.label}: no kernel: {built.failure}")
+    return Done(*_place(cell), NO_KERNEL, FAILED, resolved.sha, "", round(built.seconds, 1), 0.0, built.cache_hit, (),
+                None)  # fmt: skip
+
+
+def booted(cell: Cell, resolved: resolve.Resolved, ran: provide.Ran) -> Done:
+    """A cell whose kernel was booted, as its run was reported."""
+    assert ran.record is not None
     record = ran.record
     result = PASSED if record.status == 0 else FAILED_RUN
     titles = tuple(crash.title for crash in record.crashes.found)
     totals = None if record.results is None else dict(record.results.totals)
-    return Done(*_place(cell), result, record.status, resolved.sha, record.release, build_s, boot_s, ran.cache_hit,
-                titles, totals)  # fmt: skip
+    return Done(*_place(cell), result, record.status, resolved.sha, record.release, round(ran.build_seconds, 1),
+                round(ran.boot_seconds, 1), ran.cache_hit, titles, totals)  # fmt: skip
 
 
 def _place(cell: Cell) -> tuple[str, str, str]:
     return cell.tag, cell.arch, cell.kconfig_base
 
 
+class Kept:
+    """The kept file of one matrix and its finished cells: each cell added is written at once, the file whole (boots
+    finish in threads of their own: they write it in turn)."""
+
+    def __init__(self, path: Path, wanted: dict, done: dict[str, Done]) -> None:
+        self.path, self.wanted, self.done = path, wanted, done
+        self._turn = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, done: Done) -> None:
+        with self._turn:
+            self.done[done.cell.label] = done
+            text = json.dumps({"arguments": self.wanted, "cells": _json(self.done.values())}) + "\n"
+            write_atomically(self.path, text)
+
+
+def boots_at_once(cells: int, host: vm.Host, cpus: int | None, memory_mib: int | None) -> int:
+    """As many VMs at once as the host holds without overcommitting it, at most `cells`, at least 1: each its `cpus`
+    (unset: 1 at least) of the host's CPUs, and its `memory` (unset: MIN_SHARE_MIB at least) of the 90% of the
+    host's memory a VM may take."""
+    by_cpus = host.cpus // (cpus or 1)
+    by_memory = host.memory_mib * 9 // 10 // (memory_mib or MIN_SHARE_MIB)
+    return max(1, min(cells, by_cpus, by_memory))
+
+
 def matrix(c: Context, settings: list[Settings]) -> int:
-    """Every cell resolved, then each built and booted in order, once (kept cells are not run again); the table;
-    0 when every cell passed."""
+    """Every cell resolved, then each built in order, one build at a time, and booted as soon as its kernel is there,
+    as many at once as boots_at_once allows (kept cells are not run again); the table; 0 when every cell passed."""
     first = settings[0]
     resolved = [resolve.resolve_kernel(c, s, record=False) for s in settings]
     wanted = arguments(settings, resolved)
-    kept = kept_file(first.cache_dir, wanted)
     order = [Cell(s.tag, s.arch.name, str(s.kconfig_base)) for s in settings]
-    done = finished(kept, wanted, {cell.label for cell in order})
-    if done:
-        log.info(f"matrix: resumed from {kept}: {len(done)} of {len(order)} cell(s) done")
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    for number, (cell, s, r) in enumerate(zip(order, settings, resolved, strict=True), 1):
-        if cell.label not in done:
-            done[cell.label] = run_cell(c, s, r, number, cell)
-            write_atomically(kept, json.dumps({"arguments": wanted, "cells": _json(done.values())}) + "\n")
-    ended = [done[cell.label] for cell in order]
-    return conclude(first.log_dir / RECORD, wanted, ended)
+    path = kept_file(first.cache_dir, wanted)
+    kept = Kept(path, wanted, finished(path, wanted, {cell.label for cell in order}))
+    if kept.done:
+        log.info(f"matrix: resumed from {path}: {len(kept.done)} of {len(order)} cell(s) done")
+    cells_to_run = todo(order, settings, resolved, set(kept.done))
+    host = vm.Host.current()
+    at_once = boots_at_once(len(cells_to_run), host, first.cpus, first.memory_mib)
+    share = host.divided(at_once)
+    if cells_to_run:
+        log.info(f"matrix: {len(cells_to_run)} cell(s) to run: one build at a time, {at_once} boot(s) at once, "
+                 f"each VM with {describe_share(first, share)}")  # fmt: skip
+    with Boots(at_once) as boots:
+        for pending in cells_to_run:
+            boots.check()  # a boot's bad input or missing tool ends the matrix before another build
+            log.info(f"matrix: cell {pending.number}: {pending.cell.label} ({pending.resolved.sha12})")
+            make_directory("log_dir", pending.settings.log_dir)
+            built = provide.find_or_build(c, pending.settings, pending.resolved)
+            if built.entry is None:
+                kept.add(without_kernel(pending.cell, pending.resolved, built))
+                continue
+            vm.guest_root(pending.settings, host)  # a foreign arch's guest root: made here, once, not by boots at once
+            boots.start(boot_cell, kept, pending, built, share)
+    return conclude(first.log_dir / RECORD, wanted, [kept.done[cell.label] for cell in order])
+
+
+class Boots:
+    """Boots in threads of their own, `at_once` at a time, while the main thread builds. The block's end waits for
+    them all and raises the first failure of one (the others stopped); left by an exception (a stopping signal, a
+    failed build), it stops the VMs that run (supervise.stops_when), drops the boots not started, and waits for the
+    VMs' cleanup before the exception goes on: no QEMU outlives the task."""
+
+    def __init__(self, at_once: int) -> None:
+        self._pool = ThreadPoolExecutor(at_once, thread_name_prefix="vngtasks-boot")
+        self._stop = threading.Event()
+        self._started: list[Future[None]] = []
+
+    def start(self, boot: Callable[..., None], *args: object) -> None:
+        self._started.append(self._pool.submit(self._stoppable, boot, *args))
+
+    def _stoppable(self, boot: Callable[..., None], *args: object) -> None:
+        with supervise.stops_when(self._stop):
+            boot(*args)
+
+    def check(self) -> None:
+        """The failure of a boot that ended, raised here."""
+        for future in self._started:
+            if future.done():
+                future.result()
+
+    def __enter__(self) -> Boots:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is None:
+                ended, _ = wait(self._started, return_when=FIRST_EXCEPTION)
+                for future in ended:
+                    future.result()
+        finally:
+            self._stop.set()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def describe_share(settings: Settings, share: vm.Host) -> str:
+    cpus = f"{share.cpus} CPU(s)" if settings.cpus is None else f"{settings.cpus} CPU(s)"
+    if settings.memory_mib is not None:
+        return f"{cpus} and {settings.memory_mib} MiB"
+    return f"{cpus} and 90% of {share.memory_mib} MiB (at most {settings.arch.tcg_memory_cap_mib} MiB under TCG)"
 
 
 def _json(done: object) -> list[dict]:
