@@ -248,3 +248,31 @@ def test_a_stop_during_a_build_stops_the_boots_that_run_and_leaves_no_vm(tmp_pat
         os.kill(pid, 0)
     assert time.monotonic() - started < 30
     assert not list((tmp_path / "c" / "matrix").glob("*.json"))  # nothing finished, nothing kept
+
+
+@pytest.mark.parametrize(
+    ("cells", "cpus", "memory_mib", "at_once"),
+    [
+        (4, None, None, 4),  # 4 CPUs: one each
+        (9, None, None, 4),  # never more than the CPUs
+        (2, None, None, 2),  # nor than the cells
+        (4, 2, None, 2),  # cpus set: host CPUs / cpus
+        (4, 4, None, 1),  # cpus all the host's: one at a time
+        (4, 8, None, 1),  # more than the host has: still one
+        (4, None, 3072, 2),  # memory set: what 90% of 8G holds
+        (4, None, 8192, 1),
+    ],
+)
+def test_boots_at_once_never_overcommit_the_host(cells: int, cpus: int | None, memory_mib: int | None, at_once: int):
+    from vngtasks import arches, vm
+
+    host = vm.Host(arches.host(), 8192, "vng", {}, cpus=4)
+    assert matrix.boots_at_once(cells, host, cpus, memory_mib) == at_once
+    assert (host.divided(3).cpus, host.divided(3).memory_mib, host.divided(8).cpus) == (1, 2730, 1)
+
+
+def test_at_most_host_memory_over_min_share_boots_at_once() -> None:
+    from vngtasks import arches, vm
+
+    small = vm.Host(arches.host(), 2048, "vng", {}, cpus=16)  # 90% of 2G holds one 1G share
+    assert matrix.boots_at_once(8, small, None, None) == 1
