@@ -1,12 +1,15 @@
 """`invoke matrix`: refs x arches x kconfig bases, each cell resolved, built (or found) and booted, one table.
 
-A cell is one setting of (tag, arch, kconfig-base), the other settings shared. Cells run one after another: the
-build by provide.py (the cache, ccache, the build host when one is set), the boot by vm.py with the cell's own
-directory of log-dir (`matrix/NN-TAG-ARCH-BASE/`). After every cell the kept cells are written beside the kernel
-cache (cache-dir/matrix/ARGUMENTS-HASH.json): a re-run with the same arguments takes the finished cells from
-there, without building or booting them again. log-dir/matrix.json is the report only (log-dir is the workspace
-by default, which a guest writes), never read back; the kept file is read as any record on disk: bounded, each
-cell's fields of their types, one of this matrix's cells.
+A cell is one setting of (tag, arch, kconfig-base), the other settings shared. The builds run one after another in
+the main thread, by provide.py (the cache, ccache, the build host when one is set: a build takes every core); each
+cell's boot, by vm.py with the cell's own directory of log-dir (`matrix/NN-TAG-ARCH-BASE/`), starts in a boot thread
+as soon as its kernel is there, as many at once as the host holds (boots_at_once; each VM its share, Host.divided),
+its lines labeled with that directory's name. A stopping signal reaches the main thread: it stops the VMs of the
+boot threads (supervise.stops_when) and waits for them (Boots). As each cell finishes, the kept cells are written
+beside the kernel cache (cache-dir/matrix/ARGUMENTS-HASH.json, by one finishing cell at a time): a re-run with the
+same arguments takes the finished cells from there, without building or booting them again. log-dir/matrix.json is
+the report only (log-dir is the workspace by default, which a guest writes), never read back; the kept file is read
+as any record on disk: bounded, each cell's fields of their types, one of this matrix's cells.
 """
 
 from __future__ import annotations
