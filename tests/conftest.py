@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]
     runs two), the first to get here builds it and the others wait for it, under a lock in the run's
     temporary directory: one x86_64 compile per run, whichever worker needs it first."""
     url, _ = remote
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    shared = _run_directory(tmp_path_factory, worker_id)
     root = shared / "tiny"
     with open(shared / "tiny.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -260,30 +261,18 @@ def arm64_build(
     both arches: `invoke matrix` takes one), with arm64's guest root (made by `invoke deps --arch arm64` and kept
     between runs) linked in. `invoke deps` installs a foreign arch's packages: its tests are HOST_PACKAGES'."""
     url, _ = remote
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    root = shared / "tiny"
-    args = (*tiny_flags(url), "--arch", "arm64", "--cache-dir", str(root / "cache"))
-    with open(shared / "arm64.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        record = root / "arm64.json"
-        if not record.exists():
-            deps = ("deps", "--arch", "arm64", "--cache-dir", str(FOREIGN_CACHE))
-            prepared = run_invoke(deps, home=root / "home", cwd=root / "workspace", timeout=1800)
-            assert prepared.returncode == 0, prepared.stderr[-3000:]
-            roots = root / "cache" / ROOTS
-            if not roots.is_symlink():
-                roots.symlink_to(FOREIGN_CACHE / ROOTS)
-            started = time.monotonic()
-            done = run_invoke(
-                ("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600
-            )
-            assert done.returncode == 0, done.stderr[-3000:]
-            seconds = round(time.monotonic() - started)
-            record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr, "seconds": seconds}))
-        built = json.loads(record.read_text())
-    print(f"arm64 cross build: {built['seconds']} s")
-    done = subprocess.CompletedProcess(["invoke", "build", *args], 0, built["stdout"], built["stderr"])
-    return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
+
+    def prepare(root: Path) -> None:
+        deps = ("deps", "--arch", "arm64", "--cache-dir", str(FOREIGN_CACHE))
+        prepared = run_invoke(deps, home=root / "home", cwd=root / "workspace", timeout=1800)
+        assert prepared.returncode == 0, prepared.stderr[-3000:]
+        roots = root / "cache" / ROOTS
+        if not roots.is_symlink():
+            roots.symlink_to(FOREIGN_CACHE / ROOTS)
+
+    shared = _run_directory(tmp_path_factory, worker_id)
+    args = (*tiny_flags(url), "--arch", "arm64", "--cache-dir", str(shared / "tiny" / "cache"))
+    return built_once(shared, "arm64", args, prepare)
 
 
 @pytest.fixture(scope="session")
@@ -294,17 +283,33 @@ def debug_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str
     kernel's (KASAN instruments every file): a cold compile of its own, then the tests' ccache; not through the tests'
     ccache remote, which holds the tiny kernel's."""
     url, _ = remote
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+
+    def prepare(root: Path) -> None:
+        (root / "home").mkdir(parents=True, exist_ok=True)
+        (root / "workspace" / "ci").mkdir(parents=True, exist_ok=True)
+        fragment = KCONFIG.read_text() + DEBUG_KCONFIG.read_text()
+        (root / "workspace" / "ci" / "debug-kernel.config").write_text(fragment)
+
+    shared = _run_directory(tmp_path_factory, worker_id)
+    args = (*tiny_flags(url, "ci/debug-kernel.config"), "--debug", DEBUG, "--cache-dir", str(shared / "tiny" / "cache"))
+    return built_once(shared, "debug", args, prepare)
+
+
+def _run_directory(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The test run's temporary directory, which every pytest worker shares."""
+    return tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+
+
+def built_once(shared: Path, name: str, args: tuple[str, ...], prepare: Callable[[Path], None]) -> TinyBuild:
+    """`invoke build ARGS` once per test run, in the tiny kernel's home and workspace (`prepare`d first) with the
+    tests' ccache: the first worker to need it builds, under NAME.lock in the run's directory, the others wait and
+    take its record. How long it took is printed (pytest -s, and the CI log)."""
     root = shared / "tiny"
-    args = (*tiny_flags(url, "ci/debug-kernel.config"), "--debug", DEBUG, "--cache-dir", str(root / "cache"))
-    with open(shared / "debug.lock", "w") as lock:
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        record = root / "debug.json"
+        record = root / f"{name}.json"
         if not record.exists():
-            (root / "home").mkdir(parents=True, exist_ok=True)
-            (root / "workspace" / "ci").mkdir(parents=True, exist_ok=True)
-            fragment = KCONFIG.read_text() + DEBUG_KCONFIG.read_text()
-            (root / "workspace" / "ci" / "debug-kernel.config").write_text(fragment)
+            prepare(root)
             started = time.monotonic()
             done = run_invoke(
                 ("build", *args), home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600
@@ -313,7 +318,7 @@ def debug_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str
             seconds = round(time.monotonic() - started)
             record.write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr, "seconds": seconds}))
         built = json.loads(record.read_text())
-    print(f"debug kernel build: {built['seconds']} s")
+    print(f"{name} build: {built['seconds']} s")
     done = subprocess.CompletedProcess(["invoke", "build", *args], 0, built["stdout"], built["stderr"])
     return TinyBuild(done, Path(done.stdout.strip().splitlines()[-1]), args, root / "workspace")
 
