@@ -239,8 +239,8 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, remote: tuple[str, str]
         args = (*tiny_flags(url), "--cache-dir", str(root / "cache"))
         record = root / "build.json"
         if not record.exists():
-            (root / "home").mkdir(parents=True)
-            (root / "workspace" / "ci").mkdir(parents=True)
+            (root / "home").mkdir(parents=True, exist_ok=True)
+            (root / "workspace" / "ci").mkdir(parents=True, exist_ok=True)
             (root / "workspace" / "ci" / "kernel.config").write_text(KCONFIG.read_text())
             build = ("build", *args, *session_remote_flags())
             done = run_invoke(build, home=root / "home", cwd=root / "workspace", env=CCACHE_ENV, timeout=3600)
