@@ -105,7 +105,7 @@ class Modules:
 
     def _load(self, module: str) -> tuple[Path, dict[str, tuple[str, int]]] | None:
         name = self.files.get(module)
-        data = read_inside(self.entry, name, MODULE_BYTES) if name and self.objdump else None
+        data = read_inside(self.entry, name, MODULE_BYTES) if name else None
         if data is None or self.objdump is None:
             return None
         copy = self.temp / f"{module}.ko"
@@ -164,19 +164,20 @@ def _decoded(
 ) -> Iterator[Frame]:
     """Each frame with its file and line; a frame with functions inlined at its address becomes several, the
     innermost first (the last is the printed function itself)."""
-    addresses: dict[int, int] = {}  # frame index → address in vmlinux
-    found: dict[int, list[tuple[str, str, int]]] = {}  # frame index → its places
+    # Frame index → its address, by where the address is: vmlinux (section ""), or a module's section.
+    wanted: dict[tuple[Path, str], dict[int, int]] = {}
     for index, frame in enumerate(frames):
         offset = int(frame.offset.split("/")[0], 16) - (0 if frame.at_fault else 1)
         if frame.module:
-            place = modules.place(frame.module, frame.function)
-            if place is not None:
+            if (place := modules.place(frame.module, frame.function)) is not None:
                 copy, section, start = place
-                found[index] = _addr2line(tool, copy, [start + offset], section).get(start + offset, [])
+                wanted.setdefault((copy, section), {})[index] = start + offset
         elif (start := _unique(symbols.get(frame.function, []))) is not None:
-            addresses[index] = start + offset
-    lines = _addr2line(tool, vmlinux, list(addresses.values())) if addresses else {}
-    found.update({index: lines.get(address, []) for index, address in addresses.items()})
+            wanted.setdefault((vmlinux, ""), {})[index] = start + offset
+    found: dict[int, list[tuple[str, str, int]]] = {}  # frame index → its places
+    for (binary, section), addresses in wanted.items():
+        lines = _addr2line(tool, binary, list(addresses.values()), section)
+        found.update({index: lines.get(address, []) for index, address in addresses.items()})
     for index, frame in enumerate(frames):
         places = found.get(index, [])
         if not places:
