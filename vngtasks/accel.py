@@ -102,8 +102,6 @@ def watch_probe(probe: subprocess.Popen[bytes]) -> tuple[int | None, str]:
     said = b""
     closed = False
     while probe.poll() is None and (left := deadline - time.monotonic()) > 0:
-        if kvm_error(said.decode(errors="replace")):
-            break
         if closed:  # it closed its stderr: wait for its exit
             time.sleep(min(left, 0.05))
             continue
@@ -111,6 +109,8 @@ def watch_probe(probe: subprocess.Popen[bytes]) -> tuple[int | None, str]:
         chunk = os.read(probe.stderr.fileno(), 4096) if ready else b""
         closed = ready and not chunk
         said = (said + chunk)[:PROBE_STDERR_BYTES]
+        if chunk and kvm_error(said.decode(errors="replace")):  # read again only when QEMU said more
+            break
     status = probe.poll()
     if status is None:
         probe.kill()

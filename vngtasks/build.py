@@ -182,7 +182,6 @@ def reproducer(settings: Settings, sha: str) -> str:
     return shlex.join(argv)
 
 
-MODULES_ORDER_BYTES = 4 * 1024 * 1024
 FAKE_RELEASE = "0.0.0"  # where vng looks for a build directory's modules: .virtme_mods/lib/modules/0.0.0
 MODULE_LISTS = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 
@@ -192,10 +191,9 @@ def prepare_modules(entry_dir: Path) -> None:
     real files (booting never writes into the cache): the `.ko` files modules.order names, hard-linked under
     .virtme_mods/lib/modules/0.0.0/kernel/, the module lists beside them, then depmod's index. A build host
     sends modules.order: a line naming anything but a regular module file inside the entry fails the build."""
-    order = files.read_regular(entry_dir / "modules.order", MODULES_ORDER_BYTES)
-    if order is None:
+    text = files.read_modules_order(entry_dir)
+    if text is None:
         return
-    text = order.decode(errors="replace")
     if refused := files.refused_module_lines(text):
         raise Failure(f"modules.order: {refused[0]!r} is not a module of the tree", FAILED)
     moddir = entry_dir / ".virtme_mods" / "lib" / "modules" / FAKE_RELEASE

@@ -202,6 +202,15 @@ def typed(value: object, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
 
 
+MODULES_ORDER_BYTES = 4 * 1024 * 1024
+
+
+def read_modules_order(entry: Path) -> str | None:
+    """A kernel cache entry's modules.order (a build host sent it): read bounded, through no link; None without one."""
+    order = read_regular(entry / "modules.order", MODULES_ORDER_BYTES)
+    return None if order is None else order.decode(errors="replace")
+
+
 def module_files(modules_order: str) -> list[str]:
     """The `.ko` files a modules.order names (`drivers/x/y.o` since Linux 6.2, `y.ko` before), tree-relative;
     a line that is none (absolute, climbing out with `..`, not a module) is left out (see refused_module_lines)."""

@@ -260,7 +260,7 @@ def _crash(kind: Kind, match: re.Match[str], report: list[str]) -> Crash:
     for name, pattern in DETAILS.items():
         found = next((hit for hit in map(pattern.search, report) if hit), None)
         fields.setdefault(name, found[1] if found else "Access")
-    function = fields.pop("function", "") or _pointed_at(report, frames)
+    function = fields.pop("function", "") or _pointed_at(frames)
     title = kind.title.format(
         function=_bare(function) if function else "?", **{k: _scrub(v) for k, v in fields.items()}
     )
@@ -283,15 +283,17 @@ def below_the_machinery(frames: list[Frame]) -> list[Frame]:
     """The trace from the first frame that is not the reporting machinery's (KASAN's report starts with
     dump_stack_lvl, print_report, kasan_report; kmemleak's with the allocator, and once symbolized with the
     allocator's functions inlined in the caller): the top frame is the crash's."""
-    crashing = (i for i, frame in enumerate(frames) if frame.at_fault or not _MACHINERY.match(_bare(frame.function)))
-    return frames[next(crashing, 0) :]
+    return frames[next((i for i, frame in enumerate(frames) if _crashing(frame)), 0) :]
 
 
-def _pointed_at(report: list[str], frames: list[Frame]) -> str:
-    """The function at the fault, else the first of the trace not of the reporting machinery."""
-    if frames and frames[0].at_fault:
-        return frames[0].function
-    return next((frame.function for frame in frames if not _MACHINERY.match(_bare(frame.function))), "")
+def _crashing(frame: Frame) -> bool:
+    """The frame is the faulting instruction's, or of no function of the reporting machinery."""
+    return frame.at_fault or not _MACHINERY.match(_bare(frame.function))
+
+
+def _pointed_at(frames: list[Frame]) -> str:
+    """The function at the top of a trace below the machinery; "" when the trace is the machinery's only."""
+    return frames[0].function if frames and _crashing(frames[0]) else ""
 
 
 def _bare(function: str) -> str:

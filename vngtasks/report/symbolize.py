@@ -25,12 +25,11 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from ..arches import Arch
-from ..files import module_files, read_inside, read_regular
+from ..files import module_files, read_inside, read_modules_order, read_regular
 from ..log import printable
 from .crashes import Crashes, Frame, below_the_machinery
 
 SYSTEM_MAP_BYTES = 64 * 1024 * 1024
-MODULES_ORDER_BYTES = 4 * 1024 * 1024
 MODULE_BYTES = 512 * 1024 * 1024  # the most of a module's .ko read (its debug info included)
 VMLINUX_BYTES = 4 * 1024 * 1024 * 1024  # the most a vmlinux.zst may decompress to
 ADDR2LINE_SECONDS = 60
@@ -89,7 +88,7 @@ class Modules:
 
     def __init__(self, entry: Path, temp: Path, objdump: str | None) -> None:
         self.entry, self.temp, self.objdump = entry, temp, objdump
-        order = (read_regular(entry / "modules.order", MODULES_ORDER_BYTES) or b"").decode(errors="replace")
+        order = read_modules_order(entry) or ""
         self.files = {PurePosixPath(name).stem.replace("-", "_"): name for name in module_files(order)}
         self.loaded: dict[str, tuple[Path, dict[str, tuple[str, int]]] | None] = {}
 
