@@ -347,3 +347,17 @@ def test_kasans_report_and_kmemleaks_leaks_start_their_traces_below_the_machiner
     (last,) = found(text[text.index("[   39.166473]") :]).found  # the last leak: its report ends at the count
     assert last.report[-1].startswith("kmemleak: 14 new suspected memory leaks")
     assert "after_the_scan" not in [frame.function for frame in last.frames]
+
+
+def test_binutils_programs_are_the_kernel_arch_s_this_machine_s_the_cross_one_or_llvm_s(tmp_path: Path, monkeypatch):
+    """The host's own objdump for its arch; a cross build's from its cross binutils, else LLVM's (which reads
+    every arch); none when neither is there."""
+    for name in ("objdump", "aarch64-linux-gnu-addr2line", "llvm-objdump"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    host, arm64, s390x = arches.lookup("x86_64"), arches.lookup("arm64"), arches.lookup("s390x")
+    assert symbolize.binutils_program("objdump", host, host) == str(tmp_path / "objdump")
+    assert symbolize.binutils_program("addr2line", arm64, host) == str(tmp_path / "aarch64-linux-gnu-addr2line")
+    assert symbolize.binutils_program("objdump", s390x, host) == str(tmp_path / "llvm-objdump")
+    assert symbolize.binutils_program("addr2line", s390x, host) is None

@@ -196,7 +196,11 @@ def test_cells_boot_at_once_as_the_cpus_allow_while_builds_take_turns(tmp_path: 
                                                                   ("a3", "failed"), ("a4", "passed")]  # fmt: skip
     (kept,) = (tmp_path / "c" / "matrix").glob("*.json")
     assert sorted(c["tag"] for c in json.loads(kept.read_text())["cells"]) == ["a1", "a2", "a3", "a4"]
-    assert capsys.readouterr().err.count("vngtasks: warning: matrix: a3 ") == 1
+    err = capsys.readouterr().err
+    assert err.count("vngtasks: warning: matrix: a3 ") == 1
+    # The run's first line says how many boots at once and each VM's share.
+    assert err.splitlines()[0].startswith("vngtasks: matrix: 4 cell(s) to run: one build at a time, 2 boot(s) at "
+                                          "once, each VM with 1 CPU(s) and 90% of ")  # fmt: skip
     again = StandIns(tmp_path, monkeypatch)
     assert matrix.matrix(None, settings) == FAILED and again.boots == [] and again.builds == []
 
