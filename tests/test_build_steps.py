@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from invoke import Context, Result
 
-from vngtasks import arches, build, buildsteps, cache, kconfig, kernelmake, provide, vm
+from vngtasks import arches, build, buildsteps, cache, kconfig, kernelmake, log, provide, vm
 from vngtasks.errors import Failure
 from vngtasks.resolve import Resolved
 from vngtasks.settings import DEFAULTS, effective
@@ -188,6 +188,19 @@ def test_progress_counts_objects() -> None:
     progress.write("  CC      a.o\n  CC [M]  b.o\n  LD      vmlinux\n  C")
     progress.write("C      c.o\n")
     assert out.getvalue().count("objects built") == 1 and progress.objects == 3
+
+
+def test_progress_of_one_of_builds_at_once_is_whole_labeled_lines() -> None:
+    """Made in a log.labeled block (a matrix's build thread), its lines are whole and labeled, though invoke writes
+    them from another thread and in pieces."""
+    out = io.StringIO()
+    with log.labeled("01-v6.12-x86_64-tiny"):
+        progress = kernelmake.BuildProgress(out, every=2)
+    progress.write("  CC      a.o\n  C")
+    progress.write("C      b.o\n")
+    label = "[01-v6.12-x86_64-tiny] "
+    assert out.getvalue().splitlines() == [f"{label}  CC      a.o", f"{label}  CC      b.o",
+                                           f"{label}vngtasks: build: 2 objects built"]  # fmt: skip
 
 
 def test_reproducer_is_a_command_line() -> None:

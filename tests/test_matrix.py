@@ -280,3 +280,83 @@ def test_at_most_host_memory_over_min_share_boots_at_once() -> None:
 
     small = vm.Host(arches.host(), 2048, "vng", {}, cpus=16)  # 90% of 2G holds one 1G share
     assert matrix.boots_at_once(8, small, None, None) == 1
+
+
+def test_with_several_build_hosts_each_builds_one_cell_at_a_time_all_at_once(tmp_path: Path, monkeypatch, capsys):
+    """build-host lists two hosts: the two build threads build at once (or the barrier times out), each cell on one
+    host alone (its settings name that host only), never two cells on one host at a time; every cell built and
+    booted; the builds' lines labeled with their cell."""
+    import itertools
+    import threading
+    import time
+
+    from vngtasks import log, provide
+
+    ran = StandIns(tmp_path, monkeypatch)
+    built = provide.ensure_kernel
+    at_once = threading.Barrier(2, timeout=10)
+    builds: list[tuple[tuple[str, ...], str, float, float]] = []
+    lock = threading.Lock()
+
+    def build(c, s, resolved):
+        started = time.monotonic()
+        if s.tag in ("h1", "h2"):
+            at_once.wait()  # the first two cells: built at once
+        log.info(f"building {s.tag}")
+        entry = built(c, s, resolved)
+        with lock:
+            builds.append((s.build_host, s.tag, started, time.monotonic()))
+        return entry
+
+    monkeypatch.setattr(provide, "ensure_kernel", build)
+    settings = [dataclasses.replace(s, build_host=("b1", "me@b2:22")) for s in ran.settings(["h1", "h2", "h3"], "true")]
+    assert matrix.matrix(None, settings) == 0
+    assert sorted(tag for _, tag, _, _ in builds) == ["h1", "h2", "h3"] and len(ran.boots) == 3
+    assert {hosts for hosts, _, _, _ in builds} == {("b1",), ("me@b2:22",)}
+    for host in ("b1",), ("me@b2:22",):
+        mine = sorted((start, end) for hosts, _, start, end in builds if hosts == host)
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(mine))
+    err = capsys.readouterr().err
+    assert "one build per build host at once (2)" in err.splitlines()[0]
+    arch = settings[0].arch.name
+    assert f"[01-h1-{arch}-tiny] vngtasks: building h1" in err and f"[03-h3-{arch}-tiny] vngtasks: building h3" in err
+
+
+def test_a_stop_ends_the_builds_on_build_hosts_and_keeps_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A stopping signal while two build threads wait on their build hosts' commands (stand-ins that block until
+    ended, as a build host's connection does until closed): each build is ended (supervise.ended_when_stopped), the
+    task exits 128+signal, no thread is left, no cell kept."""
+    import os
+    import signal
+    import threading
+
+    from invoke.exceptions import Exit
+
+    from vngtasks import provide, supervise
+    from vngtasks.tasks import _common
+
+    ran = StandIns(tmp_path, monkeypatch)
+    waiting = threading.Barrier(3, timeout=10)
+    ended: list[str] = []
+
+    def build(c, s, resolved):
+        closed = threading.Event()
+
+        def end() -> None:
+            ended.append(s.tag)
+            closed.set()
+
+        with supervise.ended_when_stopped(end):
+            waiting.wait()
+            assert closed.wait(30)
+            raise OSError("connection lost")  # what a closed connection raises under a build
+
+    monkeypatch.setattr(provide, "ensure_kernel", build)
+    settings = [dataclasses.replace(s, build_host=("b1", "b2")) for s in ran.settings(["s1", "s2", "s3"], "true")]
+    threading.Thread(target=lambda: (waiting.wait(), os.kill(os.getpid(), signal.SIGTERM)), daemon=True).start()
+    with pytest.raises(Exit) as stopped, _common.stopped_by_signals():
+        matrix.matrix(None, settings)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert sorted(ended) == ["s1", "s2"] and ran.boots == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith("vngtasks")] == []
+    assert not list((tmp_path / "c" / "matrix").glob("*.json"))

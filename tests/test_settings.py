@@ -37,7 +37,8 @@ def test_defaults_are_the_seeds(tmp_path: Path) -> None:
         ({"network": "bridge=br0"}, ("network", "bridge=br0")),
         ({"llvm": "-14"}, ("llvm", "-14")),
         ({"name": "sched_ext-6.12"}, ("name", "sched_ext-6.12")),
-        ({"build_host": "me@big.example:2222"}, ("build_host", "me@big.example:2222")),
+        ({"build_host": "me@big.example:2222"}, ("build_host", ("me@big.example:2222",))),
+        ({"build_host": " b1  me@b2:22 b1 "}, ("build_host", ("b1", "me@b2:22"))),  # several: each once, in order
         ({"ccache_max_size": "0"}, ("ccache_max_size", "0")),  # ccache's "no limit"
     ],
     ids=lambda v: str(v),
@@ -85,6 +86,7 @@ def test_valid_values(tmp_path: Path, flags: dict[str, object], expected: tuple[
         ("tag", "--upload-pack=evil"),
         ("version", "v2/../../x"),
         ("build_host", "host; id"),
+        ("build_host", "b1 b2:0"),  # each host of the list is checked
         ("ccache_max_size", "5 G"),
         ("ccache_max_size", "-1"),
         ("extra_rwdirs", "/tmp/a=b"),

@@ -23,7 +23,7 @@ from pathlib import Path
 import paramiko
 from invoke import Context
 
-from . import arches, build, cache, deps, files, log, untar, validate
+from . import arches, build, cache, deps, files, log, supervise, untar, validate
 from .buildhost_ssh import (
     GIT_HOST,
     NO_CREDENTIALS,
@@ -199,21 +199,29 @@ class _Counted(io.RawIOBase):
 def build_entry(
     c: Context, settings: Settings, kernels: cache.KernelCache, key: str, resolved: Resolved
 ) -> cache.Entry:
-    """Build `resolved` on the build host and store the result as cache entry `key`."""
+    """Build `resolved` on the first build host and store the result as cache entry `key` (a matrix gives each cell's
+    settings the one host it builds on)."""
     try:
-        route = resolve(settings.build_host, settings.build_host_proxy_command)
+        route = resolve(settings.build_host[0], settings.build_host_proxy_command)
     except InputError as error:
         raise Failure(str(error), BAD_INPUT) from None
     started = time.monotonic()
     credentials = Credentials(settings.build_host_key, settings.build_host_known_hosts)
     conn = connect(route, settings.build_host_accept_new, credentials)
     try:
-        return _build_there(c, conn, route, settings, kernels, key, resolved, started)
+        with supervise.ended_when_stopped(lambda: _end(conn)):  # a matrix's build thread, when the matrix stops
+            return _build_there(c, conn, route, settings, kernels, key, resolved, started)
     except BaseException:
         conn.stop_build()
         raise
     finally:
         conn.close()
+
+
+def _end(conn: BuildHost) -> None:
+    """The build stopped from another thread: its command there killed, the connection closed under it."""
+    conn.stop_build()
+    conn.close()
 
 
 def _build_there(

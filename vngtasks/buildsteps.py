@@ -242,9 +242,10 @@ class _Text:
 
 @contextlib.contextmanager
 def group(title: str) -> Iterator[None]:
-    """A foldable group in GitHub Actions' log; a plain heading elsewhere."""
-    in_actions = os.environ.get("GITHUB_ACTIONS") == "true"
-    print(f"::group::{title}" if in_actions else f"vngtasks: {title}", flush=True)
+    """A foldable group in GitHub Actions' log; a plain heading elsewhere, and for one of builds at once (labeled: a
+    group would fold the other builds' lines into it)."""
+    in_actions = os.environ.get("GITHUB_ACTIONS") == "true" and not log.label()
+    print(f"::group::{title}" if in_actions else f"{log.label()}vngtasks: {title}", flush=True)
     try:
         yield
     finally:

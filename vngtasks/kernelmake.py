@@ -105,20 +105,25 @@ def first_error(done: Result) -> str:
 
 
 class BuildProgress:
-    """Echo make's output and, every `every` compiled objects, a running count."""
+    """Echo make's output and, every `every` compiled objects, a running count. For one of builds at once (a log.labeled
+    block where it is made: invoke writes from a thread of its own), whole lines only, each labeled."""
 
     def __init__(self, out: TextIO = sys.stdout, every: int = 250) -> None:
         self.out, self.every, self.objects, self._partial = out, every, 0, ""
+        self.label = log.label()
 
     def write(self, data: str) -> int:
-        self.out.write(data)
+        if not self.label:
+            self.out.write(data)
         lines = (self._partial + data).split("\n")
         self._partial = lines.pop()
         for line in lines:
+            if self.label:
+                self.out.write(f"{self.label}{line}\n")
             if line.lstrip().startswith(("CC ", "CC [M] ", "AS ", "LD [M] ")):
                 self.objects += 1
                 if self.objects % self.every == 0:
-                    self.out.write(f"vngtasks: build: {self.objects} objects built\n")
+                    self.out.write(f"{self.label}vngtasks: build: {self.objects} objects built\n")
         return len(data)
 
     def flush(self) -> None:

@@ -1,15 +1,16 @@
 """`invoke matrix`: refs x arches x kconfig bases, each cell resolved, built (or found) and booted, one table.
 
 A cell is one setting of (tag, arch, kconfig-base), the other settings shared. The builds run one after another in
-the main thread, by provide.py (the cache, ccache, the build host when one is set: a build takes every core); each
-cell's boot, by vm.py with the cell's own directory of log-dir (`matrix/NN-TAG-ARCH-BASE/`), starts in a boot thread
-as soon as its kernel is there, as many at once as the host holds (boots_at_once; each VM its share, Host.divided),
-its lines labeled with that directory's name. A stopping signal reaches the main thread: it stops the VMs of the
-boot threads (supervise.stops_when) and waits for them (Boots). As each cell finishes, the kept cells are written
-beside the kernel cache (cache-dir/matrix/ARGUMENTS-HASH.json, by one finishing cell at a time): a re-run with the
-same arguments takes the finished cells from there, without building or booting them again. log-dir/matrix.json is
-the report only (log-dir is the workspace by default, which a guest writes), never read back; the kept file is read
-as any record on disk: bounded, each cell's fields of their types, one of this matrix's cells.
+the main thread, by provide.py (the cache, ccache, the build host when one is set: a build takes every core), or,
+when build-host lists several, one per build host at once, each host's in a build thread (spread); each cell's boot,
+by vm.py with the cell's own directory of log-dir (`matrix/NN-TAG-ARCH-BASE/`), starts in a boot thread as soon as
+its kernel is there, as many at once as the host holds (boots_at_once; each VM its share, Host.divided), its lines
+labeled with that directory's name. A stopping signal reaches the main thread: it stops the VMs of the boot threads
+and the builds of the build threads (supervise.stops_when) and waits for them (Threads). As each cell finishes, the
+kept cells are written beside the kernel cache (cache-dir/matrix/ARGUMENTS-HASH.json, by one finishing cell at a
+time): a re-run with the same arguments takes the finished cells from there, without building or booting them again.
+log-dir/matrix.json is the report only (log-dir is the workspace by default, which a guest writes), never read back;
+the kept file is read as any record on disk: bounded, each cell's fields of their types, one of this matrix's cells.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty, SimpleQueue
 
 from invoke import Context
 
@@ -233,8 +235,9 @@ def boots_at_once(cells: int, host: vm.Host, cpus: int | None, memory_mib: int |
 
 
 def matrix(c: Context, settings: list[Settings]) -> int:
-    """Every cell resolved, then each built in order, one build at a time, and booted as soon as its kernel is there,
-    as many at once as boots_at_once allows (kept cells are not run again); the table; 0 when every cell passed."""
+    """Every cell resolved, then each built (one build at a time, or one per build host at once when build-host lists
+    several) and booted as soon as its kernel is there, as many at once as boots_at_once allows (kept cells are not
+    run again); the table; 0 when every cell passed."""
     first = settings[0]
     resolved = [resolve.resolve_kernel(c, s, record=False) for s in settings]
     wanted = arguments(settings, resolved)
@@ -247,48 +250,95 @@ def matrix(c: Context, settings: list[Settings]) -> int:
     host = vm.Host.current()
     at_once = boots_at_once(len(cells_to_run), host, first.cpus, first.memory_mib)
     share = host.divided(at_once)
+    hosts = first.build_host
     if cells_to_run:
-        log.info(f"matrix: {len(cells_to_run)} cell(s) to run: one build at a time, {at_once} boot(s) at once, "
+        builds = f"one build per build host at once ({len(hosts)})" if len(hosts) > 1 else "one build at a time"
+        log.info(f"matrix: {len(cells_to_run)} cell(s) to run: {builds}, {at_once} boot(s) at once, "
                  f"each VM with {describe_share(first, share)}")  # fmt: skip
-    with Boots(at_once) as boots:
-        for pending in cells_to_run:
-            boots.check()  # a boot's bad input or missing tool ends the matrix before another build
-            log.info(f"matrix: cell {pending.number}: {pending.cell.label} ({pending.resolved.sha12})")
-            make_directory("log_dir", pending.settings.log_dir)
-            built = provide.find_or_build(c, pending.settings, pending.resolved)
-            if built.entry is None:
-                kept.add(without_kernel(pending.cell, pending.resolved, built))
-                continue
-            vm.guest_root(pending.settings, host)  # a foreign arch's guest root: made here, once, not by boots at once
-            boots.start(boot_cell, kept, pending, built, share)
+    with Threads(at_once) as boots:
+        cell_run = CellRun(c, kept, boots, host, share)
+        if len(hosts) > 1:
+            spread(cells_to_run, hosts, cell_run.build_and_start)
+        else:
+            for pending in cells_to_run:
+                cell_run.build_and_start(pending)
     return conclude(first.log_dir / RECORD, wanted, [kept.done[cell.label] for cell in order])
 
 
-class Boots:
-    """Boots in threads of their own, `at_once` at a time, while the main thread builds. The block's end waits for
-    them all and raises the first failure of one (the others stopped); left by an exception (a stopping signal, a
-    failed build), it stops the VMs that run (supervise.stops_when), drops the boots not started, and waits for the
-    VMs' cleanup before the exception goes on: no QEMU outlives the task."""
+@dataclass(frozen=True)
+class CellRun:
+    """What each cell's build needs to start its boot: the kept file, the boot threads, this host and a VM's share."""
+
+    c: Context
+    kept: Kept
+    boots: Threads
+    host: vm.Host
+    share: vm.Host
+    guest_roots: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def build_and_start(self, pending: Todo) -> None:
+        """The cell's kernel found or built (here, or on its settings' build host), then its boot started in a boot
+        thread; a cell without a kernel kept as such."""
+        self.boots.check()  # a boot's bad input or missing tool ends the matrix before another build
+        log.info(f"matrix: cell {pending.number}: {pending.cell.label} ({pending.resolved.sha12})")
+        make_directory("log_dir", pending.settings.log_dir)
+        built = provide.find_or_build(self.c, pending.settings, pending.resolved)
+        if built.entry is None:
+            self.kept.add(without_kernel(pending.cell, pending.resolved, built))
+            return
+        with self.guest_roots:  # a foreign arch's guest root: made here, once, not by boots (or builds) at once
+            vm.guest_root(pending.settings, self.host)
+        self.boots.start(boot_cell, self.kept, pending, built, self.share)
+
+
+def spread(cells_to_run: list[Todo], hosts: tuple[str, ...], build_and_start: Callable[[Todo], None]) -> None:
+    """The cells built over `hosts`, one cell per host at a time: each host, in a thread of its own, takes the next
+    cell not taken, in order, and builds it there (its settings' build-host that host alone), its lines labeled."""
+    waiting: SimpleQueue[Todo] = SimpleQueue()
+    for pending in cells_to_run:
+        waiting.put(pending)
+
+    def build_on(build_host: str) -> None:
+        while True:
+            try:
+                pending = waiting.get_nowait()
+            except Empty:
+                return
+            on_host = dataclasses.replace(pending.settings, build_host=(build_host,))
+            with log.labeled(pending.label):
+                build_and_start(dataclasses.replace(pending, settings=on_host))
+
+    with Threads(len(hosts)) as builds:
+        for build_host in hosts:
+            builds.start(build_on, build_host)
+
+
+class Threads:
+    """Work in threads of their own, `at_once` at a time (boots, while the main thread builds; builds, one per build
+    host). The block's end waits for them all and raises the first failure of one (the others stopped); left by an
+    exception (a stopping signal, a failed build), it stops what runs (supervise.stops_when: a VM, a build on a build
+    host), drops what has not started, and waits for their cleanup before the exception goes on: no QEMU or remote
+    build outlives the task."""
 
     def __init__(self, at_once: int) -> None:
-        self._pool = ThreadPoolExecutor(at_once, thread_name_prefix="vngtasks-boot")
+        self._pool = ThreadPoolExecutor(at_once, thread_name_prefix="vngtasks")
         self._stop = threading.Event()
         self._started: list[Future[None]] = []
 
-    def start(self, boot: Callable[..., None], *args: object) -> None:
-        self._started.append(self._pool.submit(self._stoppable, boot, *args))
+    def start(self, work: Callable[..., None], *args: object) -> None:
+        self._started.append(self._pool.submit(self._stoppable, work, *args))
 
-    def _stoppable(self, boot: Callable[..., None], *args: object) -> None:
+    def _stoppable(self, work: Callable[..., None], *args: object) -> None:
         with supervise.stops_when(self._stop):
-            boot(*args)
+            work(*args)
 
     def check(self) -> None:
-        """The failure of a boot that ended, raised here."""
-        for future in self._started:
+        """The failure of a thread's work that ended, raised here."""
+        for future in list(self._started):
             if future.done():
                 future.result()
 
-    def __enter__(self) -> Boots:
+    def __enter__(self) -> Threads:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:

@@ -111,6 +111,6 @@ def planned(settings: Settings, resolved: Resolved) -> tuple[Path, list[str]]:
     if settings.build_host:
         from .sshconfig import resolve  # as ~/.ssh/config resolves it, with no connection
 
-        route = resolve(settings.build_host, settings.build_host_proxy_command).describe()
+        route = resolve(settings.build_host[0], settings.build_host_proxy_command).describe()
         return kernels.root / key, [f"# cache miss {key}: built on {route} over SSH, then kept here"]
     return kernels.root / key, build.dry_run_here(settings, resolved.sha, key)

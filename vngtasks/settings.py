@@ -122,17 +122,18 @@ SETTINGS: tuple[Setting, ...] = (
             "part of the cache key)"),
     Setting("vmlinux_h", "true", _BUILDS, validate.boolean,
             "build with BTF and write vmlinux.h into the cache entry"),
-    Setting("build_host", "", _BUILDS, validate.build_host,
-            "the host to build on over SSH: an alias of ~/.ssh/config, or [user@]host[:port]"),
+    Setting("build_host", "", _BUILDS, validate.build_hosts,
+            "the host to build on over SSH: an alias of ~/.ssh/config, or [user@]host[:port]; several, "
+            "space-separated: `invoke matrix` builds a cell on each at once, other tasks build on the first"),
     Setting("build_host_accept_new", "false", _BUILDS, validate.boolean,
             "trust a build host never seen before and record its key in ~/.ssh/known_hosts"),
     Setting("build_host_proxy_command", "false", _BUILDS, validate.boolean,
             "let a ProxyCommand of ~/.ssh/config reach the build host (it runs a shell command of the config's)"),
     Setting("build_host_key", "", _BUILDS, validate.private_key,
-            "a private key's text for the build host and its jump hosts, besides ~/.ssh's: for CI, from a "
+            "a private key's text for the build hosts and their jump hosts, besides ~/.ssh's: for CI, from a "
             "secret (never printed)", shown="none"),
     Setting("build_host_known_hosts", "", _BUILDS, validate.known_hosts_lines,
-            "known_hosts lines for the build host and its jump hosts, besides ~/.ssh/known_hosts: for CI"),
+            "known_hosts lines for the build hosts and their jump hosts, besides ~/.ssh/known_hosts: for CI"),
     Setting("reuse_resolved", "false", _NAMES_A_REF, validate.boolean,
             "outside GitHub Actions, reuse the commit a resolve recorded for the same tag and URL"),
     Setting("run", "", (), validate.any_text,
@@ -215,7 +216,7 @@ class Settings:
     distcc_tcp: bool
     debug: tuple[str, ...]  # names of sanitizers.OPTIONS, in its order
     vmlinux_h: bool
-    build_host: str
+    build_host: tuple[str, ...]
     build_host_accept_new: bool
     build_host_proxy_command: bool
     build_host_key: str

@@ -66,12 +66,45 @@ class Abandoned(BaseException):
 @contextlib.contextmanager
 def stops_when(event: threading.Event) -> Iterator[None]:
     """A VM this thread supervises in the block is stopped at its next poll once `event` is set, and Abandoned
-    raised: the main thread, which takes the stopping signals, so stops the VMs that other threads boot."""
+    raised (a build host's build too, see ended_when_stopped): the main thread, which takes the stopping signals, so
+    stops the VMs and builds that other threads run."""
     token = _STOP.set(event)
     try:
         yield
     finally:
         _STOP.reset(token)
+
+
+@contextlib.contextmanager
+def ended_when_stopped(end: Callable[[], None]) -> Iterator[None]:
+    """In a stops_when block, for work that waits without polling (a build host's command): once the event is set,
+    `end` runs in a watcher thread (it closes what the work waits on), and the block's exception becomes Abandoned;
+    set before the block, Abandoned at once. Outside a stops_when block: nothing."""
+    stop = _STOP.get()
+    if stop is None:
+        yield
+        return
+    if stop.is_set():
+        raise Abandoned()
+    left = threading.Event()
+
+    def watch() -> None:
+        while not left.wait(POLL_SECONDS):
+            if stop.is_set():
+                end()
+                return
+
+    watcher = threading.Thread(target=watch, name="vngtasks-stop-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except Exception:
+        if stop.is_set():
+            raise Abandoned() from None
+        raise
+    finally:
+        left.set()
+        watcher.join()
 
 
 @dataclass(frozen=True)

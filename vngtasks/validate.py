@@ -189,11 +189,13 @@ def kernel_append(key: str, value: str, given: Given) -> str:
     return value
 
 
-def build_host(key: str, value: str, given: Given) -> str:
-    """An alias of ~/.ssh/config or [user@]host[:port] (sshconfig.py resolves it when a build needs it)."""
-    if value:
-        ssh_destination(key, value)
-    return value
+def build_hosts(key: str, value: str, given: Given) -> tuple[str, ...]:
+    """Space-separated, each an alias of ~/.ssh/config or [user@]host[:port] (sshconfig.py resolves it when a build
+    needs it); each once, in order."""
+    hosts = tuple(dict.fromkeys(value.split()))
+    for host in hosts:
+        ssh_destination(key, host)
+    return hosts
 
 
 def ssh_destination(key: str, value: str) -> tuple[str | None, str, int | None]:

@@ -33,4 +33,5 @@ def settings(c: Context):
         from ..sshconfig import resolve
 
         with _common.exit_statuses():
-            print(f"build-host-route={resolve(s.build_host, s.build_host_proxy_command).describe()}")
+            routes = [resolve(host, s.build_host_proxy_command).describe() for host in s.build_host]
+            print(f"build-host-route={'; '.join(routes)}")
