@@ -1,5 +1,5 @@
 """`invoke matrix` without a kernel (unit tier): its lists, cells, the kept file read as a hostile record, the table.
-tests/test_build.py runs a real one (2 refs x x86_64 and arm64, tiny)."""
+tests/test_remote.py runs a real one (2 refs x x86_64 and arm64, tiny, on two build hosts)."""
 
 from __future__ import annotations
 

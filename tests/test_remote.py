@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TinyBuild
+from conftest import CCACHE_ENV, FOREIGN_CACHE, HOST_PACKAGES, TinyBuild
 from invoke import Context
-from linux_remote import CCACHE_DIR, KCONFIG
+from linux_remote import CCACHE_DIR, KCONFIG, TAG
 
-from vngtasks import arches, buildhost, buildhost_ssh, buildsteps, kernelmake, sshconfig, untar
+from vngtasks import arches, buildhost, buildhost_ssh, buildsteps, errors, kernelmake, sshconfig, untar
 from vngtasks.errors import Failure
+from vngtasks.guestroot import ROOTS
 from vngtasks.settings import DEFAULTS, effective
 
 SSHD = Path("/usr/sbin/sshd")
@@ -707,6 +708,65 @@ def test_build_on_the_host_then_boot_here(
     assert not _processes_under(sshd.remote_home)
 
 
+@pytest.mark.slow
+@HOST_PACKAGES  # arm64_build runs invoke deps --arch arm64
+def test_a_matrix_builds_a_cell_on_each_build_host_at_once_fails_by_its_cells_and_resumes(
+    cli, start_sshd, home: Path, tmp_path: Path, workspace: Path, remote, tiny_build: TinyBuild, arm64_build: TinyBuild
+):
+    """`invoke matrix` over v6.12 and its commit named by SHA, x86_64 and arm64 (tiny), with two build hosts (each its
+    own sshd and home; they share the tests' ccache, which the session's two kernels filled): the two kernels build
+    at once, one on each host, each pushed there; the SHA's cells are the same kernels. Four boots here; the
+    workload fails on arm64, which fails the run and is named. The re-run resumes from the kept cells: nothing is
+    built or booted again."""
+    url, sha = remote
+    hosts = [start_sshd(), start_sshd()]
+    for sshd in hosts:
+        sshd.trust(home)
+    (workspace / "ci").mkdir()
+    (workspace / "ci" / "kernel.config").write_text(KCONFIG.read_text())
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+    (cache_dir / ROOTS).symlink_to(FOREIGN_CACHE / ROOTS)  # arm64's guest root, made by arm64_build's `invoke deps`
+    flags = ("--tag", f"{TAG},{sha}", "--arch", "x86_64,arm64", "--kernel-url", url, "--name", "ci")
+    flags += ("--kconfig-base", "tiny", "--kconfig", "ci/kernel.config", "--cache-dir", str(cache_dir))
+    flags += ("--build-host", " ".join(sshd.target for sshd in hosts))
+    workload = 'uname -m; test "$(uname -m)" = x86_64'
+    args = ("matrix", *flags, "--log-dir", "logs", "--verbose", "false", "--", workload)
+    summary = workspace / "step-summary.md"
+    first = cli(*args, env={**CCACHE_ENV, "GITHUB_STEP_SUMMARY": str(summary)}, timeout=2400)
+    assert first.returncode == errors.FAILED, first.stderr[-3000:]
+    assert "one build per build host at once (2)" in first.stderr
+    built_on = {}
+    for entry in (cache_dir / "kernels").glob("vng-kernel-ci-*"):
+        metadata = json.loads((entry / "metadata.json").read_text())
+        built_on[metadata["arch"]] = metadata["built_on"]
+        assert metadata["pushed_bytes"] > 100_000_000  # each host got the whole tree
+    assert sorted(built_on.values()) == sorted(f"{s.address}:{s.port}" for s in hosts), built_on  # one kernel each
+    rows = [line for line in first.stdout.splitlines() if line.startswith((f"| {TAG} |", f"| {sha}"))]
+    assert len(rows) == 4 and [row.split(" | ")[4] for row in rows] == ["passed", "failed (1)"] * 2, first.stdout
+    assert all(" | built | " in row for row in rows[:2]), first.stdout
+    assert all(row in summary.read_text() for row in rows)
+    failed = [line for line in first.stderr.splitlines() if line.startswith("vngtasks: warning: matrix: ")]
+    assert failed == [f"vngtasks: warning: matrix: {TAG} arm64 tiny: failed (1)",
+                      f"vngtasks: warning: matrix: {sha} arm64 tiny: failed (1)"]  # fmt: skip
+    assert first.stderr.count("booted in") == 4
+    # Each build's lines are its cell's: make's, labeled.
+    assert f"[01-{TAG}-x86_64-tiny] " in first.stdout and f"[02-{TAG}-arm64-tiny] " in first.stdout
+    report = json.loads((workspace / "logs" / "matrix.json").read_text())
+    assert [(c["arch"], c["result"], c["sha"]) for c in report["cells"]] == [("x86_64", "passed", sha),
+                                                                            ("arm64", "failed", sha)] * 2  # fmt: skip
+    assert (workspace / "logs" / "matrix" / f"02-{TAG}-arm64-tiny" / "vng-console.log").is_file()
+    again = cli(*args, env=CCACHE_ENV, timeout=600)
+    assert (
+        again.returncode == errors.FAILED and "resumed from" in again.stderr and "4 of 4 cell(s) done" in again.stderr
+    )
+    assert "matrix: cell" not in again.stderr and "booted in" not in again.stderr, again.stderr
+    assert [line for line in again.stdout.splitlines() if line.startswith((f"| {TAG} |", f"| {sha}"))] == rows
+    for sshd in hosts:  # the work trees are gone
+        assert not list((sshd.remote_home / ".cache" / "vngtasks" / "remote-work").glob("*/"))
+        assert not _processes_under(sshd.remote_home)
+
+
 def _cli_env(home: Path) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "GITHUB_", "XDG_"))}
     return {**environ, "HOME": str(home)}
@@ -823,6 +883,12 @@ def test_settings_and_a_dry_run_say_where_a_build_would_go(cli, home: Path, tmp_
     expected = f"ci@10.9.9.9:2222 key {home}/.ssh/builder_key via bob@bastion:2200 keys: the agent, ~/.ssh/id_*"
     assert f"build-host-route={expected}\n" in shown.stdout, shown.stderr
     planned = cli(*build_args("builder", tmp_path), "--dry-run")
+    assert f"built on {expected} over SSH" in planned.stdout, planned.stderr
+    # Several build hosts: every route in the list's order; a single build would go to the first.
+    shown = cli("settings", env={"INVOKE_VNG_BUILD_HOST": "builder me@big2:2200"})
+    assert "\nbuild-host=builder me@big2:2200\n" in shown.stdout
+    assert f"\nbuild-host-route={expected}; me@big2:2200 keys: " in shown.stdout, shown.stdout
+    planned = cli(*build_args("builder me@big2:2200", tmp_path), "--dry-run")
     assert f"built on {expected} over SSH" in planned.stdout, planned.stderr
 
 
