@@ -512,6 +512,42 @@ def test_a_failing_command_is_stopped_as_a_whole_while_connected(start_sshd, hom
     conn.close()
 
 
+def test_a_matrix_stopping_ends_a_build_thread_s_command_there(start_sshd, home: Path, monkeypatch):
+    """A matrix's build thread waits in a command on its build host; the matrix stops (the event its Threads set): the
+    connection is ended from the watcher (buildhost._end: the command killed through its pid file, the connection
+    closed), the thread's wait ends in Abandoned, not in a failure a cell would be kept with, and nothing is left
+    running there."""
+    from vngtasks import supervise
+
+    monkeypatch.setenv("HOME", str(home))
+    sshd = start_sshd()
+    sshd.trust(home)
+    conn = buildhost_ssh.connect(loopback_route(sshd.port), accept_new=False)
+    conn.pidfile = str(sshd.remote_home / "command.pid")
+    seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
+    stop, ended = threading.Event(), []
+
+    def build_thread() -> None:
+        with supervise.stops_when(stop):
+            try:
+                with (
+                    supervise.ended_when_stopped(lambda: buildhost._end(conn)),
+                    buildhost_ssh.stage(conn, loopback_route(sshd.port).target, "build"),
+                ):
+                    conn.run(f"sleep {seconds}", in_stream=False, hide=True)
+            except BaseException as error:  # which one is the test's point
+                ended.append(error)
+
+    thread = threading.Thread(target=build_thread)
+    thread.start()
+    assert _wait(lambda: _pids(f"sleep {seconds}")), "the remote command never started"
+    stop.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and [type(e) for e in ended] == [supervise.Abandoned]
+    assert _wait(lambda: not _pids(f"sleep {seconds}")), "the command outlived the stop"
+    assert not conn.is_connected
+
+
 def test_the_build_host_hits_objects_compiled_here(start_sshd, home: Path, tmp_path: Path, monkeypatch):
     """ccache hashes LANG, LC_ALL, LC_CTYPE and LC_MESSAGES into every object's key: the build environment pins
     them, so an object compiled here (LANG=C.UTF-8) hits on a build host whose SSH sessions set no locale."""
