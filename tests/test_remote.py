@@ -463,15 +463,22 @@ def test_builds_of_one_key_on_one_host_take_turns(start_sshd, home: Path, monkey
     second.close()
 
 
-def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeypatch: pytest.MonkeyPatch):
+def guarded_connection(
+    start_sshd, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Sshd, buildhost_ssh.BuildHost, str]:
+    """A trusted sshd on loopback, a connection to it whose commands have a pid file there (as a build's do), and a
+    `sleep` duration that names our command in ps."""
     monkeypatch.setenv("HOME", str(home))
     sshd = start_sshd()
     sshd.trust(home)
-    route = loopback_route(sshd.port)
-    host = route.target
-    conn = buildhost_ssh.connect(route, accept_new=False)
+    conn = buildhost_ssh.connect(loopback_route(sshd.port), accept_new=False)
     conn.pidfile = str(sshd.remote_home / "command.pid")
-    seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"  # names our sleep in ps
+    return sshd, conn, f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
+
+
+def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeypatch: pytest.MonkeyPatch):
+    sshd, conn, seconds = guarded_connection(start_sshd, home, monkeypatch)
+    host = loopback_route(sshd.port).target
     failures: list[Failure] = []
 
     def run() -> None:
@@ -494,12 +501,7 @@ def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeyp
 
 
 def test_a_failing_command_is_stopped_as_a_whole_while_connected(start_sshd, home: Path, monkeypatch):
-    monkeypatch.setenv("HOME", str(home))
-    sshd = start_sshd()
-    sshd.trust(home)
-    conn = buildhost_ssh.connect(loopback_route(sshd.port), accept_new=False)
-    conn.pidfile = str(sshd.remote_home / "command.pid")
-    seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
+    _, conn, seconds = guarded_connection(start_sshd, home, monkeypatch)
     thread = threading.Thread(
         target=lambda: conn.run(f"sleep {seconds} & sleep {seconds}", in_stream=False, hide=True, warn=True)
     )
@@ -519,12 +521,7 @@ def test_a_matrix_stopping_ends_a_build_thread_s_command_there(start_sshd, home:
     running there."""
     from vngtasks import supervise
 
-    monkeypatch.setenv("HOME", str(home))
-    sshd = start_sshd()
-    sshd.trust(home)
-    conn = buildhost_ssh.connect(loopback_route(sshd.port), accept_new=False)
-    conn.pidfile = str(sshd.remote_home / "command.pid")
-    seconds = f"{random.randint(1000, 9999)}.{random.randint(100, 999)}"
+    sshd, conn, seconds = guarded_connection(start_sshd, home, monkeypatch)
     stop, ended = threading.Event(), []
 
     def build_thread() -> None:
