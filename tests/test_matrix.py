@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vngtasks import matrix
-from vngtasks.errors import BAD_INPUT, FAILED, Failure
+from vngtasks.errors import BAD_INPUT, FAILED, Failure, Unreachable
 
 DONE = matrix.Done("v6.12", "x86_64", "tiny", matrix.PASSED, 0, "a" * 40, "6.12.0", 80.0, 9.5, False, (), None)
 
@@ -360,3 +360,42 @@ def test_a_stop_ends_the_builds_on_build_hosts_and_keeps_nothing(tmp_path: Path,
     assert sorted(ended) == ["s1", "s2"] and ran.boots == []
     assert [t.name for t in threading.enumerate() if t.name.startswith("vngtasks")] == []
     assert not list((tmp_path / "c" / "matrix").glob("*.json"))
+
+
+def test_when_every_build_host_is_unreachable_the_matrix_ends_on_the_last_one_s_failure(tmp_path: Path, monkeypatch):
+    """Both hosts refuse: the first gives its cell back (the other still builds), the last one's Unreachable ends the
+    matrix with its one line (exit 1), no cell counted against its commit, nothing booted."""
+    from vngtasks import provide
+
+    ran = StandIns(tmp_path, monkeypatch)
+    tried: list[str] = []
+
+    def unreachable(c, s, resolved):
+        tried.append(s.build_host[0])
+        raise Unreachable(f"build-host: {s.build_host[0]}: connect: connection refused")
+
+    monkeypatch.setattr(provide, "ensure_kernel", unreachable)
+    settings = [dataclasses.replace(s, build_host=("b1", "b2")) for s in ran.settings(["u1", "u2"], "true")]
+    with pytest.raises(Unreachable):
+        matrix.matrix(None, settings)
+    assert sorted(tried) in (["b1", "b2"], ["b1", "b1", "b2"], ["b1", "b2", "b2"]) and ran.boots == []
+    assert not list((tmp_path / "c" / "matrix").glob("*.json"))
+
+
+def test_a_build_host_not_reached_ends_a_bisect_where_a_failed_build_skips_the_commit(tmp_path: Path, monkeypatch):
+    """A bisect's step builds through find_or_build as a matrix's cell does: a build that fails is the commit's (the
+    step has no status: skipped), a build host not reached (Unreachable) is not, and ends the bisect."""
+    from vngtasks import bisect, provide
+
+    ran = StandIns(tmp_path, monkeypatch)
+    (s,) = ran.settings(["v1"], "true")
+    raised: list[Failure] = [Failure("build-host: b1: build: make failed", FAILED)]
+
+    def build(*_args: object) -> None:
+        raise raised[0]
+
+    monkeypatch.setattr(provide, "ensure_kernel", build)
+    assert bisect.run_step(None, s, "a" * 40, "true").status is None
+    raised[0] = Unreachable("build-host: b1: connect: connection refused")
+    with pytest.raises(Unreachable):
+        bisect.run_step(None, s, "a" * 40, "true")

@@ -26,7 +26,7 @@ from invoke import Context
 from linux_remote import CCACHE_DIR, KCONFIG, TAG
 
 from vngtasks import arches, buildhost, buildhost_ssh, buildsteps, errors, kernelmake, sshconfig, untar
-from vngtasks.errors import Failure
+from vngtasks.errors import Failure, Unreachable
 from vngtasks.guestroot import ROOTS
 from vngtasks.settings import DEFAULTS, effective
 
@@ -340,6 +340,27 @@ def test_connection_refused_is_one_line(cli, tmp_path: Path):
     assert "Traceback" not in done.stderr and no_entries(tmp_path)
 
 
+def test_a_matrix_s_build_host_that_refuses_gives_its_cells_to_the_other(cli, start_sshd, home: Path, tmp_path: Path):
+    """Two build hosts, the first refusing connections: its cell goes back, with one warning, and the other host takes
+    every cell (each fails there at its fetch of a kernel-url nobody serves: no-kernel, as a build's failure is)."""
+    sshd = start_sshd()
+    sshd.trust(home)
+    refused = f"127.0.0.1:{free_port()}"
+    shas = ("1" * 40, "2" * 40)
+    args = ["matrix", "--tag", ",".join(shas), "--kernel-url", "https://127.0.0.1:9/linux.git", "--build-host",
+            f"{refused} {sshd.target}", "--cache-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "logs"),
+            "--", "true"]  # fmt: skip
+    done = cli(*args)
+    assert done.returncode == 1, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "connection refused" in line]
+    assert warned == [f"vngtasks: warning: matrix: build-host: {refused}: connect: connection refused: no more "
+                      "builds there, its cell goes to another build host"], done.stderr  # fmt: skip
+    cells = json.loads((tmp_path / "logs" / "matrix.json").read_text())["cells"]
+    assert [(c["sha"], c["result"]) for c in cells] == [(sha, "no-kernel") for sha in shas]
+    no_kernel = [line for line in done.stderr.splitlines() if ": no kernel: " in line]
+    assert len(no_kernel) == 2 and all(f"build-host: 127.0.0.1:{sshd.port}: fetch: " in line for line in no_kernel)
+
+
 def test_auth_failure_is_one_line(cli, start_sshd, home: Path, tmp_path: Path):
     sshd = start_sshd()
     sshd.trust(home)
@@ -496,6 +517,7 @@ def test_remote_commands_die_with_the_connection(start_sshd, home: Path, monkeyp
         os.kill(pid, signal.SIGKILL)  # the connection drops; the build host stays up
     thread.join(timeout=30)
     assert [str(f) for f in failures] == [f"build-host: 127.0.0.1:{sshd.port}: build: connection lost"]
+    assert isinstance(failures[0], Unreachable)  # the commit is not to blame (a matrix, a bisect)
     assert _wait(lambda: not _pids(f"sleep {seconds}")), "the remote command outlived its connection"
     conn.close()
 

@@ -29,7 +29,7 @@ from fabric import Config, Connection
 from invoke.exceptions import UnexpectedExit
 
 from . import log
-from .errors import BAD_INPUT, FAILED, Failure, no_space
+from .errors import BAD_INPUT, FAILED, Failure, Unreachable, no_space
 from .sshconfig import Hop, Route
 
 CONNECT_TIMEOUT_SECONDS = 30
@@ -224,9 +224,11 @@ def connect(route: Route, accept_new: bool, credentials: Credentials = NO_CREDEN
         for jump in route.jumps:
             gateway = _open(jump, gateway, known, path, accept_new, pkey, jump=True)
         return _open(route.target, gateway, known, path, accept_new, pkey)
-    except BaseException:
+    except BaseException as error:
         if gateway is not None:
             gateway.close()
+        if isinstance(error, Failure):
+            raise Unreachable(str(error)) from None
         raise
 
 
@@ -297,20 +299,21 @@ def stage(conn: BuildHost, host: Hop, name: str) -> Iterator[None]:
     except Failure as failed:
         if str(failed).startswith("build-host: "):
             raise
-        raise failure(host, name, _lost_or(conn, str(failed)), failed.code) from None
+        raise _lost_or(conn, host, name, str(failed), code=failed.code) from None
     except UnexpectedExit as error:
-        raise failure(host, name, _lost_or(conn, command_problem(error.result), error.result.exited)) from None
+        raise _lost_or(conn, host, name, command_problem(error.result), error.result.exited) from None
     except (EOFError, paramiko.SSHException) as error:  # the transport gave up under us
-        raise failure(host, name, _lost_or(conn, _describe(error), -1)) from None
+        raise _lost_or(conn, host, name, _describe(error), -1) from None
     except (OSError, tarfile.TarError) as error:
-        raise failure(host, name, _lost_or(conn, _describe(error))) from None
+        raise _lost_or(conn, host, name, _describe(error)) from None
 
 
-def _lost_or(conn: BuildHost, reason: str, exited: int = 0) -> str:
-    """A dropped connection explains everything that went wrong after it: say that instead."""
+def _lost_or(conn: BuildHost, host: Hop, stage: str, reason: str, exited: int = 0, code: int = FAILED) -> Failure:
+    """The stage's failure; a dropped connection explains everything that went wrong after it: Unreachable, saying
+    that instead."""
     if exited == -1 or not conn.is_connected:
-        return "connection lost"
-    return reason
+        return Unreachable(str(failure(host, stage, "connection lost")))
+    return failure(host, stage, reason, code)
 
 
 def command_problem(result: object) -> str:

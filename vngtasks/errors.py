@@ -22,6 +22,14 @@ class Failure(Exception):
         self.code = code
 
 
+class Unreachable(Failure):
+    """A build host that could not be reached (connect, host key, auth) or whose connection was lost: the commit it
+    was to build is not to blame, so a matrix or a bisect does not count it against the commit."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, FAILED)
+
+
 NO_SPACE = "No space left on device"  # what git, tar, make and the kernel say for ENOSPC
 
 

@@ -20,16 +20,16 @@ import hashlib
 import json
 import re
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty, SimpleQueue
 
 from invoke import Context
 
 from . import log, provide, resolve, supervise, vm
-from .errors import BAD_INPUT, FAILED, Failure
+from .errors import BAD_INPUT, FAILED, Failure, Unreachable
 from .files import kept_list, typed, write_atomically
 from .log import printable
 from .settings import Settings
@@ -293,24 +293,52 @@ class CellRun:
 
 def spread(cells_to_run: list[Todo], hosts: tuple[str, ...], build_and_start: Callable[[Todo], None]) -> None:
     """The cells built over `hosts`, one cell per host at a time: each host, in a thread of its own, takes the next
-    cell not taken, in order, and builds it there (its settings' build-host that host alone), its lines labeled."""
-    waiting: SimpleQueue[Todo] = SimpleQueue()
-    for pending in cells_to_run:
-        waiting.put(pending)
+    cell not taken, in order, and builds it there (its settings' build-host that host alone), its lines labeled. A
+    host not reached (Unreachable) gives its cell back and takes no more, with a warning, while another host still
+    builds; the last one's raises."""
+    work = HostWork(cells_to_run, len(hosts))
 
     def build_on(build_host: str) -> None:
-        while True:
-            try:
-                pending = waiting.get_nowait()
-            except Empty:
-                return
+        while (pending := work.next_cell()) is not None:
             on_host = dataclasses.replace(pending.settings, build_host=(build_host,))
-            with log.labeled(pending.label):
-                build_and_start(dataclasses.replace(pending, settings=on_host))
+            try:
+                with log.labeled(pending.label):
+                    build_and_start(dataclasses.replace(pending, settings=on_host))
+            except Unreachable as failure:
+                if not work.give_back(pending):
+                    raise
+                log.warn(f"matrix: {failure}: no more builds there, its cell goes to another build host")
+                return
 
     with Threads(len(hosts)) as builds:
         for build_host in hosts:
             builds.start(build_on, build_host)
+
+
+class HostWork:
+    """The cells no build host has taken and the hosts still building, under one lock: a cell given back is never
+    left behind by hosts that found nothing more to take."""
+
+    def __init__(self, cells_to_run: list[Todo], hosts: int) -> None:
+        self._cells, self._hosts, self._turn = deque(cells_to_run), hosts, threading.Lock()
+
+    def next_cell(self) -> Todo | None:
+        """The next cell to build; None, and this host counted out, when none is left."""
+        with self._turn:
+            if self._cells:
+                return self._cells.popleft()
+            self._hosts -= 1
+            return None
+
+    def give_back(self, cell: Todo) -> bool:
+        """`cell` given back by a host that takes no more; False when that host is the last building (nobody would
+        take it)."""
+        with self._turn:
+            if self._hosts == 1:
+                return False
+            self._hosts -= 1
+            self._cells.appendleft(cell)
+            return True
 
 
 class Threads:

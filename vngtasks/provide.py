@@ -14,7 +14,7 @@ from pathlib import Path
 from invoke import Context
 
 from . import build, cache, log, vm
-from .errors import BAD_INPUT, FAILED, MISSING_TOOL, Failure
+from .errors import BAD_INPUT, FAILED, MISSING_TOOL, Failure, Unreachable
 from .resolve import Resolved
 from .runrecord import Record
 from .settings import Settings
@@ -71,15 +71,15 @@ class Ran:
 
 
 def find_or_build(c: Context, settings: Settings, resolved: Resolved) -> Built:
-    """The resolved commit's kernel (ensure_kernel), timed; a build that fails is a Built without an entry, bad input
-    and a missing tool still raise."""
+    """The resolved commit's kernel (ensure_kernel), timed; a build that fails is a Built without an entry; bad input,
+    a missing tool and a build host not reached (Unreachable: not the commit's failure) still raise."""
     kernels = cache.KernelCache(cache.kernels_root(settings))
     hit = kernels.lookup(cache.key_for(settings, resolved.sha12)) is not None
     started = time.monotonic()
     try:
         entry = ensure_kernel(c, settings, resolved)
     except Failure as failure:
-        if failure.code in (BAD_INPUT, MISSING_TOOL):
+        if failure.code in (BAD_INPUT, MISSING_TOOL) or isinstance(failure, Unreachable):
             raise
         return Built(None, time.monotonic() - started, hit, str(failure))
     return Built(entry, time.monotonic() - started, hit)
