@@ -928,6 +928,19 @@ def test_a_proxy_command_is_refused_unless_allowed(cli, home: Path, tmp_path: Pa
     assert route.target.proxy_command == "nc -q0 builder 22"
 
 
+def test_a_matrix_s_later_build_host_with_a_bad_route_is_bad_input_before_anything(cli, home: Path, tmp_path: Path):
+    """The second build host of a matrix (reached only in its build thread) is resolved with the first, before any tag
+    is resolved or kernel fetched: its refused ProxyCommand is one line, exit 2, nothing written."""
+    (home / ".ssh").mkdir(exist_ok=True)
+    (home / ".ssh" / "config").write_text("Host builder2\n  ProxyCommand nc -q0 %h 22\n")
+    args = ["matrix", "--tag", "v1,v2", "--kernel-url", "https://127.0.0.1:9/linux.git", "--build-host",
+            "127.0.0.1:9 builder2", "--cache-dir", str(tmp_path / "c"), "--", "true"]  # fmt: skip
+    done = cli(*args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("vngtasks: build-host builder2: ProxyCommand in ")
+    assert not (tmp_path / "c").exists()
+
+
 def test_settings_and_a_dry_run_say_where_a_build_would_go(cli, home: Path, tmp_path: Path):
     (home / ".ssh").mkdir(exist_ok=True)
     (home / ".ssh" / "config").write_text(

@@ -239,6 +239,7 @@ def matrix(c: Context, settings: list[Settings]) -> int:
     several) and booted as soon as its kernel is there, as many at once as boots_at_once allows (kept cells are not
     run again); the table; 0 when every cell passed."""
     first = settings[0]
+    provide.check_build_hosts(first)
     resolved = [resolve.resolve_kernel(c, s, record=False) for s in settings]
     wanted = arguments(settings, resolved)
     order = [Cell(s.tag, s.arch.name, str(s.kconfig_base)) for s in settings]

@@ -49,6 +49,15 @@ def ensure_kernel(c: Context, settings: Settings, resolved: Resolved) -> cache.E
         return build.build_here(c, settings, kernels, key, resolved)
 
 
+def check_build_hosts(settings: Settings) -> None:
+    """Every build host's route, as ~/.ssh/config resolves it (no connection made): a bad one is bad input before
+    anything is fetched, built or booted (a matrix's later hosts are reached only in its build threads)."""
+    from .sshconfig import resolve
+
+    for host in settings.build_host:
+        resolve(host, settings.build_host_proxy_command)  # sshconfig's Failure, BAD_INPUT
+
+
 @dataclass(frozen=True)
 class Built:
     """The resolved commit's kernel found or built, timed."""
