@@ -91,7 +91,8 @@ def ended_when_stopped(end: Callable[[], None]) -> Iterator[None]:
     def watch() -> None:
         while not left.wait(POLL_SECONDS):
             if stop.is_set():
-                end()
+                with contextlib.suppress(Exception):  # what it closes may be closing already
+                    end()
                 return
 
     watcher = threading.Thread(target=watch, name="vngtasks-stop-watch", daemon=True)
