@@ -104,8 +104,10 @@ class Modules:
 
     def _load(self, module: str) -> tuple[Path, dict[str, tuple[str, int]]] | None:
         name = self.files.get(module)
-        data = read_inside(self.entry, name, MODULE_BYTES) if name else None
-        if data is None or self.objdump is None:
+        if name is None or self.objdump is None:  # without objdump, its .ko would be read for nothing
+            return None
+        data = read_inside(self.entry, name, MODULE_BYTES)
+        if data is None:
             return None
         copy = self.temp / f"{module}.ko"
         copy.write_bytes(data)
