@@ -203,6 +203,19 @@ def test_progress_of_one_of_builds_at_once_is_whole_labeled_lines() -> None:
                                            f"{label}vngtasks: build: 2 objects built"]  # fmt: skip
 
 
+def test_a_build_heading_is_a_group_in_actions_but_a_plain_labeled_line_for_one_of_builds_at_once(
+    monkeypatch, capsys
+) -> None:
+    """A group would fold the lines of the other builds that run at once into it."""
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    with buildsteps.group("build ci"):
+        pass
+    with log.labeled("02-v6.12-arm64-tiny"), buildsteps.group("build ci"):
+        pass
+    assert capsys.readouterr().out.splitlines() == ["::group::build ci", "::endgroup::",
+                                                    "[02-v6.12-arm64-tiny] vngtasks: build ci"]  # fmt: skip
+
+
 def test_reproducer_is_a_command_line() -> None:
     line = build.reproducer(plan(cc="clang").settings, "b" * 40)
     assert line.startswith("invoke build --kernel-url ") and f"--tag {'b' * 40}" in line and "--cc clang" in line

@@ -342,14 +342,14 @@ def test_connection_refused_is_one_line(cli, tmp_path: Path):
 
 def test_a_matrix_s_build_host_that_refuses_gives_its_cells_to_the_other(cli, start_sshd, home: Path, tmp_path: Path):
     """Two build hosts, the first refusing connections: its cell goes back, with one warning, and the other host takes
-    every cell (each fails there at its fetch of a kernel-url nobody serves: no-kernel, as a build's failure is)."""
+    every cell (each fails there at its fetch of a kernel-url nobody serves: no-kernel, as a build's failure is).
+    The second host's key is known from build-host-known-hosts only: its lines serve every host of the list."""
     sshd = start_sshd()
-    sshd.trust(home)
     refused = f"127.0.0.1:{free_port()}"
     shas = ("1" * 40, "2" * 40)
     args = ["matrix", "--tag", ",".join(shas), "--kernel-url", "https://127.0.0.1:9/linux.git", "--build-host",
-            f"{refused} {sshd.target}", "--cache-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "logs"),
-            "--", "true"]  # fmt: skip
+            f"{refused} {sshd.target}", "--build-host-known-hosts", f"[127.0.0.1]:{sshd.port} {sshd.host_key}",
+            "--cache-dir", str(tmp_path / "c"), "--log-dir", str(tmp_path / "logs"), "--", "true"]  # fmt: skip
     done = cli(*args)
     assert done.returncode == 1, done.stderr
     warned = [line for line in done.stderr.splitlines() if "connection refused" in line]
@@ -359,6 +359,17 @@ def test_a_matrix_s_build_host_that_refuses_gives_its_cells_to_the_other(cli, st
     assert [(c["sha"], c["result"]) for c in cells] == [(sha, "no-kernel") for sha in shas]
     no_kernel = [line for line in done.stderr.splitlines() if ": no kernel: " in line]
     assert len(no_kernel) == 2 and all(f"build-host: 127.0.0.1:{sshd.port}: fetch: " in line for line in no_kernel)
+
+
+def test_a_single_build_goes_to_the_first_build_host_of_a_list(cli, start_sshd, home: Path, tmp_path: Path):
+    """`invoke build` with two build hosts: the first (refusing) is the one tried, the second (up) never reached."""
+    sshd = start_sshd()
+    sshd.trust(home)
+    refused = f"127.0.0.1:{free_port()}"
+    done = cli(*build_args(f"{refused} {sshd.target}", tmp_path))
+    assert done.returncode == 1
+    assert error_line(done.stderr) == f"vngtasks: build-host: {refused}: connect: connection refused"
+    assert sshd.sessions() == [] and "Accepted" not in sshd.log.read_text()
 
 
 def test_auth_failure_is_one_line(cli, start_sshd, home: Path, tmp_path: Path):
@@ -805,6 +816,7 @@ def test_a_matrix_builds_a_cell_on_each_build_host_at_once_fails_by_its_cells_an
     assert failed == [f"vngtasks: warning: matrix: {TAG} arm64 tiny: failed (1)",
                       f"vngtasks: warning: matrix: {sha} arm64 tiny: failed (1)"]  # fmt: skip
     assert first.stderr.count("booted in") == 4
+    assert first.stderr.count("cache: miss ") == 2  # two kernels, each built once: the SHA's cells found them
     # Each build's lines are its cell's: make's, labeled.
     assert f"[01-{TAG}-x86_64-tiny] " in first.stdout and f"[02-{TAG}-arm64-tiny] " in first.stdout
     report = json.loads((workspace / "logs" / "matrix.json").read_text())
